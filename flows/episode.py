@@ -1,0 +1,265 @@
+"""dub_episode: one manifest -> one dubbed episode, stage by stage (orchestration only).
+
+Every stage is a cached Prefect task (tasks/*); this flow decides which stages apply,
+runs them in order, fans the segment renders out, and records what was executed, what
+came from the cache and what failed in the workspace's runs.jsonl.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import wait
+
+from engine.base import FPS
+from flows.progress import EpisodeProgress, artifact_key
+from tasks.deliver import deliver_task
+from tasks.enhance import enhance_task
+from tasks.manifest import LoadedManifest, Manifest, load_manifest
+from tasks.remix import MixTarget, remix_task
+from tasks.render import PersonSpec, RenderOptions, cut_audio_task, render_task, resolve_render_engine
+from tasks.segment import PlanSettings, plan_task
+from tasks.separate import resolve_separate_backend, separate_task
+from tasks.speakers import conform_task, timeline_task, tts_task
+from tasks.stitch import stitch_task
+from tasks.workspace import Blob, Workspace, blobs_in, code_version
+
+
+class SegmentsFailed(RuntimeError):
+    def __init__(self, episode: str, failed: dict[int, str]):
+        self.failed = failed
+        listing = "; ".join(f"#{i}: {err}" for i, err in sorted(failed.items()))
+        super().__init__(f"{episode}: {len(failed)} segment(s) failed ({listing}); fix and run `dubflow rerun`")
+
+
+@dataclass
+class StageRunner:
+    """Runs cached stage tasks against one workspace and keeps the run's record."""
+
+    ws: Workspace
+    episode: str
+    progress: EpisodeProgress
+    stages: list[dict] = field(default_factory=list)
+
+    def bind(self, tsk, name: str | None = None):
+        options: dict[str, Any] = {"result_storage": self.ws.results_dir}
+        if name:
+            options["task_run_name"] = name
+        return tsk.with_options(**options)
+
+    def run(self, tsk, label: str, *args: Any) -> Any:
+        state = self.bind(tsk, label)(self.ws, *args, return_state=True)
+        return self.settle(tsk, label, args, state)
+
+    def settle(self, tsk, label: str, args: tuple, state) -> Any:
+        """A state's result; a cached record whose blobs are gone or truncated is recomputed, never served."""
+        if state.is_failed() or state.is_crashed():
+            self.record(label, "failed", error=_error_text(state))
+            state.result()  # raises the stage's own error
+        result = state.result()
+        executed = state.name != "Cached"
+        if not executed and not all(self.ws.has(b) for b in blobs_in(result)):
+            result = self.bind(tsk, label).with_options(refresh_cache=True)(self.ws, *args)
+            executed = True
+        self.record(label, "executed" if executed else "cached", outputs=[b.relpath for b in blobs_in(result)])
+        return result
+
+    def record(self, label: str, state: str, **info: Any) -> None:
+        self.stages.append({"stage": label, "state": state, **info})
+        self.progress.step(label, state)
+
+
+@flow(name="dub-episode", log_prints=True)
+def dub_episode(manifest: str, workspace: str | None = None) -> dict:
+    loaded = load_manifest(manifest)
+    ws = Workspace(workspace)
+    with ws.lock(loaded.manifest.episode):
+        return _run_episode(loaded, ws)
+
+
+def _run_episode(loaded: LoadedManifest, ws: Workspace) -> dict:
+    m, log = loaded.manifest, get_run_logger()
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    runner = StageRunner(ws, m.episode, EpisodeProgress(m.episode, total_steps=8 + 2 * len(m.speakers)))
+    record: dict[str, Any] = {"episode": m.episode, "manifest": str(loaded.path), "started": started}
+    try:
+        summary = _stages(loaded, ws, runner, log)
+        record |= {"state": "completed", **summary}
+        return record
+    except Exception as exc:
+        record |= {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        if isinstance(exc, SegmentsFailed):
+            record["failed_segments"] = sorted(exc.failed)
+        raise
+    finally:
+        record |= {"finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "stages": runner.stages}
+        record.setdefault("segments", [s for s in runner.stages if s["stage"].startswith("render[")])
+        ws.append_run(m.episode, record)
+
+
+def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> dict:
+    m = loaded.manifest
+    # 1. inputs into the store (content-addressed: a moved or touched file stays cached)
+    source = ws.put_file(m.source, move=False)
+    dialogue = ws.put_file(m.audio.dialogue, move=False) if m.audio.dialogue else None
+    # 2. separate: clean the dialogue, and get the music-and-effects bed
+    backend, why = resolve_separate_backend(m.separate.backend, m.separate.model, _models_dir())
+    log.info("separate: %s (%s)", backend, why)
+    vocals, dub_instrumental = dialogue, None
+    if dialogue is not None and not m.audio.clean and backend != "none":
+        sep = runner.run(separate_task, "separate[dialogue]", dialogue, backend, m.separate.model)
+        vocals, dub_instrumental = sep.vocals, sep.instrumental
+    bed = _bed(m, loaded, ws, runner, backend, dub_instrumental)
+    # 3. speakers: one raw track per speaker (given, synthesised, or the single voice)
+    raw = _raw_tracks(m, ws, runner, vocals)
+    timeline = runner.run(timeline_task, "timeline", source, loaded.source_info.kind, [*raw.values()])
+    tracks = {sid: runner.run(conform_task, f"conform[{sid}]", blob, timeline) for sid, blob in raw.items()}
+    # 4. bind + 5. segment: boxes from the manifest, a plan cut in common silences
+    plan = runner.run(plan_task, "plan", tracks, timeline, _plan_settings(m), _line_specs(m))
+    runner.progress.add_steps(len(plan.segments))
+    slices = runner.run(cut_audio_task, "cut-audio", tracks, list(plan.segments))
+    # 6. render every segment (fanned out), 7. stitch, 8. enhance
+    engine, engine_why = resolve_render_engine(m.render.engine, _models_dir())
+    log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))
+    clips = _render_all(m, ws, runner, plan, slices, source, engine)
+    picture = runner.run(enhance_task, "enhance",
+                         runner.run(stitch_task, "stitch", clips, timeline.total_frames), m.enhance.backend)
+    # 9. remix, 10. deliver
+    dialogue_stems = [*tracks.values()]
+    target = MixTarget(m.mix.loudness_lufs, m.mix.true_peak_dbtp, m.mix.bed_gain_db)
+    mix = runner.run(remix_task, "remix", dialogue_stems, bed, timeline, target)
+    provenance = _provenance(m, ws, source, raw, backend, engine, plan)
+    qc_extra = {"segments": len(plan.segments), "forced_cuts": plan.forced_cuts, "engine": engine}
+    delivery = runner.run(deliver_task, "deliver", picture, mix, timeline, plan.captions, tuple(m.outputs),
+                          qc_extra, provenance, m.mix.model_dump())
+    outputs = _publish(ws, m.episode, delivery, plan)
+    return {"outputs": outputs, "qc_verdict": delivery.verdict, "engine": engine,
+            "frames": timeline.total_frames, "seconds": timeline.total_frames / FPS}
+
+
+def _bed(m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner, backend: str, dub_instr):
+    if m.audio.music_and_effects:
+        return ws.put_file(m.audio.music_and_effects, move=False)
+    original = m.audio.original or (m.source if loaded.source_info.has_audio else None)
+    if original is not None and backend != "none":
+        sep = runner.run(separate_task, "separate[original]", ws.put_file(original, move=False), backend,
+                         m.separate.model)
+        return sep.instrumental
+    return dub_instr
+
+
+def _raw_tracks(m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob | None) -> dict[str, Blob]:
+    if all(s.track for s in m.speakers):
+        return {s.id: ws.put_file(s.track, move=False) for s in m.speakers}
+    if vocals is None:  # lines mode: synthesise every speaker's lines
+        return {s.id: runner.run(tts_task, f"tts[{s.id}]", _tts_lines(m, i)) for i, s in enumerate(m.speakers)}
+    if len(m.speakers) == 1:
+        return {m.speakers[0].id: vocals}
+    return _diarised(m, ws, runner, vocals)
+
+
+def _diarised(m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob) -> dict[str, Blob]:
+    from tasks.diarise import diarise_task
+
+    result = runner.run(diarise_task, "diarise", vocals, _speaker_refs(m, ws), m.diarise.model_dump())
+    return result.tracks
+
+
+def _speaker_refs(m: Manifest, ws: Workspace) -> list[tuple[str, Blob | None]]:
+    return [(s.id, ws.put_file(s.voice_sample, move=False) if s.voice_sample else None) for s in m.speakers]
+
+
+def _tts_lines(m: Manifest, index: int) -> list[tuple[float, str, str]]:
+    from tasks.tts import voice_for
+
+    speaker = m.speakers[index]
+    return [(ln.start, ln.text, voice_for(index, ln.voice or speaker.voice)) for ln in m.lines if ln.speaker == speaker.id]
+
+
+def _line_specs(m: Manifest) -> tuple:
+    order = {s.id: i for i, s in enumerate(m.speakers)}
+    return tuple((ln.start, ln.end, ln.text, order[ln.speaker]) for ln in m.lines)
+
+
+def _plan_settings(m: Manifest) -> PlanSettings:
+    max_s = m.render.max_segment_s
+    return PlanSettings(engine=m.render.engine, size=m.render.size, max_segment_s=None if max_s == "auto" else max_s,
+                        min_gap_s=m.render.min_gap_s)
+
+
+def _persons(m: Manifest) -> tuple[PersonSpec, ...]:
+    out = []
+    for s in m.speakers:
+        box = s.box
+        if isinstance(box, list) and box and not isinstance(box[0], int):
+            box = tuple((tb.start, tb.end, tuple(tb.box)) for tb in box)
+        elif box is not None:
+            box = tuple(box)
+        out.append(PersonSpec(s.id, s.name or s.id, box))
+    return tuple(out)
+
+
+def _render_all(m, ws: Workspace, runner: StageRunner, plan, slices, source: Blob, engine: str) -> list:
+    options = RenderOptions(engine, m.render.size, m.render.steps, m.render.seed, m.render.prompt,
+                            m.render.text_scale, m.render.audio_scale)
+    persons, calls = _persons(m), []
+    for seg, audio in zip(plan.segments, slices, strict=True):
+        label = f"render[{m.episode}#{seg.index:02d}]"
+        args = (seg, source, audio, persons, plan.captions_for(seg), options)
+        calls.append((label, args, runner.bind(render_task, label).submit(ws, *args)))
+    wait([future for _, _, future in calls])
+    clips, failed = [], {}
+    for label, args, future in calls:
+        try:
+            clips.append(runner.settle(render_task, label, args, future.state))
+        except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others' results
+            failed[args[0].index] = f"{type(exc).__name__}: {exc}"
+    if failed:
+        raise SegmentsFailed(m.episode, failed)
+    return clips
+
+
+def _provenance(m: Manifest, ws: Workspace, source: Blob, raw: dict, backend: str, engine: str, plan) -> dict:
+    return {
+        "episode": m.episode,
+        "settings": m.model_dump(mode="json"),
+        "backends": {"separate": backend, "render": engine, "tts": m.tts.backend, "enhance": m.enhance.backend},
+        "seed": m.render.seed,
+        "inputs": {"source": source.sha256, **{f"track:{k}": v.sha256 for k, v in raw.items()}},
+        "plan": plan.plan.sha256,
+        "code": {name: code_version(name) for name in ("tasks.render", "tasks.remix", "tasks.deliver", "engine.preview")},
+    }
+
+
+def _publish(ws: Workspace, episode: str, delivery, plan) -> dict[str, str]:
+    """Readable links under episodes/<episode>/out/, and a link artifact to the finished mp4."""
+    named = {"qc.json": delivery.qc, "provenance.json": delivery.provenance, "plan.json": plan.plan}
+    if delivery.mp4:
+        named[f"{episode}.mp4"] = delivery.mp4
+    if delivery.srt:
+        named[f"{episode}.srt"] = delivery.srt
+    named |= {f"stems/{k}.wav": v for k, v in delivery.stems.items()}
+    outputs = {name: str(ws.link(episode, name, blob)) for name, blob in named.items()}
+    try:
+        from prefect.artifacts import create_link_artifact
+
+        if delivery.mp4:
+            create_link_artifact(key=artifact_key(episode, "output"), link=Path(outputs[f"{episode}.mp4"]).as_uri(),
+                                 link_text=f"{episode}.mp4")
+    except Exception:  # noqa: BLE001, S110 - an artifact is a convenience, the files are the product
+        pass
+    return outputs
+
+
+def _models_dir() -> Path | None:
+    value = os.environ.get("DUBFLOW_MODELS_DIR")
+    return Path(value) if value else None
+
+
+def _error_text(state) -> str:
+    return (state.message or state.name or "failed").strip()[:500]

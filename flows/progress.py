@@ -1,0 +1,68 @@
+"""Progress of an episode run: a Prefect progress artifact, and any local listener (the CLI's bar).
+
+Flows report through `EpisodeProgress`; tasks never import a display. Listeners are plain
+callables `listener(event, **info)`, registered by whoever runs the flow in-process.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+
+Listener = Callable[..., None]
+_listeners: list[Listener] = []
+_lock = threading.Lock()
+
+
+def add_listener(listener: Listener) -> None:
+    with _lock:
+        _listeners.append(listener)
+
+
+def remove_listener(listener: Listener) -> None:
+    with _lock:
+        if listener in _listeners:
+            _listeners.remove(listener)
+
+
+def artifact_key(episode: str, what: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{episode}-{what}".lower()).strip("-")
+
+
+class EpisodeProgress:
+    def __init__(self, episode: str, total_steps: int):
+        self.episode, self.total, self.done = episode, max(total_steps, 1), 0
+        self._artifact = None
+        self._lock = threading.Lock()
+        try:
+            from prefect.artifacts import create_progress_artifact
+
+            self._artifact = create_progress_artifact(
+                progress=0.0, key=artifact_key(episode, "progress"), description=f"{episode}: stages and segments done"
+            )
+        except Exception:  # noqa: BLE001 - outside a flow run there is no artifact, only listeners
+            self._artifact = None
+        self._emit("start", total=self.total)
+
+    def add_steps(self, n: int) -> None:
+        with self._lock:
+            self.total += n
+        self._emit("total", total=self.total)
+
+    def step(self, name: str, state: str) -> None:
+        with self._lock:
+            self.done += 1
+            fraction = min(self.done / self.total, 1.0)
+        if self._artifact is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(artifact_id=self._artifact, progress=round(100 * fraction, 1))
+        self._emit("step", name=name, state=state, done=self.done, total=self.total)
+
+    def _emit(self, event: str, **info) -> None:
+        with _lock:
+            listeners = list(_listeners)
+        for listener in listeners:
+            listener(event, episode=self.episode, **info)

@@ -1,0 +1,88 @@
+"""deliver: the finished mp4 (H.264 + AAC), stems, subtitles, qc.json and provenance.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import task
+
+from engine.base import FPS
+from tasks.media import count_video_frames, probe, read_audio, run_ffmpeg
+from tasks.qc import integrated_loudness, true_peak_dbtp
+from tasks.remix import Mix
+from tasks.speakers import MIX_RATE, Timeline
+from tasks.workspace import Blob, StageKey, Workspace
+
+
+@dataclass(frozen=True)
+class Delivery:
+    mp4: Blob | None
+    srt: Blob | None
+    qc: Blob
+    provenance: Blob
+    stems: dict[str, Blob]
+    verdict: str  # "pass" | "warn"
+
+
+def deliver(ws: Workspace, picture: Blob, mix: Mix, timeline: Timeline, captions: tuple, outputs: tuple[str, ...],
+            qc_extra: dict, provenance: dict, target: dict) -> Delivery:
+    with ws.scratch() as tmp:
+        out = tmp / "episode.mp4"
+        # Picture and sound have the same length by construction; never -shortest (it truncates).
+        run_ffmpeg(["-i", str(ws.path(picture)), "-i", str(ws.path(mix.mix)), "-map", "0:v:0", "-map", "1:a:0",
+                    "-c:v", "copy", "-c:a", "aac", "-b:a", "192k", "-ar", str(MIX_RATE),
+                    "-movflags", "+faststart", str(out)], what="deliver mp4")
+        qc = measure(out, timeline) | qc_extra
+        qc["verdict"] = verdict(qc, target)
+        mp4 = ws.put_file(out) if "mp4" in outputs else None
+    srt = ws.put_bytes(to_srt(captions).encode(), ".srt") if "srt" in outputs and captions else None
+    stems = {"dialogue": mix.dialogue} | ({"music_and_effects": mix.bed} if mix.bed else {})
+    return Delivery(mp4, srt, ws.put_json(qc), ws.put_json(provenance), stems if "stems" in outputs else {},
+                    qc["verdict"])
+
+
+def measure(mp4, timeline: Timeline) -> dict:
+    """What the delivered file really holds: durations, frames, loudness of its decoded AAC audio."""
+    info = probe(mp4)
+    audio = read_audio(mp4, MIX_RATE)
+    frames = count_video_frames(mp4)
+    return {
+        "frames": frames,
+        "expected_frames": timeline.total_frames,
+        "video_seconds": frames / FPS,
+        "audio_seconds": len(audio) / MIX_RATE,
+        "av_difference_seconds": round(len(audio) / MIX_RATE - frames / FPS, 4),
+        "container_seconds": info.duration,
+        "loudness_lufs": round(integrated_loudness(audio, MIX_RATE), 2),
+        "true_peak_dbtp": round(true_peak_dbtp(audio), 2),
+    }
+
+
+def verdict(qc: dict, target: dict) -> str:
+    ok = (
+        qc["frames"] == qc["expected_frames"]
+        and abs(qc["av_difference_seconds"]) <= 1 / FPS
+        and abs(qc["loudness_lufs"] - target["loudness_lufs"]) <= 1.0
+        and qc["true_peak_dbtp"] <= target["true_peak_dbtp"] + 0.5  # AAC re-encoding may add a little
+    )
+    return "pass" if ok else "warn"
+
+
+def to_srt(captions) -> str:
+    """captions: (start_s, end_s, text, speaker_index) in any order -> SubRip text."""
+    blocks = []
+    for n, (start, end, text, _) in enumerate(sorted(captions), 1):
+        blocks.append(f"{n}\n{_srt_time(start)} --> {_srt_time(end)}\n{text}\n")
+    return "\n".join(blocks)
+
+
+def _srt_time(seconds: float) -> str:
+    ms = int(round(seconds * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d},{ms:03d}"
+
+
+deliver_task = task(deliver, name="deliver", cache_policy=StageKey(("tasks.deliver", "tasks.qc", "tasks.media")),
+                    persist_result=True)

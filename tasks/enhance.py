@@ -1,0 +1,33 @@
+"""enhance: optional picture clean-up after stitching.
+
+`none` passes the picture through untouched (the default); `ffmpeg` applies a light
+denoise + sharpen (hqdn3d, unsharp), re-encoded at the same frame count.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+
+from tasks.media import MediaError, count_video_frames, run_ffmpeg
+from tasks.workspace import Blob, StageKey, Workspace
+
+FILTERS = {"ffmpeg": "hqdn3d=1.5:1.5:6:6,unsharp=5:5:0.6:5:5:0.0"}
+
+
+def enhance_picture(ws: Workspace, picture: Blob, backend: str) -> Blob:
+    if backend == "none":
+        return picture
+    if backend not in FILTERS:
+        raise ValueError(f"enhance backend {backend!r} is unknown; use one of: none, {', '.join(FILTERS)}")
+    frames = count_video_frames(ws.path(picture))
+    with ws.scratch() as tmp:
+        out = tmp / "enhanced.mp4"
+        run_ffmpeg(["-i", str(ws.path(picture)), "-vf", FILTERS[backend], "-c:v", "libx264", "-preset", "veryfast",
+                    "-crf", "18", "-pix_fmt", "yuv420p", "-an", str(out)], what="enhance")
+        if count_video_frames(out) != frames:
+            raise MediaError("enhance changed the number of frames")
+        return ws.put_file(out)
+
+
+enhance_task = task(enhance_picture, name="enhance", cache_policy=StageKey(("tasks.enhance", "tasks.media")),
+                    persist_result=True)

@@ -1,0 +1,354 @@
+"""The episode manifest: pydantic models, located validation, JSON Schema export.
+
+`load_manifest(path)` parses YAML safely (tasks/yamlmarks.py), validates the models,
+then runs the cross-field and media checks. Every problem is collected and reported as
+`FILE:LINE:COL: field: message` in one `ManifestError`; no stage runs on an invalid manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.media import MediaError, MediaInfo, probe
+from tasks.yamlmarks import Mark, YamlProblem, load_marked
+
+SLUG = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "manifests" / "schema.json"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+BoxList = Annotated[list[int], Field(min_length=4, max_length=4, description="x0, y0, x1, y1 in source pixels")]
+
+
+class TimedBox(Strict):
+    """A box that holds from `from` to `to` (seconds on the episode timeline)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    start: Seconds = Field(alias="from")
+    end: Seconds = Field(alias="to")
+    box: BoxList
+
+
+class Speaker(Strict):
+    id: str = Field(pattern=SLUG, description="name used everywhere for this speaker's track")
+    name: str | None = Field(None, description="display name (defaults to id)")
+    box: BoxList | list[TimedBox] | None = Field(None, description="where this person is on screen")
+    track: Path | None = Field(None, description="this speaker's own dialogue track (skips diarisation)")
+    voice_sample: Path | None = Field(None, description="enrolment clip used to name the diarised track")
+    voice: str | None = Field(None, description="TTS voice for lines mode")
+
+
+class Line(Strict):
+    speaker: str
+    start: Seconds
+    end: Seconds | None = None
+    text: str = Field(min_length=1)
+    voice: str | None = None
+
+
+class AudioSpec(Strict):
+    dialogue: Path | None = Field(None, description="dubbed dialogue; may still contain music")
+    original: Path | None = Field(None, description="original-language audio for the M&E bed; default: the source's sound")
+    music_and_effects: Path | None = Field(None, description="a ready M&E bed; skips separating the original")
+    clean: bool = Field(False, description="the dialogue has no music under it: skip separating it")
+
+
+class SeparateSettings(Strict):
+    backend: Literal["auto", "dsp", "demucs", "none"] = "auto"
+    model: str = "htdemucs"
+
+
+class DiariseSettings(Strict):
+    backend: Literal["auto", "embedded", "pyannote"] = "auto"
+    order: Literal["first-appearance", "most-speech"] = "first-appearance"
+    mapping: dict[str, str] = Field(default_factory=dict, description="pin cluster label -> speaker id")
+
+
+class TtsSettings(Strict):
+    backend: Literal["auto", "espeak", "piper", "kokoro"] = "auto"
+
+
+class RenderSettings(Strict):
+    engine: Literal["auto", "preview", "multitalk"] = "auto"
+    size: Literal[480, 720] = 480
+    steps: int = Field(8, ge=1, le=200)
+    seed: int = Field(7, ge=0)
+    max_segment_s: Literal["auto"] | Annotated[float, Field(gt=0.5, le=600, allow_inf_nan=False)] = "auto"
+    min_gap_s: float = Field(0.3, ge=0.08, le=5, allow_inf_nan=False)
+    prompt: str = "Two people talking, natural expressions, steady camera."
+    text_scale: float = Field(5.0, ge=0)
+    audio_scale: float = Field(4.0, ge=0)
+
+
+class EnhanceSettings(Strict):
+    backend: Literal["none", "ffmpeg"] = "none"
+
+
+class MixSettings(Strict):
+    loudness_lufs: float = Field(-23.0, ge=-70, le=-5, allow_inf_nan=False)
+    true_peak_dbtp: float = Field(-1.0, ge=-20, le=0, allow_inf_nan=False)
+    bed_gain_db: float = Field(0.0, ge=-60, le=20, allow_inf_nan=False)
+
+
+Output = Literal["mp4", "stems", "srt", "qc"]
+
+
+class Manifest(Strict):
+    """One episode: what to dub, with which voices, who is where, and how to render and mix."""
+
+    episode: str = Field(pattern=SLUG)
+    source: Path = Field(description="video (V2V dubbing) or a still image (I2V)")
+    language: str = "en"
+    audio: AudioSpec = Field(default_factory=AudioSpec)
+    speakers: list[Speaker] = Field(min_length=1)
+    lines: list[Line] = Field(default_factory=list)
+    separate: SeparateSettings = Field(default_factory=SeparateSettings)
+    diarise: DiariseSettings = Field(default_factory=DiariseSettings)
+    tts: TtsSettings = Field(default_factory=TtsSettings)
+    render: RenderSettings = Field(default_factory=RenderSettings)
+    enhance: EnhanceSettings = Field(default_factory=EnhanceSettings)
+    mix: MixSettings = Field(default_factory=MixSettings)
+    outputs: list[Output] = Field(default_factory=lambda: ["mp4", "stems", "srt", "qc"])
+
+    @field_validator("outputs")
+    @classmethod
+    def _unique_outputs(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each output may be listed once")
+        return value
+
+    def speaker_ids(self) -> list[str]:
+        return [s.id for s in self.speakers]
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int
+    column: int
+    field: str
+    message: str
+
+    def format(self, file: Path) -> str:
+        where = f"{file}:{self.line}:{self.column}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class ManifestError(ValueError):
+    def __init__(self, file: Path, problems: list[Problem]):
+        self.file, self.problems = file, problems
+        super().__init__("\n".join(p.format(file) for p in problems))
+
+
+@dataclass(frozen=True)
+class LoadedManifest:
+    path: Path
+    manifest: Manifest
+    source_info: MediaInfo
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+
+def load_manifest(path: Path | str, *, check_media: bool = True) -> LoadedManifest:
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        data, builder = load_marked(text)
+    except YamlProblem as exc:
+        raise ManifestError(path, [Problem(exc.line, exc.column, "", str(exc))]) from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise ManifestError(path, [Problem(1, 1, "", f"a manifest is a YAML mapping (episode:, source:, ...), not {kind}")])
+    locate = _Locator(builder.marks, builder.key_marks)
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(path, [_from_pydantic(err, locate) for err in exc.errors()]) from None
+    manifest = _resolve_paths(manifest, path.parent)
+    problems, source_info = _cross_check(manifest, locate, check_media)
+    if problems:
+        raise ManifestError(path, problems)
+    return LoadedManifest(path.resolve(), manifest, source_info)
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise ManifestError(path, [Problem(1, 1, "", "file not found")])
+    if path.is_dir():
+        raise ManifestError(path, [Problem(1, 1, "", "is a directory; give the manifest's .yaml file")])
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise ManifestError(path, [Problem(1, 1, "", "binary data, not a YAML text file")])
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ManifestError(path, [Problem(line, 1, "", "not UTF-8 text; save the manifest as UTF-8")]) from None
+
+
+class _Locator:
+    def __init__(self, marks: dict[tuple, Mark], key_marks: dict[tuple, Mark]):
+        self.marks, self.key_marks = marks, key_marks
+
+    def at(self, loc: tuple) -> Mark:
+        """Mark of the deepest existing node on the path (a missing field points at its parent)."""
+        loc = tuple(loc)
+        for cut in range(len(loc), -1, -1):
+            if loc[:cut] in self.marks:
+                return self.marks[loc[:cut]]
+        return Mark(1, 1)
+
+
+def _from_pydantic(err: dict, locate: _Locator) -> Problem:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    mark = locate.at(loc)
+    field = _field_name(loc)
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        key_mark = locate.key_marks.get(loc, mark)
+        return Problem(key_mark.line, key_mark.column, field, "unknown field; check the spelling (see manifests/schema.json)")
+    if err["type"] == "missing":
+        message = "required field is missing; add it"
+    elif err["type"] == "literal_error":
+        message = f"{message} (got {err.get('input')!r})"
+    elif err["type"] == "string_pattern_mismatch":
+        message = f"{err.get('input')!r} must be letters, digits, '_', '.', '-' (starting with a letter or digit)"
+    return Problem(mark.line, mark.column, field, message)
+
+
+def _field_name(loc: tuple) -> str:
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name
+
+
+def _resolve_paths(m: Manifest, base: Path) -> Manifest:
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p))
+
+    audio = m.audio.model_copy(update={k: fix(getattr(m.audio, k)) for k in ("dialogue", "original", "music_and_effects")})
+    speakers = [s.model_copy(update={"track": fix(s.track), "voice_sample": fix(s.voice_sample)}) for s in m.speakers]
+    return m.model_copy(update={"source": fix(m.source), "audio": audio, "speakers": speakers})
+
+
+def _cross_check(m: Manifest, locate: _Locator, check_media: bool) -> tuple[list[Problem], MediaInfo]:
+    problems: list[Problem] = []
+
+    def add(loc: tuple, message: str) -> None:
+        mark = locate.at(loc)
+        problems.append(Problem(mark.line, mark.column, _field_name(loc), message))
+
+    source_info = MediaInfo(m.source, "image")
+    if check_media:
+        source_info = _check_media(m, add)
+    _check_speakers(m, add, source_info)
+    _check_lines(m, add)
+    _check_audio_plan(m, add)
+    problems.sort(key=lambda p: (p.line, p.column))
+    return problems, source_info
+
+
+def _check_media(m: Manifest, add) -> MediaInfo:
+    source_info = MediaInfo(m.source, "image")
+    try:
+        source_info = probe(m.source)
+        if source_info.kind == "audio":
+            add(("source",), f"{m.source.name} has no picture; give a video or a still image")
+    except MediaError as exc:
+        add(("source",), f"{exc}; fix the path (relative to the manifest)")
+    media: list[tuple[tuple, Path | None]] = [
+        (("audio", "dialogue"), m.audio.dialogue),
+        (("audio", "original"), m.audio.original),
+        (("audio", "music_and_effects"), m.audio.music_and_effects),
+    ]
+    for i, s in enumerate(m.speakers):
+        media += [(("speakers", i, "track"), s.track), (("speakers", i, "voice_sample"), s.voice_sample)]
+    for loc, p in media:
+        if p is None:
+            continue
+        try:
+            info = probe(p)
+            if not info.has_audio:
+                add(loc, f"{p.name} has no sound stream; give an audio file")
+        except MediaError as exc:
+            add(loc, f"{exc}; fix the path (relative to the manifest)")
+    return source_info
+
+
+def _check_speakers(m: Manifest, add, source: MediaInfo) -> None:
+    seen: dict[str, int] = {}
+    for i, s in enumerate(m.speakers):
+        if s.id in seen:
+            add(("speakers", i, "id"), f"speaker id {s.id!r} is already used by speakers[{seen[s.id]}]; ids must be unique")
+        seen.setdefault(s.id, i)
+        if isinstance(s.box, list) and s.box and isinstance(s.box[0], int):
+            _check_box(s.box, ("speakers", i, "box"), add, source)
+        elif isinstance(s.box, list):
+            _check_timed_boxes(s.box, ("speakers", i, "box"), add, source)
+        elif len(m.speakers) > 1:
+            add(("speakers", i), f"speaker {s.id!r} has no box; with several speakers each needs one (x0, y0, x1, y1)")
+
+
+def _check_box(box: list[int], loc: tuple, add, source: MediaInfo) -> None:
+    x0, y0, x1, y1 = box
+    if x1 <= x0 or y1 <= y0:
+        add(loc, f"box {box} is empty or inverted; write it as [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
+    elif min(box) < 0 or (source.width and (x1 > source.width or y1 > source.height)):
+        add(loc, f"box {box} lies outside the {source.width}x{source.height} source frame; keep it inside")
+
+
+def _check_timed_boxes(boxes: list[TimedBox], loc: tuple, add, source: MediaInfo) -> None:
+    last_end = -math.inf
+    for j, tb in enumerate(boxes):
+        if tb.end <= tb.start:
+            add((*loc, j, "to"), f"'to' ({tb.end}) must be after 'from' ({tb.start})")
+        if tb.start < last_end:
+            add((*loc, j, "from"), f"'from' ({tb.start}) overlaps the previous box, which lasts until {last_end}")
+        last_end = max(last_end, tb.end)
+        _check_box(tb.box, (*loc, j, "box"), add, source)
+
+
+def _check_lines(m: Manifest, add) -> None:
+    ids = set(m.speaker_ids())
+    for i, line in enumerate(m.lines):
+        if line.speaker not in ids:
+            add(("lines", i, "speaker"), f"unknown speaker {line.speaker!r}; speakers are {', '.join(sorted(ids))}")
+        if line.end is not None and line.end <= line.start:
+            add(("lines", i, "end"), f"end ({line.end}) must be after start ({line.start})")
+    starts = [line.start for line in m.lines]
+    for i in range(1, len(starts)):
+        if starts[i] < starts[i - 1] and m.lines[i].speaker == m.lines[i - 1].speaker:
+            add(("lines", i, "start"), f"lines of one speaker must be in time order ({starts[i]} < {starts[i - 1]})")
+
+
+def _check_audio_plan(m: Manifest, add) -> None:
+    tracks = [s.track is not None for s in m.speakers]
+    if any(tracks) and not all(tracks):
+        i = tracks.index(False)
+        add(("speakers", i), "either every speaker has a track or none does; add a track for this speaker")
+    if m.audio.dialogue is None and not all(tracks) and not m.lines:
+        add(("audio",), "nothing to dub: give audio.dialogue, a track per speaker, or lines to synthesise")
+
+
+def write_schema(path: Path = SCHEMA_PATH) -> Path:
+    path.write_text(schema_text())
+    return path
+
+
+def schema_text() -> str:
+    schema: dict[str, Any] = Manifest.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "dubflow episode manifest"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"

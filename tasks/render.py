@@ -1,0 +1,142 @@
+"""render: one planned segment -> one video clip, through the chosen engine.
+
+The segment's audio is cut per speaker first (`cut_segment_audio`), so a segment's cache
+key depends only on the audio inside it: changing one line re-renders only the segments
+that line falls in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from prefect import task
+
+from engine.base import AUDIO_RATE, Box, Caption, PersonInput, RenderJob, create_renderer
+from tasks.media import write_wav
+from tasks.speakers import MIX_RATE, SAMPLES_PER_FRAME, load_track
+from tasks.workspace import Blob, StageKey, Workspace
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """What a render needs to know about one segment (small, hashable by value)."""
+
+    index: int
+    start_frame: int
+    end_frame: int
+    speakers: tuple[str, ...]
+
+    @property
+    def num_frames(self) -> int:
+        return self.end_frame - self.start_frame
+
+
+@dataclass(frozen=True)
+class PersonSpec:
+    id: str
+    name: str
+    box: tuple[int, int, int, int] | tuple[tuple[float, float, tuple[int, int, int, int]], ...] | None
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    engine: str  # resolved: "preview" | "multitalk"
+    size: int
+    steps: int
+    seed: int
+    prompt: str
+    text_scale: float
+    audio_scale: float
+
+
+@dataclass(frozen=True)
+class Clip:
+    segment: int
+    video: Blob
+    num_frames: int
+    engine: str
+
+
+def cut_segment_audio(ws: Workspace, tracks: dict[str, Blob], segments: list[SegmentSpec]) -> list[dict[str, Blob]]:
+    """Per segment, per speaker: that stretch of the track at the engines' 16 kHz."""
+    import librosa
+
+    out: list[dict[str, Blob]] = [{} for _ in segments]
+    for speaker, blob in tracks.items():
+        track = load_track(ws, blob)
+        for i, seg in enumerate(segments):
+            piece = track[seg.start_frame * SAMPLES_PER_FRAME : seg.end_frame * SAMPLES_PER_FRAME]
+            audio16 = librosa.resample(piece, orig_sr=MIX_RATE, target_sr=AUDIO_RATE, res_type="soxr_hq")
+            with ws.scratch() as tmp:
+                out[i][speaker] = ws.put_file(write_wav(tmp / "seg.wav", audio16.astype(np.float32), AUDIO_RATE))
+    return out
+
+
+def render_segment(
+    ws: Workspace,
+    segment: SegmentSpec,
+    picture: Blob,
+    audio: dict[str, Blob],
+    persons: tuple[PersonSpec, ...],
+    captions: tuple[tuple[float, float, str, int], ...],
+    options: RenderOptions,
+) -> Clip:
+    """Render one segment with the resolved engine; the clip has exactly segment.num_frames frames."""
+    import soundfile as sf
+
+    job_persons = tuple(
+        PersonInput(sf.read(str(ws.path(audio[p.id])), dtype="float32")[0], _job_box(p.box, segment), p.name or p.id)
+        for p in persons
+    )
+    with ws.scratch() as tmp:
+        job = RenderJob(
+            source=ws.path(picture), persons=job_persons, prompt=options.prompt, num_frames=segment.num_frames,
+            source_start_frame=segment.start_frame, size=options.size, steps=options.steps, seed=options.seed,
+            text_scale=options.text_scale, audio_scale=options.audio_scale,
+            captions=_job_captions(captions, segment), output=tmp / f"seg{segment.index:04d}.mp4",
+        )
+        result = create_renderer(options.engine).render(job)
+        video = ws.put_file(result.path)
+    return Clip(segment.index, video, result.num_frames, options.engine)
+
+
+def _job_box(box, segment: SegmentSpec):
+    """Manifest boxes (seconds on the episode timeline) -> engine boxes (frames on the segment's timeline)."""
+    if box is None:
+        return None
+    if isinstance(box[0], int):
+        return Box(*box)
+    timed = []
+    for start_s, end_s, b in box:
+        start, end = int(round(start_s * 25)) - segment.start_frame, int(round(end_s * 25)) - segment.start_frame
+        if end > 0 and start < segment.num_frames:
+            timed.append((max(start, 0), Box(*b)))
+    return tuple(timed) or None
+
+
+def _job_captions(captions, segment: SegmentSpec) -> tuple[Caption, ...]:
+    out = []
+    for start_s, end_s, text, person in captions:
+        start, end = int(round(start_s * 25)) - segment.start_frame, int(round(end_s * 25)) - segment.start_frame
+        if end > 0 and start < segment.num_frames:
+            out.append(Caption(max(start, 0), min(end, segment.num_frames), text, person))
+    return tuple(out)
+
+
+_MODULES = ("tasks.render", "tasks.speakers", "engine.base", "engine.preview")
+cut_audio_task = task(cut_segment_audio, name="cut-audio", cache_policy=StageKey(_MODULES), persist_result=True)
+render_task = task(render_segment, name="render", cache_policy=StageKey(_MODULES), persist_result=True,
+                   retries=1, retry_delay_seconds=2, tags=["render"])
+
+
+def resolve_render_engine(requested: str, models_dir) -> tuple[str, str]:
+    """`auto` -> multitalk when a CUDA GPU and its weights are present, else the preview renderer."""
+    if requested != "auto":
+        return requested, "chosen in the manifest"
+    try:
+        from engine.multitalk.renderer import available
+    except ImportError:
+        return "preview", "the multitalk engine is not installed"
+    ok, reason = available(models_dir)
+    return ("multitalk", reason) if ok else ("preview", f"multitalk unavailable: {reason}")

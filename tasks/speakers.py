@@ -1,0 +1,87 @@
+"""speakers: one track per manifest speaker, on the episode's common timeline.
+
+Tracks come from the manifest (`speakers[].track`), from diarising the dialogue
+(tasks/diarise.py) or from synthesising the script lines (tasks/tts.py). Whatever the
+origin, each track is conformed here to mono float at MIX_RATE and to exactly
+`total_frames` frames of 25 fps, so every later stage can slice it by frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from prefect import task
+
+from engine.base import FPS
+from tasks.media import probe, read_audio, write_wav
+from tasks.workspace import Blob, StageKey, Workspace
+
+MIX_RATE = 48_000
+SAMPLES_PER_FRAME = MIX_RATE // FPS  # 1920
+
+
+@dataclass(frozen=True)
+class Timeline:
+    total_frames: int
+    picture_frames: int | None  # a video source fixes the length; a still does not
+
+    @property
+    def total_samples(self) -> int:
+        return self.total_frames * SAMPLES_PER_FRAME
+
+    @property
+    def seconds(self) -> float:
+        return self.total_frames / FPS
+
+
+def episode_timeline(ws: Workspace, source: Blob, source_kind: str, audio: list[Blob], extra_s: float = 0.0) -> Timeline:
+    """Episode length in frames: the video's length, else the longest audio (or last line)."""
+    if source_kind == "video":
+        frames = max(1, int(round(probe(ws.path(source)).duration * FPS)))
+        return Timeline(frames, frames)
+    longest = max([probe(ws.path(b)).duration for b in audio] + [extra_s])
+    return Timeline(max(1, math.ceil(longest * FPS - 1e-6)), None)
+
+
+def conform_track(ws: Workspace, audio: Blob, timeline: Timeline) -> Blob:
+    """Decode to mono MIX_RATE float, pad with silence or trim to the timeline."""
+    samples = read_audio(ws.path(audio), MIX_RATE)
+    return _store_wav(ws, fit_length(samples, timeline.total_samples))
+
+
+def fit_length(samples: np.ndarray, length: int) -> np.ndarray:
+    out = np.zeros(length, dtype=np.float32)
+    n = min(length, len(samples))
+    out[:n] = samples[:n]
+    return out
+
+
+def _store_wav(ws: Workspace, samples: np.ndarray) -> Blob:
+    with ws.scratch() as tmp:
+        return ws.put_file(write_wav(tmp / "track.wav", samples, MIX_RATE))
+
+
+def synthesise_speaker(ws: Workspace, lines: list[tuple[float, str, str]]) -> Blob:
+    """Lines mode: one speaker's lines spoken by the embedded TTS and placed at their start times."""
+    from tasks.tts import synthesise_track
+
+    with ws.scratch() as tmp:
+        track, _ = synthesise_track(lines, MIX_RATE, out_dir=tmp)
+    return _store_wav(ws, track)
+
+
+def load_track(ws: Workspace, blob: Blob) -> np.ndarray:
+    import soundfile as sf
+
+    data, rate = sf.read(str(ws.path(blob)), dtype="float32")
+    if rate != MIX_RATE:
+        raise ValueError(f"{blob.relpath}: expected a conformed {MIX_RATE} Hz track, got {rate} Hz")
+    return data
+
+
+_MODULES = ("tasks.speakers", "tasks.media")
+timeline_task = task(episode_timeline, name="timeline", cache_policy=StageKey(_MODULES), persist_result=True)
+conform_task = task(conform_track, name="conform", cache_policy=StageKey(_MODULES), persist_result=True)
+tts_task = task(synthesise_speaker, name="tts", cache_policy=StageKey((*_MODULES, "tasks.tts")), persist_result=True)
