@@ -1,0 +1,373 @@
+"""separate: strip music from dialogue (vocals + instrumental/M&E bed).
+
+Backends:
+- ``dsp`` (embedded default, no weights): REPET-SIM style repeating-pattern filter plus a
+  sustained-tone (horizontal median) filter give a music estimate; a soft Wiener mask with a
+  speech-band prior keeps the voice. Processed in overlapping blocks, so memory is bounded.
+- ``demucs``: the demucs package's own loader (``demucs.pretrained.get_model``) and windowed
+  ``apply_model``; weights from the HF / torch-hub caches or a ``models_dir`` repo folder.
+- ``auto``: demucs when the package and the weights are present, else dsp.
+
+``instrumental`` is always ``input - vocals`` sample for sample, so the two stems sum back to the
+input exactly (what the remix stage relies on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from engine.base import EngineSetupError, MissingWeightsError
+
+log = logging.getLogger(__name__)
+
+ProgressHook = Callable[..., None]  # progress(stage, completed, total, **info)
+BACKENDS = ("auto", "dsp", "demucs")
+DSP_VERSION = "repet-sim+sustained-median/2"
+SEPARATE_EXTRA = "pip install -e '.[separate]'"
+# demucs model name -> (signatures, the torch-hub checkpoint file of the first signature)
+DEMUCS_CHECKPOINTS = {
+    "htdemucs": "955717e8-8726e21a.th",
+    "htdemucs_ft": "f7e0c4bc-ba3fe64a.th",
+    "htdemucs_6s": "5c90dfd2-34c22ccb.th",
+}
+
+
+class AudioError(ValueError):
+    """The audio given to a stage is unusable (unreadable, empty, silent); the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Separation:
+    vocals: Path
+    instrumental: Path
+    backend: str
+    model: str
+    sample_rate: int = 0
+    channels: int = 0
+    revision: str = ""  # dsp algorithm version, or the demucs weights' sha256 prefix
+    reason: str = ""  # why this backend was chosen (for the log and provenance.json)
+    settings: dict[str, object] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- audio I/O
+
+
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """Read any audio file as float32 (channels, samples); ffmpeg decodes what soundfile cannot."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: audio file not found")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: audio file is empty (0 bytes); re-export it")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        data, rate = _decode_with_ffmpeg(path)
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: audio file has no samples; re-export it")
+    if not np.all(np.isfinite(data)):
+        raise AudioError(f"{path}: audio contains NaN/inf samples; re-export it")
+    return np.ascontiguousarray(data.T), int(rate)
+
+
+def _decode_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
+    exe = os.environ.get("FFMPEG_BINARY") or shutil.which("ffmpeg")
+    if exe is None:
+        raise AudioError(
+            f"{path}: cannot decode this format without ffmpeg; install ffmpeg or convert to WAV"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "decoded.wav"
+        cmd = [exe, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-c:a", "pcm_f32le", str(wav)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not wav.is_file():
+            first = (done.stderr.strip().splitlines() or ["unknown format"])[-1]
+            raise AudioError(f"{path}: not a readable audio file ({first}); re-export it as WAV")
+        data, rate = sf.read(str(wav), dtype="float32", always_2d=True)
+    return data, rate
+
+
+def write_audio(path: Path, audio: np.ndarray, rate: int) -> Path:
+    """Write (channels, samples) or (samples,) float32 as 32-bit float WAV, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = audio.T if audio.ndim == 2 else audio
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav", dir=path.parent)
+    os.close(fd)
+    try:
+        sf.write(tmp, np.asarray(frames, dtype=np.float32), rate, subtype="FLOAT", format="WAV")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_not_silent(audio: np.ndarray, path: Path, floor_dbfs: float = -70.0) -> None:
+    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    if peak <= 10 ** (floor_dbfs / 20):
+        raise AudioError(
+            f"{path}: audio is silent (peak below {floor_dbfs:.0f} dBFS); check the file or its gain"
+        )
+
+
+# --------------------------------------------------------------------------- backend choice
+
+
+def resolve_separate_backend(backend: str, model: str, models_dir: Path | None) -> tuple[str, str]:
+    """Return (backend, why): `auto` picks demucs only when its package and weights are present."""
+    if backend not in BACKENDS:
+        raise ValueError(f"separate backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend, f"{backend} requested"
+    try:
+        import demucs  # noqa: F401
+    except ImportError:
+        return "dsp", f"demucs is not installed ({SEPARATE_EXTRA}); using the embedded dsp separator"
+    found = find_demucs_weights(model, models_dir)
+    if found is None:
+        return (
+            "dsp",
+            f"no weights for demucs model {model!r} ({demucs_weights_hint(model, models_dir)}); using dsp",
+        )
+    return "demucs", f"demucs model {model!r} weights found at {found}"
+
+
+def _torch_hub_checkpoints() -> Path:
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch"
+    )
+    return Path(torch_home) / "hub" / "checkpoints"
+
+
+def _hf_hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    hf_home = os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface")
+    return Path(hf_home) / "hub"
+
+
+def find_demucs_weights(model: str, models_dir: Path | None) -> Path | None:
+    """Where demucs would find `model`: a repo folder (<model>.yaml or <sig>.th), torch hub, or HF cache."""
+    if models_dir is not None and Path(models_dir).is_dir():
+        repo = Path(models_dir)
+        found = [repo / f"{model}.yaml", repo / f"{model}.th", *sorted(repo.glob(f"{model}-*.th"))]
+        for candidate in found:
+            if candidate.is_file():
+                return candidate
+    ckpt = DEMUCS_CHECKPOINTS.get(model)
+    if ckpt and (_torch_hub_checkpoints() / ckpt).is_file():
+        return _torch_hub_checkpoints() / ckpt
+    hf_dir = _hf_hub_cache()
+    for snapshot in sorted(hf_dir.glob("models--adefossez--*/snapshots/*")):
+        if (snapshot / f"{model}.yaml").is_file():
+            return snapshot / f"{model}.yaml"
+    return None
+
+
+def demucs_weights_hint(model: str, models_dir: Path | None) -> str:
+    ckpt = DEMUCS_CHECKPOINTS.get(model, "<signature>.th")
+    where = (
+        f"{models_dir}/{model}.yaml + {models_dir}/{ckpt}"
+        if models_dir
+        else f"{_torch_hub_checkpoints()}/{ckpt}"
+    )
+    return f"place {ckpt} at {where} (or in the HF cache under models--adefossez--HTDemucs)"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def separate(
+    audio: Path,
+    out_dir: Path,
+    *,
+    backend: str = "auto",
+    model: str = "htdemucs",
+    models_dir: Path | None = None,
+    device: str = "cpu",
+    progress: ProgressHook | None = None,
+    block_s: float = 30.0,
+) -> Separation:
+    """Split `audio` into out_dir/vocals.wav and out_dir/instrumental.wav at the input's sample rate."""
+    chosen, why = resolve_separate_backend(backend, model, models_dir)
+    log.info("separate %s: backend %s (%s)", audio, chosen, why)
+    mix, rate = read_audio(Path(audio))
+    check_not_silent(mix, Path(audio))
+    out_dir = Path(out_dir)
+    if chosen == "demucs":
+        vocals, revision = separate_demucs(mix, rate, model=model, models_dir=models_dir, device=device)
+        used_model, settings = model, {"device": device}
+    else:
+        vocals = separate_dsp(mix, rate, block_s=block_s, progress=progress)
+        used_model, revision, settings = "repet-sim", DSP_VERSION, {"block_s": block_s}
+    instrumental = mix - vocals
+    return Separation(
+        vocals=write_audio(out_dir / "vocals.wav", vocals, rate),
+        instrumental=write_audio(out_dir / "instrumental.wav", instrumental, rate),
+        backend=chosen,
+        model=used_model,
+        sample_rate=rate,
+        channels=mix.shape[0],
+        revision=revision,
+        reason=why,
+        settings=settings,
+    )
+
+
+# --------------------------------------------------------------------------- dsp backend
+
+
+def _stft_size(rate: int) -> int:
+    """About 64 ms windows whatever the rate: 512 at 8 kHz, 1024 at 16 kHz, 4096 at 48-96 kHz."""
+    return int(min(8192, max(256, 2 ** round(np.log2(0.064 * rate)))))
+
+
+def _blocks(n: int, block: int, overlap: int) -> Iterator[tuple[int, int]]:
+    start = 0
+    while True:
+        end = min(n, start + block)
+        yield start, end
+        if end >= n:
+            return
+        start = end - overlap
+
+
+def separate_dsp(
+    mix: np.ndarray, rate: int, *, block_s: float = 30.0, progress: ProgressHook | None = None
+) -> np.ndarray:
+    """Vocals (channels, samples) from `mix`, in overlapping blocks joined with linear cross-fades."""
+    channels, n = mix.shape
+    overlap = int(rate * 1.0)
+    block = max(int(rate * block_s), 4 * overlap)
+    vocals = np.zeros_like(mix)
+    spans = list(_blocks(n, block, overlap))
+    for i, (start, end) in enumerate(spans):
+        part = _dsp_vocals_block(mix[:, start:end], rate)
+        ramp = np.ones(end - start, dtype=np.float32)
+        if i > 0:  # fade in over the overlap; the previous block fades out over the same samples
+            k = min(overlap, end - start)
+            ramp[:k] = np.linspace(0.0, 1.0, k, dtype=np.float32)
+        if i < len(spans) - 1:
+            k = min(overlap, end - start)
+            ramp[-k:] *= np.linspace(1.0, 0.0, k, dtype=np.float32)
+        vocals[:, start:end] += part * ramp
+        if progress is not None:
+            progress("separate", i + 1, len(spans), backend="dsp")
+    return vocals
+
+
+def _dsp_vocals_block(mix: np.ndarray, rate: int) -> np.ndarray:
+    import librosa
+
+    n_fft = _stft_size(rate)
+    hop = n_fft // 4
+    n = mix.shape[1]
+    spec = librosa.stft(mix, n_fft=n_fft, hop_length=hop)  # (channels, freq, frames)
+    mag = np.abs(spec).mean(axis=0)  # mask is estimated on the downmix, applied to every channel
+    mask = vocal_mask(mag, rate, n_fft, hop)
+    out = librosa.istft(spec * mask[None], hop_length=hop, n_fft=n_fft, length=n)
+    return out.astype(np.float32)
+
+
+def vocal_mask(mag: np.ndarray, rate: int, n_fft: int, hop: int) -> np.ndarray:
+    """Soft vocal mask (freq, frames) in [0, 1] from the mixture magnitude."""
+    import librosa
+    from scipy.ndimage import median_filter
+
+    frames_per_s = rate / hop
+    # 1. sustained tones: a ~1 s horizontal median keeps held notes and drops gliding speech harmonics
+    sustained = median_filter(mag, size=(1, max(3, int(1.0 * frames_per_s) | 1)), mode="nearest")
+    # 2. repeating patterns (REPET-SIM): median of the most similar frames at least 1 s apart
+    repeating = _repeating_estimate(mag, rate, n_fft, frames_per_s)
+    # music must look both sustained and repeating; 0.7 keeps the estimate conservative (speech first)
+    music = np.minimum(mag, 0.7 * np.minimum(sustained, repeating))
+    voice = mag - music
+    mask = voice**2 / (voice**2 + music**2 + 1e-10)
+    # 3. speech-band prior: below ~80 Hz and above ~8 kHz is bed, not dialogue
+    freqs = librosa.fft_frequencies(sr=rate, n_fft=n_fft)
+    band = np.clip((freqs - 50.0) / 60.0, 0.0, 1.0) * np.clip((10_000.0 - freqs) / 2_000.0, 0.0, 1.0)
+    return (mask * band[:, None]).astype(np.float32)
+
+
+def _repeating_estimate(mag: np.ndarray, rate: int, n_fft: int, frames_per_s: float) -> np.ndarray:
+    import librosa
+
+    frames = mag.shape[1]
+    if frames < 8:
+        return np.zeros_like(mag)
+    # similarity on a compact log-mel feature: the O(frames^2) search stays cheap at any rate
+    mel = librosa.feature.melspectrogram(S=mag**2, sr=rate, n_fft=n_fft, n_mels=48)
+    feat = np.log1p(mel * 1e3)
+    width = max(1, min(int(1.0 * frames_per_s), (frames - 1) // 2))
+    k = min(7, max(1, frames - 2 * width - 1))
+    rec = librosa.segment.recurrence_matrix(
+        feat, k=k, metric="cosine", width=width, mode="affinity", sparse=True
+    )
+    return librosa.decompose.nn_filter(mag, rec=rec, aggregate=np.median)
+
+
+# --------------------------------------------------------------------------- demucs backend
+
+
+def separate_demucs(
+    mix: np.ndarray, rate: int, *, model: str, models_dir: Path | None, device: str = "cpu"
+) -> tuple[np.ndarray, str]:
+    """Vocals (channels, samples) by demucs' windowed `apply_model`; returns (vocals, weights hash)."""
+    net = load_demucs(model, models_dir)
+    import torch
+    from demucs.apply import apply_model
+    from demucs.audio import convert_audio
+
+    wav = convert_audio(torch.from_numpy(mix), rate, net.samplerate, net.audio_channels)
+    ref = wav.mean(0)
+    scale = ref.std().clamp_min(1e-8)
+    wav = (wav - ref.mean()) / scale
+    with torch.no_grad():  # split=True: overlapping segments, memory bounded by the model's segment length
+        sources = apply_model(net, wav[None], device=device, split=True, overlap=0.25, progress=False)[0]
+    vocals = sources[net.sources.index("vocals")] * scale + ref.mean()
+    vocals = convert_audio(vocals, net.samplerate, rate, mix.shape[0])
+    return vocals.numpy().astype(np.float32)[:, : mix.shape[1]], _weights_hash(net)
+
+
+def load_demucs(model: str, models_dir: Path | None):
+    """demucs' real loader: `get_model(name, repo=models_dir)`, else HF / torch-hub caches."""
+    try:
+        from demucs.pretrained import get_model
+    except ImportError as exc:
+        raise EngineSetupError(f"demucs is not installed; install it with {SEPARATE_EXTRA}") from exc
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    repo = Path(models_dir) if models_dir is not None and Path(models_dir).is_dir() else None
+    try:
+        net = get_model(model, repo=repo)
+    except (OSError, ImportError) as exc:
+        raise MissingWeightsError(
+            f"demucs model {model!r} weights not found: {demucs_weights_hint(model, models_dir)}; "
+            f"install demucs with {SEPARATE_EXTRA}"
+        ) from exc
+    except Exception as exc:  # demucs raises ModelLoadingError (a plain Exception) for unknown names
+        raise MissingWeightsError(
+            f"demucs model {model!r} cannot be loaded ({exc}); {demucs_weights_hint(model, models_dir)}"
+        ) from exc
+    if "vocals" not in net.sources:
+        raise EngineSetupError(f"demucs model {model!r} has no 'vocals' source (sources: {net.sources})")
+    return net.eval()
+
+
+def _weights_hash(net) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

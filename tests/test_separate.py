@@ -1,0 +1,121 @@
+"""separate: the dsp backend on real (TTS) speech under music, rates/channels, bad input, demucs loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from engine.base import MissingWeightsError
+from tasks.separate import AudioError, Separation, resolve_separate_backend, separate
+from tests.audio_fixtures import RATE, conversation, have_espeak, mix_at, music, si_sdr, write_wav
+
+needs_espeak = pytest.mark.skipif(
+    not have_espeak(), reason="espeak-ng is not installed (apt-get install espeak-ng)"
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_weight_caches(tmp_path, monkeypatch):
+    """No real weights anywhere: `auto` must fall back to dsp, demucs must name the missing file."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+
+
+@needs_espeak
+def test_dsp_improves_speech_under_music_and_stems_sum_to_input(tmp_path):
+    speech, _ = conversation([("ana", 0), ("cal", 0)])
+    mix = mix_at(speech, music(len(speech) / RATE), -12.0)
+    result = separate(write_wav(tmp_path / "mix.wav", mix), tmp_path / "out", backend="dsp")
+    vocals, rate = sf.read(result.vocals, dtype="float32")
+    instrumental, _ = sf.read(result.instrumental, dtype="float32")
+    assert (result.backend, rate, vocals.shape) == ("dsp", RATE, mix.shape)
+    assert si_sdr(speech, vocals) > si_sdr(speech, mix) + 2.0  # measured about +5 dB here
+    np.testing.assert_allclose(vocals + instrumental, mix, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(8_000, 1), (44_100, 2), (96_000, 1), (48_000, 6)])
+def test_dsp_keeps_rate_channels_and_length(tmp_path, rate, channels):
+    t = np.arange(int(2.5 * rate)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+    audio = np.stack([tone * (1 + 0.1 * c) for c in range(channels)]).astype(np.float32)
+    result = separate(write_wav(tmp_path / "in.wav", audio, rate), tmp_path / "out", backend="dsp")
+    info = sf.info(result.vocals)
+    assert (info.samplerate, info.channels, info.frames) == (rate, channels, audio.shape[1])
+    assert (result.sample_rate, result.channels) == (rate, channels)
+
+
+def test_dsp_is_deterministic_and_blockwise(tmp_path):
+    rng = np.random.default_rng(1)
+    audio = (0.1 * rng.standard_normal(RATE * 9)).astype(np.float32) + music(9.0) * 0.5
+    src = write_wav(tmp_path / "in.wav", audio)
+    a = separate(src, tmp_path / "a", backend="dsp", block_s=4.0)
+    b = separate(src, tmp_path / "b", backend="dsp", block_s=4.0)
+    assert a.vocals.read_bytes() == b.vocals.read_bytes()
+    assert np.all(np.isfinite(sf.read(a.vocals)[0]))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "empty"), (b"RIFF\x00\x00not really a wave file" * 10, "not a readable audio file")],
+)
+def test_bad_files_give_one_line_audio_errors(tmp_path, content, message):
+    bad = tmp_path / "bad file é.wav"
+    bad.write_bytes(content)
+    with pytest.raises(AudioError, match=message) as err:
+        separate(bad, tmp_path / "out", backend="dsp")
+    assert "\n" not in str(err.value)
+
+
+def test_silence_and_missing_file_are_audio_errors(tmp_path):
+    with pytest.raises(AudioError, match="silent"):
+        separate(write_wav(tmp_path / "quiet.wav", np.zeros(RATE, np.float32)), tmp_path / "o", backend="dsp")
+    with pytest.raises(AudioError, match="not found"):
+        separate(tmp_path / "nope.wav", tmp_path / "o", backend="dsp")
+
+
+def test_auto_falls_back_to_dsp_and_says_why(tmp_path):
+    backend, why = resolve_separate_backend("auto", "htdemucs", None)
+    assert backend == "dsp" and "955717e8-8726e21a.th" in why
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_separate_backend("spleeter", "htdemucs", None)
+
+
+def test_demucs_without_weights_names_file_place_and_extra(tmp_path):
+    src = write_wav(tmp_path / "in.wav", music(1.0))
+    with pytest.raises(MissingWeightsError) as err:
+        separate(src, tmp_path / "out", backend="demucs", model="htdemucs")
+    message = str(err.value)
+    assert "955717e8-8726e21a.th" in message and "hub/checkpoints" in message and "[separate]" in message
+
+
+def save_tiny_htdemucs(repo, name: str = "htdemucs", sig: str = "955717e8"):
+    """A random 28k-parameter HTDemucs saved the way demucs' own repos are: <name>.yaml + <sig>.th."""
+    import torch
+    from demucs.htdemucs import HTDemucs
+
+    torch.manual_seed(0)
+    kwargs = dict(sources=["drums", "bass", "other", "vocals"], channels=8, depth=2, dconv_comp=4)
+    kwargs |= dict(t_layers=1, t_heads=1, samplerate=44_100, segment=2)
+    net = HTDemucs(**kwargs)
+    repo.mkdir(parents=True, exist_ok=True)
+    package = {"klass": HTDemucs, "args": (), "kwargs": kwargs, "state": net.state_dict()}
+    torch.save(package, repo / f"{sig}.th")
+    (repo / f"{name}.yaml").write_text(yaml.safe_dump({"models": [sig]}))
+    return repo
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_demucs_loads_tiny_model_from_repo_folder_and_auto_picks_it(tmp_path):
+    pytest.importorskip("demucs")
+    repo = save_tiny_htdemucs(tmp_path / "models" / "demucs")
+    assert resolve_separate_backend("auto", "htdemucs", repo)[0] == "demucs"
+    src = write_wav(tmp_path / "in.wav", music(3.0, rate=22_050, seed=2), rate=22_050)
+    result = separate(src, tmp_path / "out", backend="auto", models_dir=repo)
+    assert isinstance(result, Separation) and (result.backend, result.model) == ("demucs", "htdemucs")
+    info = sf.info(result.vocals)
+    assert (info.samplerate, info.channels, info.frames) == (22_050, 1, 3 * 22_050)
+    assert len(result.revision) == 16
