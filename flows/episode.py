@@ -24,7 +24,7 @@ from tasks.manifest import LoadedManifest, Manifest, load_manifest
 from tasks.remix import MixTarget, remix_task
 from tasks.render import PersonSpec, RenderOptions, cut_audio_task, render_task, resolve_render_engine
 from tasks.segment import PlanSettings, plan_task
-from tasks.separate import resolve_separate_backend, separate_task
+from tasks.separate import resolve_separate_backend, separate_task, weights_revision
 from tasks.speakers import conform_task, timeline_task, tts_task
 from tasks.stitch import stitch_task
 from tasks.workspace import Blob, Workspace, blobs_in, code_version
@@ -75,10 +75,10 @@ class StageRunner:
 
 
 @flow(name="dub-episode", log_prints=True)
-def dub_episode(manifest: str, workspace: str | None = None) -> dict:
+def dub_episode(manifest: str, workspace: str | None = None, wait_s: float = 0.0) -> dict:
     loaded = load_manifest(manifest)
     ws = Workspace(workspace)
-    with ws.lock(loaded.manifest.episode):
+    with ws.lock(loaded.manifest.episode, wait_s=wait_s):
         return _run_episode(loaded, ws)
 
 
@@ -108,11 +108,13 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> 
     source = ws.put_file(m.source, move=False)
     dialogue = ws.put_file(m.audio.dialogue, move=False) if m.audio.dialogue else None
     # 2. separate: clean the dialogue, and get the music-and-effects bed
-    backend, why = resolve_separate_backend(m.separate.backend, m.separate.model, _models_dir())
+    backend, why = ("none", "disabled in the manifest") if m.separate.backend == "none" else \
+        resolve_separate_backend(m.separate.backend, m.separate.model, _models_dir())
     log.info("separate: %s (%s)", backend, why)
     vocals, dub_instrumental = dialogue, None
     if dialogue is not None and not m.audio.clean and backend != "none":
-        sep = runner.run(separate_task, "separate[dialogue]", dialogue, backend, m.separate.model)
+        revision = weights_revision(backend, m.separate.model, _models_dir())
+        sep = runner.run(separate_task, "separate[dialogue]", dialogue, backend, m.separate.model, revision)
         vocals, dub_instrumental = sep.vocals, sep.instrumental
     bed = _bed(m, loaded, ws, runner, backend, dub_instrumental)
     # 3. speakers: one raw track per speaker (given, synthesised, or the single voice)
@@ -120,11 +122,11 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> 
     timeline = runner.run(timeline_task, "timeline", source, loaded.source_info.kind, [*raw.values()])
     tracks = {sid: runner.run(conform_task, f"conform[{sid}]", blob, timeline) for sid, blob in raw.items()}
     # 4. bind + 5. segment: boxes from the manifest, a plan cut in common silences
-    plan = runner.run(plan_task, "plan", tracks, timeline, _plan_settings(m), _line_specs(m))
+    engine, engine_why = resolve_render_engine(m.render.engine, _models_dir())
+    plan = runner.run(plan_task, "plan", tracks, timeline, _plan_settings(m, engine), _line_specs(m))
     runner.progress.add_steps(len(plan.segments))
     slices = runner.run(cut_audio_task, "cut-audio", tracks, list(plan.segments))
     # 6. render every segment (fanned out), 7. stitch, 8. enhance
-    engine, engine_why = resolve_render_engine(m.render.engine, _models_dir())
     log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))
     clips = _render_all(m, ws, runner, plan, slices, source, engine)
     picture = runner.run(enhance_task, "enhance",
@@ -147,8 +149,9 @@ def _bed(m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner
         return ws.put_file(m.audio.music_and_effects, move=False)
     original = m.audio.original or (m.source if loaded.source_info.has_audio else None)
     if original is not None and backend != "none":
+        revision = weights_revision(backend, m.separate.model, _models_dir())
         sep = runner.run(separate_task, "separate[original]", ws.put_file(original, move=False), backend,
-                         m.separate.model)
+                         m.separate.model, revision)
         return sep.instrumental
     return dub_instr
 
@@ -186,9 +189,9 @@ def _line_specs(m: Manifest) -> tuple:
     return tuple((ln.start, ln.end, ln.text, order[ln.speaker]) for ln in m.lines)
 
 
-def _plan_settings(m: Manifest) -> PlanSettings:
+def _plan_settings(m: Manifest, engine: str) -> PlanSettings:
     max_s = m.render.max_segment_s
-    return PlanSettings(engine=m.render.engine, size=m.render.size, max_segment_s=None if max_s == "auto" else max_s,
+    return PlanSettings(engine=engine, size=m.render.size, max_segment_s=None if max_s == "auto" else max_s,
                         min_gap_s=m.render.min_gap_s)
 
 

@@ -14,22 +14,9 @@ from prefect import task
 
 from engine.base import AUDIO_RATE, Box, Caption, PersonInput, RenderJob, create_renderer
 from tasks.media import write_wav
+from tasks.segment import SegmentSpec
 from tasks.speakers import MIX_RATE, SAMPLES_PER_FRAME, load_track
 from tasks.workspace import Blob, StageKey, Workspace
-
-
-@dataclass(frozen=True)
-class SegmentSpec:
-    """What a render needs to know about one segment (small, hashable by value)."""
-
-    index: int
-    start_frame: int
-    end_frame: int
-    speakers: tuple[str, ...]
-
-    @property
-    def num_frames(self) -> int:
-        return self.end_frame - self.start_frame
 
 
 @dataclass(frozen=True)
@@ -124,7 +111,7 @@ def _job_captions(captions, segment: SegmentSpec) -> tuple[Caption, ...]:
     return tuple(out)
 
 
-_MODULES = ("tasks.render", "tasks.speakers", "engine.base", "engine.preview")
+_MODULES = ("tasks.render", "tasks.speakers", "engine.base", "engine.preview")  # + the engine used, via options
 cut_audio_task = task(cut_segment_audio, name="cut-audio", cache_policy=StageKey(_MODULES), persist_result=True)
 render_task = task(render_segment, name="render", cache_policy=StageKey(_MODULES), persist_result=True,
                    retries=1, retry_delay_seconds=2, tags=["render"])

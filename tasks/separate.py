@@ -27,7 +27,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from prefect import task
+
 from engine.base import EngineSetupError, MissingWeightsError
+from tasks.workspace import Blob, StageKey, Workspace, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -371,3 +374,35 @@ def _weights_hash(net) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the Prefect stage
+
+
+@dataclass(frozen=True)
+class SeparatedStems:
+    vocals: Blob
+    instrumental: Blob
+    backend: str
+    model: str
+    revision: str
+
+
+def weights_revision(backend: str, model: str, models_dir: Path | None) -> str:
+    """Part of the cache key: the demucs weights' content hash, or the dsp algorithm version."""
+    if backend != "demucs":
+        return DSP_VERSION
+    weights = find_demucs_weights(model, models_dir)
+    return file_sha256(weights)[:16] if weights else "missing"
+
+
+def separate_stage(ws: Workspace, audio: Blob, backend: str, model: str, revision: str) -> SeparatedStems:
+    """Workspace form of `separate`: Blob in, Blobs out (revision only keys the cache)."""
+    models_dir = Path(os.environ["DUBFLOW_MODELS_DIR"]) if os.environ.get("DUBFLOW_MODELS_DIR") else None
+    with ws.scratch() as tmp:
+        result = separate(ws.path(audio), tmp, backend=backend, model=model, models_dir=models_dir)
+        return SeparatedStems(ws.put_file(result.vocals), ws.put_file(result.instrumental), result.backend,
+                              result.model, result.revision)
+
+
+separate_task = task(separate_stage, name="separate", cache_policy=StageKey(("tasks.separate",)), persist_result=True)

@@ -1,0 +1,218 @@
+"""The `dubflow` command: validate, run, status, doctor, demo, schema.
+
+Every failure a user can cause ends in one clear line and a non-zero exit (2 for bad
+input, 1 for a failed run), never a traceback. Prefect is imported only by the commands
+that run flows, after its settings are fixed, so `validate` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_defaults()
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("dubflow: interrupted; finished stages are kept and will be reused", file=sys.stderr)
+        return 130
+
+
+def _quiet_defaults() -> None:
+    """Offline, no telemetry, and Prefect's console chatter off unless asked for."""
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "PYANNOTE_METRICS_ENABLED": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dubflow", description="Declarative batch dubbing with lip-sync.")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("validate", help="check manifests; one located line per problem")
+    p.add_argument("files", nargs="+", type=Path)
+    p.set_defaults(handler=cmd_validate)
+    p = sub.add_parser("run", help="run the episode flow for a manifest")
+    p.add_argument("file", type=Path)
+    p.add_argument("--workspace", type=Path, default=None, help="default ./dubflow-work or $DUBFLOW_WORKSPACE")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait if the episode is already running")
+    p.set_defaults(handler=cmd_run)
+    p = sub.add_parser("status", help="the last run of an episode: each stage and segment")
+    p.add_argument("file", type=Path)
+    p.add_argument("--workspace", type=Path, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+    p = sub.add_parser("doctor", help="what this machine can do, and which backend `auto` picks")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_doctor)
+    p = sub.add_parser("demo", help="generate the demo episode locally and run it")
+    p.add_argument("--workspace", type=Path, default=None)
+    p.add_argument("--no-run", action="store_true", help="only generate the media")
+    p.set_defaults(handler=cmd_demo)
+    p = sub.add_parser("schema", help="write manifests/schema.json from the manifest models")
+    p.set_defaults(handler=cmd_schema)
+    return parser
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> int:
+    print(f"dubflow: {message}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------- validate
+
+
+def cmd_validate(args) -> int:
+    from tasks.manifest import ManifestError, load_manifest
+
+    worst = 0
+    for file in args.files:
+        try:
+            load_manifest(file)
+            print(f"ok {file}")
+        except ManifestError as exc:
+            print(exc, file=sys.stderr)
+            worst = EXIT_BAD_INPUT
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def cmd_run(args) -> int:
+    from tasks.manifest import ManifestError, load_manifest
+
+    try:
+        loaded = load_manifest(args.file)
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return run_episode(loaded.path, args.workspace, wait_s=args.wait)
+
+
+def run_episode(manifest: Path, workspace: Path | None, *, wait_s: float = 0.0) -> int:
+    from flows.display import RunDisplay
+    from flows.progress import add_listener, remove_listener
+
+    display = RunDisplay()
+    add_listener(display)
+    try:
+        from flows.episode import dub_episode
+        from tasks.workspace import EpisodeBusy
+
+        with display:
+            result = dub_episode(manifest=str(manifest), workspace=str(workspace) if workspace else None,
+                                 wait_s=wait_s)
+    except EpisodeBusy as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the run record has the details; the user gets one line
+        return _fail(f"run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    finally:
+        remove_listener(display)
+    print(display.summary(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- status
+
+
+def cmd_status(args) -> int:
+    from tasks.workspace import Workspace
+
+    episode = _episode_name(args.file)
+    if episode is None:
+        return _fail(f"{args.file}: cannot read the episode name; run `dubflow validate {args.file}`", EXIT_BAD_INPUT)
+    runs = Workspace(args.workspace).runs(episode)
+    if not runs:
+        return _fail(f"episode {episode!r} has not been run in this workspace; start it with `dubflow run {args.file}`")
+    last = status_record(runs[-1])
+    if args.json:
+        print(json.dumps(last, indent=2))
+        return 0
+    from flows.display import format_status
+
+    print(format_status(last))
+    return 0
+
+
+def status_record(run: dict) -> dict:
+    """The last run in the shape `status --json` promises: stages and segments with state and outputs."""
+    stages = [s for s in run.get("stages", []) if not s["stage"].startswith("render[")]
+    segments = [s for s in run.get("stages", []) if s["stage"].startswith("render[")]
+    failed = set(run.get("failed_segments", []))
+    for seg in segments:
+        seg["segment"] = int(seg["stage"].rsplit("#", 1)[1].rstrip("]"))
+    known = {s["segment"] for s in segments}
+    segments += [{"stage": f"render[{run['episode']}#{i:02d}]", "segment": i, "state": "failed"}
+                 for i in sorted(failed - known)]
+    return {"episode": run["episode"], "state": run.get("state"), "started": run.get("started"),
+            "finished": run.get("finished"), "error": run.get("error"), "stages": stages,
+            "segments": sorted(segments, key=lambda s: s["segment"]), "outputs": run.get("outputs", {})}
+
+
+def _episode_name(file: Path) -> str | None:
+    from tasks.manifest import ManifestError, load_manifest
+
+    try:
+        return load_manifest(file, check_media=False).manifest.episode
+    except ManifestError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- doctor, demo, schema
+
+
+def cmd_doctor(args) -> int:
+    from flows.doctor import doctor_report, format_doctor
+
+    report = doctor_report()
+    print(json.dumps(report, indent=2) if args.json else format_doctor(report))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tasks.demo import demo_manifest_text, make_demo_media
+    from tasks.tts import TtsError
+
+    manifest = REPO / "manifests" / "demo.yaml"
+    media = manifest.parent / "demo-media"
+    try:
+        if not (media / "dialogue.wav").exists():
+            print(f"generating the demo episode in {media} ...")
+            make_demo_media(media)
+    except TtsError as exc:
+        return _fail(str(exc))
+    if not manifest.exists():
+        manifest.write_text(demo_manifest_text())
+    if args.no_run:
+        print(f"demo media ready: {manifest}")
+        return 0
+    return run_episode(manifest, args.workspace)
+
+
+def cmd_schema(args) -> int:
+    from tasks.manifest import write_schema
+
+    print(f"wrote {write_schema()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

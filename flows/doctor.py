@@ -1,0 +1,105 @@
+"""`dubflow doctor`: what this machine can do, and what `auto` would pick for each stage."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def doctor_report() -> dict:
+    models_dir = Path(os.environ["DUBFLOW_MODELS_DIR"]) if os.environ.get("DUBFLOW_MODELS_DIR") else None
+    return {
+        "tools": {name: _tool(name) for name in ("ffmpeg", "ffprobe", "espeak-ng")},
+        "gpus": _gpus(),
+        "models_dir": str(models_dir) if models_dir else None,
+        "stages": {
+            "separate": _separate(models_dir),
+            "diarise": _diarise(),
+            "tts": _tts(),
+            "render": _render(models_dir),
+        },
+    }
+
+
+def _tool(name: str) -> dict:
+    path = shutil.which(name)
+    if name == "ffmpeg" and path is None:
+        from tasks.media import ffmpeg_exe
+
+        try:
+            path = ffmpeg_exe()
+        except ValueError:
+            path = None
+    if path is None:
+        return {"found": False, "hint": "apt-get install ffmpeg espeak-ng"}
+    flag = "--version" if name == "espeak-ng" else "-version"
+    out = subprocess.run([path, flag], capture_output=True, text=True).stdout.splitlines()
+    return {"found": True, "path": path, "version": out[0] if out else "?"}
+
+
+def _gpus() -> list[dict]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    return [{"index": i, "name": torch.cuda.get_device_name(i),
+             "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
+            for i in range(torch.cuda.device_count())]
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _separate(models_dir) -> dict:
+    from tasks.separate import resolve_separate_backend
+
+    chosen, why = resolve_separate_backend("auto", "htdemucs", models_dir)
+    return {"auto": chosen, "why": why, "backends": {"dsp": "built in", "demucs": _pkg("demucs", "separate")}}
+
+
+def _diarise() -> dict:
+    try:
+        from tasks.diarise import resolve_diarise_backend
+    except ImportError:
+        return {"auto": "tracks", "why": "diarisation module not installed; give speakers[].track"}
+    chosen, why = resolve_diarise_backend("auto")
+    return {"auto": chosen, "why": why, "backends": {"pyannote": _pkg("pyannote.audio", "diarize")}}
+
+
+def _tts() -> dict:
+    espeak = shutil.which("espeak-ng")
+    return {"auto": "espeak" if espeak else "none", "why": "espeak-ng found" if espeak else "apt-get install espeak-ng",
+            "backends": {"kokoro": _pkg("kokoro", "tts"), "piper": _pkg("piper", "tts-offline")}}
+
+
+def _render(models_dir) -> dict:
+    from tasks.render import resolve_render_engine
+
+    chosen, why = resolve_render_engine("auto", models_dir)
+    return {"auto": chosen, "why": why}
+
+
+def _pkg(module: str, extra: str) -> str:
+    return "installed" if _installed(module.split(".")[0]) else f"not installed (pip install -e '.[{extra}]')"
+
+
+def format_doctor(report: dict) -> str:
+    lines = ["tools:"]
+    for name, tool in report["tools"].items():
+        lines.append(f"  {name:<10} {tool.get('path', 'MISSING')}  {tool.get('version', tool.get('hint', ''))}")
+    gpus = report["gpus"]
+    lines.append("gpus:" + ("" if gpus else " none (renders use the preview engine)"))
+    lines += [f"  cuda:{g['index']} {g['name']} {g['memory_gib']} GiB" for g in gpus]
+    lines.append(f"models dir: {report['models_dir'] or 'not set (DUBFLOW_MODELS_DIR); HF/torch caches only'}")
+    lines.append("stages (what auto picks):")
+    for stage, info in report["stages"].items():
+        lines.append(f"  {stage:<9} -> {info['auto']:<10} {info['why']}")
+        for name, state in info.get("backends", {}).items():
+            lines.append(f"  {'':<9}    {name}: {state}")
+    return "\n".join(lines)

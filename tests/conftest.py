@@ -1,0 +1,36 @@
+"""Shared fixtures: an isolated Prefect test server for the session, and generated media."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before Prefect is imported anywhere: isolated home, no telemetry, offline hubs.
+_HOME = Path(tempfile.mkdtemp(prefix="dubflow-prefect-"))
+os.environ.setdefault("PREFECT_HOME", str(_HOME))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+os.environ.setdefault("KOKORO_JA_CACHE", str(_HOME / "kokoro"))
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect API server (SQLite) for every test that runs a flow (~11 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(_HOME / "results")
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo_media(tmp_path_factory) -> dict[str, Path]:
+    """The ~10 s two-voice demo episode media (scene.png, ana.wav, ben.wav, dialogue.wav)."""
+    from tasks.demo import make_demo_media
+
+    return make_demo_media(tmp_path_factory.mktemp("demo media"))
