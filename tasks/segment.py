@@ -1,0 +1,557 @@
+"""Plan the render segments of an episode: cut at silences and shot cuts, fit memory, balance across GPUs.
+
+A cut is a frame index c on the 25 fps grid: the segment before it ends with frame c - 1. Kinds of cut, in order
+of preference (the planner pays a penalty for each kind below "silence" and never trades a worse kind for speed):
+
+- ``silence``: every speaker is silent for at least ``min_gap_frames`` around c;
+- ``shot``: a shot cut (always cut there: the picture changes, so does the engine's reference frame);
+- ``turn``: no speaker's speech runs across c, but the pause is shorter than the gap (a hand-over between
+  speakers); used only to keep a segment within the engine's person limit or to avoid a forced cut;
+- ``forced``: inside speech, at the quietest frame, only when nothing else allows a segment under the length limit.
+
+The engine renders clips of 4n+1 frames (ENGINE.md §5.1), so inside a gap the cut is placed where the segment
+before it has 4n+1 frames. Among the plans that satisfy the rules the planner minimises estimated render time
+(engine/memory.py) and, with several GPUs, the makespan of a longest-first schedule.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+from typing import Any, TypeVar
+
+import numpy as np
+
+from engine.base import FPS, OutOfMemory
+from engine.memory import GiB, RenderSettings, estimate_peak, estimate_seconds
+
+CUT_KINDS = ("end", "silence", "shot", "turn", "forced")
+# Penalties in "seconds of render time": a worse cut kind always loses to any amount of render time.
+_PENALTY = {"end": 0.0, "silence": 0.0, "shot": 0.0, "turn": 1e5, "forced": 1e9}
+# A segment with more speakers than the engine binds: worse than a turn cut, better than a forced one.
+_CROWD_PENALTY = 1e7
+_PAD_PENALTY = 1e3  # a non-final segment that is not 4n+1 frames (the engine renders extra frames and trims)
+
+
+# ---------------------------------------------------------------------------------------------- speech activity
+
+
+def frame_rms(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """RMS amplitude of each 25 fps frame (frame i = samples [i*rate/25, (i+1)*rate/25)); a partial tail is dropped."""
+    samples = np.asarray(audio, dtype=np.float64)
+    if samples.ndim != 1:
+        raise ValueError(f"audio must be 1-D mono, got shape {samples.shape}")
+    n_frames = len(samples) * FPS // sample_rate
+    if n_frames == 0:
+        return np.zeros(0)
+    bounds = (np.arange(n_frames + 1) * sample_rate + FPS // 2) // FPS
+    power = np.add.reduceat(samples[: bounds[-1]] ** 2, bounds[:-1]) / np.diff(bounds)
+    return np.sqrt(power)
+
+
+def speech_activity(
+    audio: np.ndarray,
+    sample_rate: int,
+    *,
+    threshold_db: float = -40.0,
+    hangover_frames: int = 5,
+    onset_frames: int = 2,
+) -> np.ndarray:
+    """Bool per 25 fps frame: is this track speaking (frame RMS above `threshold_db` dBFS).
+
+    Active frames are widened by `hangover_frames` after and `onset_frames` before, so word tails and soft onsets
+    below the threshold, and the short stops inside a word, count as speech: a cut never lands there.
+    """
+    loud = 20 * np.log10(frame_rms(audio, sample_rate) + 1e-10) > threshold_db
+    counts = np.concatenate([[0], np.cumsum(loud)])
+    index = np.arange(len(loud))
+    high = np.minimum(len(loud), index + onset_frames + 1)
+    low = np.maximum(0, index - hangover_frames)
+    return counts[high] - counts[low] > 0
+
+
+# ---------------------------------------------------------------------------------------------- plan records
+
+
+def frame_to_sample(frame: int, sample_rate: int) -> int:
+    """First audio sample of a frame; exact for every rate that is a multiple of 25 (8k, 16k, 44.1k, 48k)."""
+    return (frame * sample_rate + FPS // 2) // FPS
+
+
+@dataclass(frozen=True)
+class Segment:
+    index: int  # stable id: a split keeps the other segments' ids and gives the halves new ones
+    start_frame: int
+    end_frame: int  # half-open
+    speakers: tuple[str, ...] = ()  # rendered persons, at most the engine's limit, in track order
+    extra_speakers: tuple[str, ...] = ()  # also active but over the limit: rendered as background, flagged
+    end_cut: str = "end"  # one of CUT_KINDS, or "split" after an out-of-memory split
+    flags: tuple[str, ...] = ()
+    gpu_bytes: int = 0
+    host_bytes: int = 0
+    est_seconds: float = 0.0
+    split_from: int | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return self.end_frame - self.start_frame
+
+    @property
+    def start_s(self) -> float:
+        return self.start_frame / FPS
+
+    @property
+    def end_s(self) -> float:
+        return self.end_frame / FPS
+
+    def start_sample(self, sample_rate: int) -> int:
+        return frame_to_sample(self.start_frame, sample_rate)
+
+    def end_sample(self, sample_rate: int) -> int:
+        return frame_to_sample(self.end_frame, sample_rate)
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    segments: tuple[Segment, ...]
+    total_frames: int
+    max_frames: int
+    min_gap_frames: int = 8
+    max_persons: int = 2
+    n_gpus: int = 1
+    shot_cuts: tuple[int, ...] = ()
+    settings: RenderSettings = field(default_factory=RenderSettings)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(s.est_seconds for s in self.segments)
+
+    def makespan_s(self, n_gpus: int | None = None) -> float:
+        return makespan([s.est_seconds for s in self.segments], n_gpus or self.n_gpus)
+
+    def ideal_s(self, n_gpus: int | None = None) -> float:
+        return self.total_seconds / (n_gpus or self.n_gpus)
+
+    def cut_counts(self) -> dict[str, int]:
+        kinds = [s.end_cut for s in self.segments if s.end_cut != "end"]
+        return {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["segments"] = [asdict(s) for s in self.segments]
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> SegmentPlan:
+        data = json.loads(text)
+        segments = tuple(Segment(**_tuples(s)) for s in data.pop("segments"))
+        settings = RenderSettings(**data.pop("settings"))
+        return cls(segments=segments, settings=settings, **_tuples(data))
+
+
+def _tuples(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON turns tuples into lists; the records are frozen and compare by value, so turn them back."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+
+
+def makespan(durations: Sequence[float], n_gpus: int) -> float:
+    """Finish time of a longest-first (LPT) schedule of independent jobs on `n_gpus` identical workers."""
+    loads = [0.0] * max(1, n_gpus)
+    for duration in sorted(durations, reverse=True):
+        heapq.heapreplace(loads, loads[0] + duration)
+    return max(loads)
+
+
+# ---------------------------------------------------------------------------------------------- tracks on the grid
+
+
+@dataclass(frozen=True)
+class _Tracks:
+    names: tuple[str, ...]
+    active: np.ndarray  # (speakers, frames) bool
+    loudness: np.ndarray  # (speakers, frames) float: frame RMS, or activity as 0/1 when no energy was given
+    has_energy: bool
+
+    @cached_property
+    def counts(self) -> np.ndarray:
+        """(speakers, frames + 1) prefix sums of activity: speech frames of s in [a, b) = counts[s, b] - counts[s, a]."""
+        return np.concatenate([np.zeros((len(self.names), 1), np.int64), np.cumsum(self.active, 1)], 1)
+
+    @cached_property
+    def combined_loudness(self) -> np.ndarray:
+        return self.loudness.sum(0)
+
+
+def _on_grid(values: np.ndarray, total_frames: int, dtype: type) -> np.ndarray:
+    out = np.zeros(total_frames, dtype)
+    clipped = np.asarray(values)[:total_frames]
+    out[: len(clipped)] = clipped
+    return out
+
+
+def _tracks(
+    activity: Mapping[str, np.ndarray], total_frames: int, energy: Mapping[str, np.ndarray] | None
+) -> _Tracks:
+    names = tuple(activity)
+    active = np.array([_on_grid(activity[n], total_frames, bool) for n in names]).reshape(len(names), -1)
+    if energy is None:
+        return _Tracks(names, active, active.astype(float), False)
+    loud = np.array([_on_grid(energy[n], total_frames, float) for n in names]).reshape(len(names), -1)
+    return _Tracks(names, active, loud, True)
+
+
+# ---------------------------------------------------------------------------------------------- cut candidates
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Half-open [start, end) runs of True."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def _spread(first: int, last: int, window: int) -> list[int]:
+    """Cut positions in [first, last]: per window of at most `window` positions, 4 consecutive ones around its
+    centre (4 residues mod 4, so a 4n+1 segment can end there whatever its start)."""
+    count = last - first + 1
+    pieces = max(1, math.ceil(count / window))
+    out: list[int] = []
+    for k in range(pieces):
+        lo, hi = first + k * count // pieces, first + (k + 1) * count // pieces - 1
+        start = max(lo, min((lo + hi) // 2 - 1, hi - 3))
+        out.extend(range(start, min(hi, start + 3) + 1))
+    return out
+
+
+def _pause_cuts(tracks: _Tracks, lo: int, hi: int, min_gap: int, window: int) -> dict[int, str]:
+    """Cuts in [lo, hi)'s interior where no speaker's speech runs across: 'silence' or, for short pauses, 'turn'."""
+    active = tracks.active[:, lo:hi]
+    silent = ~active.any(0)
+    cuts: dict[int, str] = {}
+    for g0, g1 in _runs(silent):
+        kind = "silence" if g1 - g0 >= min_gap else "turn"
+        first, last = max(lo + g0, lo + 1), min(lo + g1, hi - 1)
+        for c in _spread(first, last, window) if first <= last else []:
+            cuts[c] = kind
+    # Hand-overs: speech on both sides of c, but nobody's run crosses c (one stops as the other starts).
+    spans = (active[:, :-1] & active[:, 1:]).any(0)
+    talk = active.any(0)
+    for c in np.flatnonzero(talk[:-1] & talk[1:] & ~spans).tolist():
+        cuts.setdefault(lo + c + 1, "turn")
+    return cuts
+
+
+def _quietest(tracks: _Tracks, first: int, last: int) -> int:
+    """The frame boundary c in [first, last] with the least speech energy around it, nearest the window centre."""
+    c = np.arange(first, last + 1)
+    loud = tracks.combined_loudness
+    spanning = (tracks.active[:, c - 1] & tracks.active[:, c]).sum(0)
+    centre = (first + last) / 2
+    order = np.lexsort((np.abs(c - centre), loud[c - 1] + loud[c], spanning))
+    return int(c[order[0]])
+
+
+def _forced_cuts(tracks: _Tracks, bounds: Sequence[int], max_frames: int) -> dict[int, str]:
+    """Between consecutive cut positions further apart than `max_frames`, one quietest frame per half-limit
+    window, so that every stretch can be cut under the limit."""
+    window = max(1, max_frames // 2)
+    cuts: dict[int, str] = {}
+    for x, y in zip(bounds, bounds[1:], strict=False):
+        if y - x <= max_frames:
+            continue
+        pieces = math.ceil((y - x - 1) / window)
+        for k in range(pieces):
+            first = x + 1 + k * (y - x - 1) // pieces
+            last = x + (k + 1) * (y - x - 1) // pieces
+            cuts[_quietest(tracks, first, last)] = "forced"
+    return cuts
+
+
+def _candidates(tracks: _Tracks, lo: int, hi: int, min_gap: int, cap: int) -> dict[int, str]:
+    cuts = _pause_cuts(tracks, lo, hi, min_gap, max(4, cap // 2))
+    cuts.update(_forced_cuts(tracks, [lo, *sorted(cuts), hi], cap))
+    return cuts
+
+
+# ---------------------------------------------------------------------------------------------- dynamic programme
+
+
+def _best_cuts(
+    tracks: _Tracks,
+    lo: int,
+    hi: int,
+    cuts: Mapping[int, str],
+    cap: int,
+    seconds: np.ndarray,
+    max_persons: int,
+) -> list[int] | None:
+    """Cheapest chain of cuts from lo to hi with every piece at most `cap` frames (None if there is none).
+
+    Cost of a piece = estimated render seconds + penalties (worse cut kind, over the person limit, not 4n+1).
+    """
+    pos = np.array([lo, *sorted(cuts), hi])
+    penalty = np.array([0.0] + [_PENALTY[cuts[c]] for c in sorted(cuts)] + [0.0])
+    at_nodes = tracks.counts[:, pos]  # (speakers, nodes)
+    cost = np.full(len(pos), np.inf)
+    cost[0], back = 0.0, np.full(len(pos), -1)
+    for j in range(1, len(pos)):
+        i0 = int(np.searchsorted(pos, pos[j] - cap))
+        length = pos[j] - pos[i0:j]
+        persons = ((at_nodes[:, j : j + 1] - at_nodes[:, i0:j]) > 0).sum(0)
+        piece = seconds[length] + _CROWD_PENALTY * (persons > max_persons)
+        if j < len(pos) - 1:
+            piece = piece + _PAD_PENALTY * (length % 4 != 1)
+        total = cost[i0:j] + piece + penalty[j]
+        k = int(np.argmin(total))
+        cost[j], back[j] = total[k], i0 + k
+    if not np.isfinite(cost[-1]):
+        return None
+    chain, j = [], len(pos) - 1
+    while j > 0:
+        chain.append(int(pos[j]))
+        j = back[j]
+    return chain[::-1]
+
+
+# ---------------------------------------------------------------------------------------------- the planner
+
+
+def _segment(
+    index: int, start: int, end: int, end_cut: str, tracks: _Tracks, plan: SegmentPlan, last: bool
+) -> Segment:
+    talk = tracks.active[:, start:end].sum(1)
+    loud = tracks.loudness[:, start:end].sum(1) if tracks.has_energy else talk
+    # Loudest first, then track order.
+    ranked = sorted(np.flatnonzero(talk).tolist(), key=lambda s: (-loud[s], s))
+    keep = sorted(ranked[: plan.max_persons])
+    extra = sorted(ranked[plan.max_persons :])
+    flags = []
+    if extra:
+        flags.append({3: "three-talk"}.get(len(ranked), f"{len(ranked)}-talk"))
+    if end_cut == "forced":
+        flags.append("forced cut")
+    if not last and (end - start) % 4 != 1:
+        flags.append("padded")
+    peak = estimate_peak(end - start, plan.settings)
+    return Segment(
+        index=index,
+        start_frame=start,
+        end_frame=end,
+        speakers=tuple(tracks.names[s] for s in keep),
+        extra_speakers=tuple(tracks.names[s] for s in extra),
+        end_cut=end_cut,
+        flags=tuple(flags),
+        gpu_bytes=peak.gpu_bytes,
+        host_bytes=peak.host_bytes,
+        est_seconds=estimate_seconds(end - start, plan.settings),
+    )
+
+
+def _plan_with_cap(tracks: _Tracks, frame: SegmentPlan, cap: int, seconds: np.ndarray) -> SegmentPlan | None:
+    bounds = [0, *frame.shot_cuts, frame.total_frames]
+    ends: list[tuple[int, str]] = []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        cuts = _candidates(tracks, lo, hi, frame.min_gap_frames, cap)
+        chain = _best_cuts(tracks, lo, hi, cuts, cap, seconds, frame.max_persons)
+        if chain is None:
+            return None
+        ends += [(c, cuts.get(c, "shot" if c < frame.total_frames else "end")) for c in chain]
+    starts = [0] + [end for end, _ in ends[:-1]]
+    segments = tuple(
+        _segment(i, start, end, kind, tracks, frame, i == len(ends) - 1)
+        for i, (start, (end, kind)) in enumerate(zip(starts, ends, strict=True))
+    )
+    return replace(frame, segments=segments)
+
+
+def _plan_key(plan: SegmentPlan) -> tuple[int, int, int]:
+    """What a faster plan may never buy: fewer forced cuts, crowded segments and turn cuts come first."""
+    cuts = plan.cut_counts()
+    crowded = sum(1 for s in plan.segments if s.extra_speakers)
+    return cuts.get("forced", 0), crowded, cuts.get("turn", 0)
+
+
+def plan_segments(
+    activity: Mapping[str, np.ndarray],
+    total_frames: int,
+    *,
+    max_frames: int,
+    min_gap_frames: int = 8,
+    shot_cuts: Sequence[int] = (),
+    max_persons: int = 2,
+    n_gpus: int = 1,
+    energy: Mapping[str, np.ndarray] | None = None,
+    settings: RenderSettings | None = None,
+) -> SegmentPlan:
+    """Cut [0, total_frames) into render segments of at most `max_frames` frames.
+
+    `activity` maps speaker id -> bool per frame (speech_activity); `energy` (optional) maps the same ids to frame
+    RMS (frame_rms), used to place forced cuts at the quietest frame and to pick the loudest speakers of a crowded
+    segment. `settings` drives the memory and time estimates (engine/memory.py; default RenderSettings()).
+    """
+    if total_frames < 1 or max_frames < 1 or min_gap_frames < 1 or max_persons < 1 or n_gpus < 1:
+        raise ValueError(
+            f"total_frames={total_frames}, max_frames={max_frames}, min_gap_frames={min_gap_frames}, "
+            f"max_persons={max_persons} and n_gpus={n_gpus} must all be >= 1"
+        )
+    settings = settings or RenderSettings()
+    tracks = _tracks(activity, total_frames, energy)
+    shots = tuple(sorted({int(c) for c in shot_cuts if 0 < c < total_frames}))
+    frame = SegmentPlan((), total_frames, max_frames, min_gap_frames, max_persons, n_gpus, shots, settings)
+    seconds = np.array([0.0] + [estimate_seconds(n, settings) for n in range(1, max_frames + 1)])
+    plan = _plan_with_cap(tracks, frame, max_frames, seconds)
+    if plan is None:  # forced cuts make every stretch feasible at the full limit: this is a planner bug
+        raise RuntimeError(f"no segment plan under {max_frames} frames; please report this manifest")
+    return _balance(plan, tracks) if n_gpus > 1 else plan
+
+
+def _balance(plan: SegmentPlan, tracks: _Tracks) -> SegmentPlan:
+    """Split the longest pieces at their middle silence while that shortens the longest-first makespan.
+
+    The least-render-time plan can leave a few long pieces that hold one GPU busy while the others idle; each split
+    costs one more segment's overhead and chunk rounding, so keep the best plan seen, not the last.
+    """
+    best = current = plan
+    for _ in range(4 * plan.n_gpus):
+        longest = max(current.segments, key=lambda s: (s.est_seconds, -s.start_frame))
+        split = _split(current, longest, tracks, kinds=("silence",))
+        if split is None:
+            break
+        current = split
+        if current.makespan_s() < best.makespan_s() - 1e-6:
+            best = current
+    # A fresh plan numbers its segments in time order; split_from is kept for out-of-memory splits at render time.
+    return replace(
+        best, segments=tuple(replace(s, index=i, split_from=None) for i, s in enumerate(best.segments))
+    )
+
+
+# ---------------------------------------------------------------------------------------------- out-of-memory splits
+
+
+def _split(
+    plan: SegmentPlan, old: Segment, tracks: _Tracks, kinds: Sequence[str] = CUT_KINDS
+) -> SegmentPlan | None:
+    """`plan` with `old` cut in two at its best inner cut of one of `kinds` (None if it has none).
+
+    Best = the best cut kind (silence, then turn, then the quietest frame), then one that keeps the first half
+    4n+1, then nearest the middle so both halves shrink. The halves get new ids and `split_from=old.index`.
+    """
+    if old.num_frames < 2:
+        return None
+    cuts = _candidates(tracks, old.start_frame, old.end_frame, plan.min_gap_frames, old.num_frames - 1)
+    allowed = [c for c in cuts if cuts[c] in kinds]
+    if not allowed:
+        return None
+    middle = (old.start_frame + old.end_frame) / 2
+    cut = min(allowed, key=lambda c: (_PENALTY[cuts[c]], (c - old.start_frame) % 4 != 1, abs(c - middle), c))
+    next_id = max(s.index for s in plan.segments) + 1
+    last = old.end_frame == plan.total_frames
+    halves = (
+        _segment(next_id, old.start_frame, cut, cuts[cut], tracks, plan, False),
+        _segment(next_id + 1, cut, old.end_frame, old.end_cut, tracks, plan, last),
+    )
+    halves = tuple(replace(h, split_from=old.index) for h in halves)
+    position = plan.segments.index(old)
+    return replace(plan, segments=plan.segments[:position] + halves + plan.segments[position + 1 :])
+
+
+def split_segment(
+    plan: SegmentPlan,
+    index: int,
+    activity: Mapping[str, np.ndarray],
+    *,
+    energy: Mapping[str, np.ndarray] | None = None,
+) -> SegmentPlan:
+    """Split segment `index` (its id) in two at its best inner cut, after it ran out of memory; every other segment
+    is left as it is. The halves are flagged "split" and record `split_from=index`."""
+    old = next((s for s in plan.segments if s.index == index), None)
+    if old is None:
+        raise KeyError(f"no segment with index {index} in the plan")
+    split = _split(plan, old, _tracks(activity, plan.total_frames, energy))
+    if split is None:
+        raise ValueError(f"segment {index} has {old.num_frames} frame(s) and cannot be split")
+    flagged = tuple(
+        replace(s, flags=(*s.flags, "split")) if s.split_from == index else s for s in split.segments
+    )
+    return replace(split, segments=flagged)
+
+
+Result = TypeVar("Result")
+
+
+def render_with_splits(
+    plan: SegmentPlan,
+    render: Callable[[Segment], Result],
+    activity: Mapping[str, np.ndarray],
+    *,
+    energy: Mapping[str, np.ndarray] | None = None,
+    min_frames: int = 1,
+) -> tuple[SegmentPlan, dict[int, Result]]:
+    """Render every segment; one that raises OutOfMemory is split at its best inner cut and its halves retried.
+
+    Returns the final plan (splits recorded) and each rendered segment's result by segment id. A segment of
+    `min_frames` frames or fewer that still runs out of memory re-raises: no split can help it.
+    """
+    results: dict[int, Result] = {}
+    queue = list(plan.segments)
+    while queue:
+        segment = queue.pop(0)
+        try:
+            results[segment.index] = render(segment)
+        except OutOfMemory:
+            if segment.num_frames <= max(1, min_frames):
+                raise
+            plan = split_segment(plan, segment.index, activity, energy=energy)
+            queue[:0] = [s for s in plan.segments if s.split_from == segment.index]
+    return plan, results
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+
+def _timecode(frame: int) -> str:
+    minutes, seconds = divmod(frame / FPS, 60)
+    return f"{int(minutes):02d}:{seconds:05.2f}"
+
+
+def format_plan_table(plan: SegmentPlan) -> str:
+    """The plan as a text table for `dubflow plan FILE`, with totals, makespan and every rule that was bent."""
+    header = f"{'seg':>4} {'start':>8} {'end':>8} {'frames':>6} {'speakers':<20} {'cut':<7} {'GPU GiB':>7} "
+    header += f"{'host GiB':>8} {'est s':>7}  flags"
+    rows = [header, "-" * len(header)]
+    for s in plan.segments:
+        speakers = ",".join(s.speakers) + (f" (+{','.join(s.extra_speakers)})" if s.extra_speakers else "")
+        rows.append(
+            f"{s.index:>4} {_timecode(s.start_frame):>8} {_timecode(s.end_frame):>8} {s.num_frames:>6} "
+            f"{speakers or '-':<20} {s.end_cut:<7} {s.gpu_bytes / GiB:>7.1f} {s.host_bytes / GiB:>8.1f} "
+            f"{s.est_seconds:>7.0f}  {', '.join(s.flags)}"
+        )
+    return "\n".join(rows + _plan_summary(plan))
+
+
+def _plan_summary(plan: SegmentPlan) -> list[str]:
+    longest = max(s.num_frames for s in plan.segments)
+    lines = [
+        "",
+        f"{len(plan.segments)} segments, {plan.total_frames} frames ({_timecode(plan.total_frames)}); longest "
+        f"{longest} of max {plan.max_frames} frames; cuts: "
+        + (", ".join(f"{n} {k}" for k, n in plan.cut_counts().items()) or "none"),
+        f"estimated render {plan.total_seconds:.0f} s; makespan on {plan.n_gpus} GPU(s) {plan.makespan_s():.0f} s "
+        f"vs ideal {plan.ideal_s():.0f} s ({plan.makespan_s() / max(plan.ideal_s(), 1e-9):.2f}x)",
+    ]
+    for s in plan.segments:
+        if s.end_cut == "forced":
+            lines.append(
+                f"WARNING segment {s.index} ends in a forced cut inside speech at {_timecode(s.end_frame)}: no "
+                f"pause of {plan.min_gap_frames} frames within {plan.max_frames} frames"
+            )
+        if s.extra_speakers:
+            lines.append(
+                f"WARNING segment {s.index}: {len(s.speakers) + len(s.extra_speakers)} people talk; rendered with "
+                f"the loudest {','.join(s.speakers)}, {','.join(s.extra_speakers)} as background"
+            )
+    return lines

@@ -1,0 +1,253 @@
+"""Segment planner: the hard rules as properties (hypothesis), the preferences on small hand-made episodes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.base import FPS, OutOfMemory
+from engine.memory import RenderSettings
+from tasks.segment import (
+    Segment,
+    SegmentPlan,
+    format_plan_table,
+    frame_rms,
+    plan_segments,
+    render_with_splits,
+    speech_activity,
+    split_segment,
+)
+
+RATE = 16_000
+
+
+def talk(total: int, *runs: tuple[int, int]) -> np.ndarray:
+    """Activity with speech in the given [start, end) frame runs."""
+    active = np.zeros(total, bool)
+    for start, end in runs:
+        active[start:end] = True
+    return active
+
+
+def tone(seconds: float, amplitude: float = 0.3, freq: float = 220.0) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), np.float32)
+
+
+def check_rules(plan: SegmentPlan, activity: dict[str, np.ndarray]) -> None:
+    """What every plan must satisfy, whatever its input."""
+    segs = plan.segments
+    assert segs[0].start_frame == 0 and segs[-1].end_frame == plan.total_frames
+    assert all(a.end_frame == b.start_frame for a, b in zip(segs, segs[1:], strict=False))
+    assert all(0 < s.num_frames <= plan.max_frames for s in segs)
+    assert all(len(s.speakers) <= plan.max_persons for s in segs)
+    assert set(plan.shot_cuts) <= {s.end_frame for s in segs}
+    active = np.array([a[: plan.total_frames] for a in activity.values()]).reshape(len(activity), -1)
+    for s in segs[:-1]:
+        c = s.end_frame
+        spans = bool((active[:, c - 1] & active[:, c]).any())
+        if s.end_cut in ("silence", "turn"):
+            assert not spans, f"cut at {c} is inside a word"
+        if s.end_cut == "silence":
+            silent = ~active.any(0)
+            left = c - np.argmin(silent[:c][::-1]) if not silent[:c].all() else 0
+            right = c + np.argmin(silent[c:]) if not silent[c:].all() else plan.total_frames
+            assert right - left >= plan.min_gap_frames, f"silence at {c} is shorter than the gap"
+        assert s.end_cut in ("silence", "turn", "forced", "shot")
+        assert (s.end_cut == "forced") == ("forced cut" in s.flags)
+
+
+@st.composite
+def episodes(draw: st.DrawFn) -> dict:
+    total = draw(st.integers(1, 700))
+    names = ["ana", "ben", "cy"][: draw(st.integers(1, 3))]
+    activity = {}
+    for name in names:
+        runs = draw(st.lists(st.tuples(st.integers(0, total), st.integers(1, 120)), max_size=8))
+        activity[name] = talk(total, *((s, s + n) for s, n in runs))
+    return {
+        "activity": activity,
+        "total_frames": total,
+        "max_frames": draw(st.integers(1, 300)),
+        "min_gap_frames": draw(st.integers(1, 12)),
+        "shot_cuts": draw(st.lists(st.integers(0, total), max_size=3)),
+        "n_gpus": draw(st.integers(1, 4)),
+        "max_persons": draw(st.integers(1, 2)),
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@given(episodes())
+def test_plan_rules_hold_for_any_episode(episode: dict) -> None:
+    plan = plan_segments(**episode)
+    check_rules(plan, episode["activity"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(episodes())
+def test_plan_is_deterministic_and_round_trips_json(episode: dict) -> None:
+    plan = plan_segments(**episode)
+    assert plan_segments(**episode) == plan
+    assert SegmentPlan.from_json(plan.to_json()) == plan
+
+
+@settings(max_examples=60, deadline=None)
+@given(episodes())
+def test_no_forced_cut_when_speech_has_pauses_within_reach(episode: dict) -> None:
+    """Speech in short bursts with silences of the gap between them: a forced cut is never needed."""
+    gap, burst = episode["min_gap_frames"], max(1, episode["max_frames"] - episode["min_gap_frames"] - 4)
+    total = episode["total_frames"]
+    runs = [(s, min(s + burst, total)) for s in range(gap, total, burst + gap)]
+    activity = {"ana": talk(total, *runs)}
+    plan = plan_segments(activity, total, max_frames=episode["max_frames"], min_gap_frames=gap)
+    check_rules(plan, activity)
+    assert "forced" not in plan.cut_counts()
+
+
+def test_cuts_in_the_gap_and_keeps_segments_4n_plus_1() -> None:
+    total = 400
+    activity = {"ana": talk(total, (0, 90), (180, 260)), "ben": talk(total, (110, 170), (300, 395))}
+    plan = plan_segments(activity, total, max_frames=120, min_gap_frames=8)
+    check_rules(plan, activity)
+    assert all(s.num_frames % 4 == 1 for s in plan.segments[:-1])
+    assert all(s.end_cut == "silence" for s in plan.segments[:-1])
+    assert plan.segments[0].speakers == ("ana",)
+
+
+def test_continuous_speech_is_cut_at_the_quietest_frame_and_flagged() -> None:
+    total = 40 * FPS  # 40 s without a pause
+    activity = {"ana": np.ones(total, bool)}
+    loudness = np.full(total, 0.5)
+    loudness[420] = loudness[421] = 0.01  # a quiet moment: the boundary c = 421 has both neighbours quiet
+    plan = plan_segments(activity, total, max_frames=500, energy={"ana": loudness})
+    check_rules(plan, activity)
+    assert plan.segments[0].end_frame == 421 and plan.segments[0].end_cut == "forced"
+    assert "forced cut" in format_plan_table(plan)
+
+
+def test_shot_cuts_are_always_cut() -> None:
+    total = 300
+    activity = {"ana": np.ones(total, bool)}
+    plan = plan_segments(activity, total, max_frames=500, shot_cuts=[137])
+    assert [s.end_frame for s in plan.segments] == [137, 300]
+    assert plan.segments[0].end_cut == "shot"
+
+
+def test_a_third_speaker_is_cut_away_at_a_turn_before_crowding_a_segment() -> None:
+    # ana, then ben after a 3-frame pause, then cy the moment ben stops: no silence of the gap anywhere, so the
+    # planner cuts at one of the two turns rather than render a three-talk.
+    total = 300
+    activity = {"ana": talk(total, (0, 60)), "ben": talk(total, (63, 150)), "cy": talk(total, (150, 290))}
+    plan = plan_segments(activity, total, max_frames=400, min_gap_frames=8)
+    check_rules(plan, activity)
+    assert all(len(s.speakers) <= 2 and not s.extra_speakers for s in plan.segments)
+    assert plan.cut_counts() == {"turn": 1}
+
+
+def test_three_people_at_once_keeps_the_two_loudest_and_flags_it() -> None:
+    total = 200
+    activity = {name: np.ones(total, bool) for name in ("ana", "ben", "cy")}
+    energy = {"ana": np.full(total, 0.2), "ben": np.full(total, 0.05), "cy": np.full(total, 0.4)}
+    plan = plan_segments(activity, total, max_frames=400, energy=energy)
+    (segment,) = plan.segments
+    assert segment.speakers == ("ana", "cy") and segment.extra_speakers == ("ben",)
+    assert "three-talk" in segment.flags
+    assert "ben as background" in format_plan_table(plan)
+
+
+def test_several_gpus_get_balanced_pieces() -> None:
+    total = 3000
+    runs = [(s, s + 90) for s in range(0, total, 100)]  # 3.6 s lines, 0.4 s pauses
+    activity = {"ana": talk(total, *runs)}
+    one = plan_segments(activity, total, max_frames=997, n_gpus=1)
+    four = plan_segments(activity, total, max_frames=997, n_gpus=4)
+    check_rules(four, activity)
+    assert four.makespan_s() <= 1.10 * four.ideal_s()
+    assert four.makespan_s() < one.makespan_s(4)
+
+
+def test_segment_audio_and_picture_line_up_to_the_sample() -> None:
+    segment = Segment(index=0, start_frame=81, end_frame=162)
+    assert segment.start_sample(RATE) == 81 * 640 and segment.end_sample(48_000) == 162 * 1920
+    assert segment.start_s == pytest.approx(3.24)
+
+
+def test_speech_activity_finds_the_bursts_on_the_frame_grid() -> None:
+    audio = np.concatenate([silence(1.0), tone(1.0), silence(1.0), tone(0.5), silence(0.52)])
+    active = speech_activity(audio, RATE, hangover_frames=0, onset_frames=0)
+    assert len(active) == len(audio) * FPS // RATE == 100
+    assert active[25:50].all() and active[75:87].all()
+    assert not active[:25].any() and not active[50:75].any() and not active[88:].any()
+    assert len(frame_rms(audio[:639], RATE)) == 0
+
+
+def test_speech_activity_hangover_bridges_short_stops() -> None:
+    # A 3-frame stop inside a word.
+    audio = np.concatenate([tone(0.4), silence(0.12), tone(0.4), silence(1.0)])
+    active = speech_activity(audio, RATE)
+    assert active[:23].all()
+    assert not active[-10:].any()
+
+
+def test_out_of_memory_splits_only_the_failing_segment() -> None:
+    total = 600
+    runs = [(s, s + 40) for s in range(0, total, 60)]  # pauses of 20 frames every 60
+    activity = {"ana": talk(total, *runs)}
+    plan = plan_segments(activity, total, max_frames=400, min_gap_frames=8)
+    calls: list[tuple[int, int]] = []
+
+    def fake_render(segment: Segment) -> int:
+        calls.append((segment.start_frame, segment.end_frame))
+        if segment.num_frames > 150:
+            raise OutOfMemory("fake", frames=segment.num_frames)
+        return segment.num_frames
+
+    final, results = render_with_splits(plan, fake_render, activity)
+    check_rules(final, activity)
+    assert all(s.num_frames <= 150 for s in final.segments)
+    assert set(results) == {s.index for s in final.segments}
+    assert any(s.split_from is not None for s in final.segments)
+    untouched = [s for s in plan.segments if s.num_frames <= 150]
+    assert all(s in final.segments and calls.count((s.start_frame, s.end_frame)) == 1 for s in untouched)
+    assert all(s.end_cut != "forced" for s in final.segments)
+
+
+def test_split_picks_an_inner_silence_near_the_middle() -> None:
+    total = 400
+    activity = {"ana": talk(total, (0, 100), (120, 300), (320, 400))}
+    plan = plan_segments(activity, total, max_frames=400)
+    (only,) = plan.segments
+    split = split_segment(plan, only.index, activity)
+    first, second = split.segments
+    assert 100 <= first.end_frame <= 120 and first.end_cut == "silence"
+    assert first.split_from == second.split_from == only.index and "split" in first.flags
+
+
+def test_unsplittable_out_of_memory_is_raised() -> None:
+    plan = plan_segments({"ana": np.ones(10, bool)}, 10, max_frames=10)
+
+    def always_fails(segment: Segment) -> None:
+        raise OutOfMemory("fake")
+
+    with pytest.raises(OutOfMemory):
+        render_with_splits(plan, always_fails, {"ana": np.ones(10, bool)})
+
+
+def test_estimates_come_from_the_memory_model() -> None:
+    reference_like = RenderSettings(keep_frames="host_fp32")
+    activity = {"ana": np.ones(500, bool)}
+    streaming = plan_segments(activity, 500, max_frames=500).segments[0]
+    keeping = plan_segments(activity, 500, max_frames=500, settings=reference_like).segments[0]
+    assert keeping.host_bytes > streaming.host_bytes + 500 * 4 * 2**20
+    assert streaming.gpu_bytes == keeping.gpu_bytes and streaming.est_seconds > 0
+
+
+def test_bad_arguments_name_the_rule() -> None:
+    with pytest.raises(ValueError, match="max_frames=0"):
+        plan_segments({"ana": np.ones(10, bool)}, 10, max_frames=0)
