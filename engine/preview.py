@@ -47,13 +47,23 @@ class PreviewRenderer:
                 encoder.write(picture)
                 if progress and (f % 25 == 0 or f == frames - 1):
                     progress("render", f + 1, frames)
-        return RenderResult(output, frames, FPS, height, width, job.seed,
-                            timings={"total": time.perf_counter() - started}, info={"engine": "preview"})
+        return RenderResult(
+            output,
+            frames,
+            FPS,
+            height,
+            width,
+            job.seed,
+            timings={"total": time.perf_counter() - started},
+            info={"engine": "preview"},
+        )
 
 
 def _check_job(job: RenderJob, frames: int) -> None:
     if frames < 1:
-        raise JobError(f"num_frames={frames}: a clip needs at least one frame (give audio or num_frames >= 1)")
+        raise JobError(
+            f"num_frames={frames}: a clip needs at least one frame (give audio or num_frames >= 1)"
+        )
     if not job.persons:
         raise JobError("persons=(): a render job needs at least one person")
     for i, p in enumerate(job.persons):
@@ -90,7 +100,9 @@ class _SourceFrames:
             self._video = None
         else:
             self._still = None
-            self._video = _decode_video(ffmpeg, Path(job.source), job.source_start_frame, frames, width, height)
+            self._video = _decode_video(
+                ffmpeg, Path(job.source), job.source_start_frame, frames, width, height
+            )
 
     def frame(self, f: int) -> np.ndarray:
         if self._still is not None:
@@ -107,9 +119,25 @@ def _video_size(ffmpeg: str, path: Path) -> tuple[int, int]:
 
 
 def _decode_video(ffmpeg: str, path: Path, start: int, frames: int, width: int, height: int) -> np.ndarray:
-    cmd = [ffmpeg, "-v", "error", "-nostdin", "-ss", f"{start / FPS:.3f}", "-i", str(path),
-           "-vf", f"fps={FPS},scale={width}:{height}", "-frames:v", str(frames),
-           "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    cmd = [
+        ffmpeg,
+        "-v",
+        "error",
+        "-nostdin",
+        "-ss",
+        f"{start / FPS:.3f}",
+        "-i",
+        str(path),
+        "-vf",
+        f"fps={FPS},scale={width}:{height}",
+        "-frames:v",
+        str(frames),
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-",
+    ]
     raw = subprocess.run(cmd, capture_output=True, check=True).stdout
     video = np.frombuffer(raw, dtype=np.uint8).reshape(-1, height, width, 3)
     if len(video) == 0:
@@ -136,20 +164,42 @@ def _draw_frame(base: np.ndarray, job: RenderJob, f: int, levels, font, size, sc
         if box and talking[i]:
             x0, y0, x1, y1 = box
             region = frame[y0:y1, x0:x1].astype(np.float32)
-            frame[y0:y1, x0:x1] = (region * 0.75 + np.array(COLOURS[i % len(COLOURS)]) * 0.25).astype(np.uint8)
+            frame[y0:y1, x0:x1] = (region * 0.75 + np.array(COLOURS[i % len(COLOURS)]) * 0.25).astype(
+                np.uint8
+            )
     image = Image.fromarray(frame)
     draw = ImageDraw.Draw(image)
     for i, (person, box) in enumerate(zip(job.persons, boxes, strict=True)):
         colour = COLOURS[i % len(COLOURS)]
         if box:
             draw.rectangle(box, outline=colour, width=6 if talking[i] else 2)
-            draw.text((box[0] + 6, box[1] + 4), person.name or f"person {i + 1}", fill=colour, font=font,
-                      stroke_width=2, stroke_fill=(0, 0, 0))
+            draw.text(
+                (box[0] + 6, box[1] + 4),
+                person.name or f"person {i + 1}",
+                fill=colour,
+                font=font,
+                stroke_width=2,
+                stroke_fill=(0, 0, 0),
+            )
         _meter(draw, i, levels[i][f], colour, height)
     _caption(draw, job, f, width, height, font)
-    draw.text((10, 8), "PREVIEW - not lip-synced", fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
-    draw.text((width - 10, 8), _timecode(job.source_start_frame + f), fill=(255, 255, 255), font=font, anchor="ra",
-              stroke_width=2, stroke_fill=(0, 0, 0))
+    draw.text(
+        (10, 8),
+        "PREVIEW - not lip-synced",
+        fill=(255, 255, 255),
+        font=font,
+        stroke_width=2,
+        stroke_fill=(0, 0, 0),
+    )
+    draw.text(
+        (width - 10, 8),
+        _timecode(job.source_start_frame + f),
+        fill=(255, 255, 255),
+        font=font,
+        anchor="ra",
+        stroke_width=2,
+        stroke_fill=(0, 0, 0),
+    )
     return np.asarray(image)
 
 
@@ -176,8 +226,15 @@ def _caption(draw: ImageDraw.ImageDraw, job: RenderJob, f: int, width: int, heig
     for cap in job.captions:
         if cap.start_frame <= f < cap.end_frame:
             colour = COLOURS[cap.person % len(COLOURS)]
-            draw.text((width // 2, height - 16), cap.text, fill=colour, font=font, anchor="md",
-                      stroke_width=3, stroke_fill=(0, 0, 0))
+            draw.text(
+                (width // 2, height - 16),
+                cap.text,
+                fill=colour,
+                font=font,
+                anchor="md",
+                stroke_width=3,
+                stroke_fill=(0, 0, 0),
+            )
             return
 
 
@@ -203,9 +260,35 @@ class _Encoder:
         fd, tmp = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=".mp4", dir=output.parent)
         os.close(fd)
         self.tmp = Path(tmp)
-        cmd = [ffmpeg, "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
-               "-s", f"{width}x{height}", "-r", str(FPS), "-i", "-", "-an", "-c:v", "libx264",
-               "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p", "-r", str(FPS), str(self.tmp)]
+        cmd = [
+            ffmpeg,
+            "-v",
+            "error",
+            "-nostdin",
+            "-y",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{width}x{height}",
+            "-r",
+            str(FPS),
+            "-i",
+            "-",
+            "-an",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-crf",
+            "20",
+            "-pix_fmt",
+            "yuv420p",
+            "-r",
+            str(FPS),
+            str(self.tmp),
+        ]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def write(self, frame: np.ndarray) -> None:

@@ -51,8 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_validate)
     p = sub.add_parser("run", help="run the episode flow for a manifest")
     p.add_argument("file", type=Path)
-    p.add_argument("--workspace", type=Path, default=None, help="default ./dubflow-work or $DUBFLOW_WORKSPACE")
-    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait if the episode is already running")
+    p.add_argument(
+        "--workspace", type=Path, default=None, help="default ./dubflow-work or $DUBFLOW_WORKSPACE"
+    )
+    p.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to wait if the episode is already running"
+    )
     p.set_defaults(handler=cmd_run)
     p = sub.add_parser("status", help="the last run of an episode: each stage and segment")
     p.add_argument("file", type=Path)
@@ -118,8 +122,9 @@ def run_episode(manifest: Path, workspace: Path | None, *, wait_s: float = 0.0) 
         from tasks.workspace import EpisodeBusy
 
         with display:
-            result = dub_episode(manifest=str(manifest), workspace=str(workspace) if workspace else None,
-                                 wait_s=wait_s)
+            result = dub_episode(
+                manifest=str(manifest), workspace=str(workspace) if workspace else None, wait_s=wait_s
+            )
     except EpisodeBusy as exc:
         return _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - the run record has the details; the user gets one line
@@ -138,10 +143,14 @@ def cmd_status(args) -> int:
 
     episode = _episode_name(args.file)
     if episode is None:
-        return _fail(f"{args.file}: cannot read the episode name; run `dubflow validate {args.file}`", EXIT_BAD_INPUT)
+        return _fail(
+            f"{args.file}: cannot read the episode name; run `dubflow validate {args.file}`", EXIT_BAD_INPUT
+        )
     runs = Workspace(args.workspace).runs(episode)
     if not runs:
-        return _fail(f"episode {episode!r} has not been run in this workspace; start it with `dubflow run {args.file}`")
+        return _fail(
+            f"episode {episode!r} has not been run in this workspace; start it with `dubflow run {args.file}`"
+        )
     last = status_record(runs[-1])
     if args.json:
         print(json.dumps(last, indent=2))
@@ -160,11 +169,20 @@ def status_record(run: dict) -> dict:
     for seg in segments:
         seg["segment"] = int(seg["stage"].rsplit("#", 1)[1].rstrip("]"))
     known = {s["segment"] for s in segments}
-    segments += [{"stage": f"render[{run['episode']}#{i:02d}]", "segment": i, "state": "failed"}
-                 for i in sorted(failed - known)]
-    return {"episode": run["episode"], "state": run.get("state"), "started": run.get("started"),
-            "finished": run.get("finished"), "error": run.get("error"), "stages": stages,
-            "segments": sorted(segments, key=lambda s: s["segment"]), "outputs": run.get("outputs", {})}
+    segments += [
+        {"stage": f"render[{run['episode']}#{i:02d}]", "segment": i, "state": "failed"}
+        for i in sorted(failed - known)
+    ]
+    return {
+        "episode": run["episode"],
+        "state": run.get("state"),
+        "started": run.get("started"),
+        "finished": run.get("finished"),
+        "error": run.get("error"),
+        "stages": stages,
+        "segments": sorted(segments, key=lambda s: s["segment"]),
+        "outputs": run.get("outputs", {}),
+    }
 
 
 def _episode_name(file: Path) -> str | None:

@@ -13,9 +13,15 @@ class RunDisplay:
 
     def __init__(self) -> None:
         self.console = Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=self.console,
-                                 disable=not sys.stderr.isatty())
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[last]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not sys.stderr.isatty(),
+        )
         self.task = None
         self.counts = {"executed": 0, "cached": 0, "failed": 0}
 
@@ -38,22 +44,29 @@ class RunDisplay:
                 print(f"  [{info['done']}/{info['total']}] {info['name']}: {info['state']}", file=sys.stderr)
 
     def summary(self, result: dict) -> str:
-        lines = [f"episode {result['episode']}: {result['state']} - {self.counts['executed']} stages executed, "
-                 f"{self.counts['cached']} cached ({result['seconds']:.2f} s, {result['frames']} frames, "
-                 f"engine {result['engine']}, QC {result['qc_verdict']})"]
+        lines = [
+            f"episode {result['episode']}: {result['state']} - {self.counts['executed']} stages executed, "
+            f"{self.counts['cached']} cached ({result['seconds']:.2f} s, {result['frames']} frames, "
+            f"engine {result['engine']}, QC {result['qc_verdict']})"
+        ]
         lines += [f"  {name:<22} {path}" for name, path in result["outputs"].items()]
         return "\n".join(lines)
 
 
 def format_status(status: dict) -> str:
-    lines = [f"episode {status['episode']}: {status['state']} (started {status['started']}, "
-             f"finished {status['finished']})"]
+    lines = [
+        f"episode {status['episode']}: {status['state']} (started {status['started']}, "
+        f"finished {status['finished']})"
+    ]
     if status.get("error"):
         lines.append(f"  error: {status['error']}")
     lines.append("  stages:")
     lines += [f"    {s['stage']:<28} {s['state']}" for s in status["stages"]]
     lines.append("  segments:")
-    lines += [f"    #{s['segment']:02d} {s['state']:<9} {', '.join(s.get('outputs', []))}" for s in status["segments"]]
+    lines += [
+        f"    #{s['segment']:02d} {s['state']:<9} {', '.join(s.get('outputs', []))}"
+        for s in status["segments"]
+    ]
     if status.get("outputs"):
         lines.append("  outputs:")
         lines += [f"    {k:<22} {v}" for k, v in status["outputs"].items()]

@@ -47,9 +47,14 @@ def _gpus() -> list[dict]:
         return []
     if not torch.cuda.is_available():
         return []
-    return [{"index": i, "name": torch.cuda.get_device_name(i),
-             "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
-            for i in range(torch.cuda.device_count())]
+    return [
+        {
+            "index": i,
+            "name": torch.cuda.get_device_name(i),
+            "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
+        }
+        for i in range(torch.cuda.device_count())
+    ]
 
 
 def _installed(module: str) -> bool:
@@ -74,8 +79,11 @@ def _diarise() -> dict:
 
 def _tts() -> dict:
     espeak = shutil.which("espeak-ng")
-    return {"auto": "espeak" if espeak else "none", "why": "espeak-ng found" if espeak else "apt-get install espeak-ng",
-            "backends": {"kokoro": _pkg("kokoro", "tts"), "piper": _pkg("piper", "tts-offline")}}
+    return {
+        "auto": "espeak" if espeak else "none",
+        "why": "espeak-ng found" if espeak else "apt-get install espeak-ng",
+        "backends": {"kokoro": _pkg("kokoro", "tts"), "piper": _pkg("piper", "tts-offline")},
+    }
 
 
 def _render(models_dir) -> dict:
@@ -92,11 +100,15 @@ def _pkg(module: str, extra: str) -> str:
 def format_doctor(report: dict) -> str:
     lines = ["tools:"]
     for name, tool in report["tools"].items():
-        lines.append(f"  {name:<10} {tool.get('path', 'MISSING')}  {tool.get('version', tool.get('hint', ''))}")
+        lines.append(
+            f"  {name:<10} {tool.get('path', 'MISSING')}  {tool.get('version', tool.get('hint', ''))}"
+        )
     gpus = report["gpus"]
     lines.append("gpus:" + ("" if gpus else " none (renders use the preview engine)"))
     lines += [f"  cuda:{g['index']} {g['name']} {g['memory_gib']} GiB" for g in gpus]
-    lines.append(f"models dir: {report['models_dir'] or 'not set (DUBFLOW_MODELS_DIR); HF/torch caches only'}")
+    lines.append(
+        f"models dir: {report['models_dir'] or 'not set (DUBFLOW_MODELS_DIR); HF/torch caches only'}"
+    )
     lines.append("stages (what auto picks):")
     for stage, info in report["stages"].items():
         lines.append(f"  {stage:<9} -> {info['auto']:<10} {info['why']}")

@@ -34,7 +34,9 @@ class SegmentsFailed(RuntimeError):
     def __init__(self, episode: str, failed: dict[int, str]):
         self.failed = failed
         listing = "; ".join(f"#{i}: {err}" for i, err in sorted(failed.items()))
-        super().__init__(f"{episode}: {len(failed)} segment(s) failed ({listing}); fix and run `dubflow rerun`")
+        super().__init__(
+            f"{episode}: {len(failed)} segment(s) failed ({listing}); fix and run `dubflow rerun`"
+        )
 
 
 @dataclass
@@ -66,7 +68,9 @@ class StageRunner:
         if not executed and not all(self.ws.has(b) for b in blobs_in(result)):
             result = self.bind(tsk, label).with_options(refresh_cache=True)(self.ws, *args)
             executed = True
-        self.record(label, "executed" if executed else "cached", outputs=[b.relpath for b in blobs_in(result)])
+        self.record(
+            label, "executed" if executed else "cached", outputs=[b.relpath for b in blobs_in(result)]
+        )
         return result
 
     def record(self, label: str, state: str, **info: Any) -> None:
@@ -108,8 +112,11 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> 
     source = ws.put_file(m.source, move=False)
     dialogue = ws.put_file(m.audio.dialogue, move=False) if m.audio.dialogue else None
     # 2. separate: clean the dialogue, and get the music-and-effects bed
-    backend, why = ("none", "disabled in the manifest") if m.separate.backend == "none" else \
-        resolve_separate_backend(m.separate.backend, m.separate.model, _models_dir())
+    backend, why = (
+        ("none", "disabled in the manifest")
+        if m.separate.backend == "none"
+        else resolve_separate_backend(m.separate.backend, m.separate.model, _models_dir())
+    )
     log.info("separate: %s (%s)", backend, why)
     vocals, dub_instrumental = dialogue, None
     if dialogue is not None and not m.audio.clean and backend != "none":
@@ -129,19 +136,38 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> 
     # 6. render every segment (fanned out), 7. stitch, 8. enhance
     log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))
     clips = _render_all(m, ws, runner, plan, slices, source, engine)
-    picture = runner.run(enhance_task, "enhance",
-                         runner.run(stitch_task, "stitch", clips, timeline.total_frames), m.enhance.backend)
+    picture = runner.run(
+        enhance_task,
+        "enhance",
+        runner.run(stitch_task, "stitch", clips, timeline.total_frames),
+        m.enhance.backend,
+    )
     # 9. remix, 10. deliver
     dialogue_stems = [*tracks.values()]
     target = MixTarget(m.mix.loudness_lufs, m.mix.true_peak_dbtp, m.mix.bed_gain_db)
     mix = runner.run(remix_task, "remix", dialogue_stems, bed, timeline, target)
     provenance = _provenance(m, ws, source, raw, backend, engine, plan)
     qc_extra = {"segments": len(plan.segments), "forced_cuts": plan.forced_cuts, "engine": engine}
-    delivery = runner.run(deliver_task, "deliver", picture, mix, timeline, plan.captions, tuple(m.outputs),
-                          qc_extra, provenance, m.mix.model_dump())
+    delivery = runner.run(
+        deliver_task,
+        "deliver",
+        picture,
+        mix,
+        timeline,
+        plan.captions,
+        tuple(m.outputs),
+        qc_extra,
+        provenance,
+        m.mix.model_dump(),
+    )
     outputs = _publish(ws, m.episode, delivery, plan)
-    return {"outputs": outputs, "qc_verdict": delivery.verdict, "engine": engine,
-            "frames": timeline.total_frames, "seconds": timeline.total_frames / FPS}
+    return {
+        "outputs": outputs,
+        "qc_verdict": delivery.verdict,
+        "engine": engine,
+        "frames": timeline.total_frames,
+        "seconds": timeline.total_frames / FPS,
+    }
 
 
 def _bed(m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner, backend: str, dub_instr):
@@ -150,8 +176,14 @@ def _bed(m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner
     original = m.audio.original or (m.source if loaded.source_info.has_audio else None)
     if original is not None and backend != "none":
         revision = weights_revision(backend, m.separate.model, _models_dir())
-        sep = runner.run(separate_task, "separate[original]", ws.put_file(original, move=False), backend,
-                         m.separate.model, revision)
+        sep = runner.run(
+            separate_task,
+            "separate[original]",
+            ws.put_file(original, move=False),
+            backend,
+            m.separate.model,
+            revision,
+        )
         return sep.instrumental
     return dub_instr
 
@@ -160,7 +192,9 @@ def _raw_tracks(m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob | 
     if all(s.track for s in m.speakers):
         return {s.id: ws.put_file(s.track, move=False) for s in m.speakers}
     if vocals is None:  # lines mode: synthesise every speaker's lines
-        return {s.id: runner.run(tts_task, f"tts[{s.id}]", _tts_lines(m, i)) for i, s in enumerate(m.speakers)}
+        return {
+            s.id: runner.run(tts_task, f"tts[{s.id}]", _tts_lines(m, i)) for i, s in enumerate(m.speakers)
+        }
     if len(m.speakers) == 1:
         return {m.speakers[0].id: vocals}
     return _diarised(m, ws, runner, vocals)
@@ -181,7 +215,11 @@ def _tts_lines(m: Manifest, index: int) -> list[tuple[float, str, str]]:
     from tasks.tts import voice_for
 
     speaker = m.speakers[index]
-    return [(ln.start, ln.text, voice_for(index, ln.voice or speaker.voice)) for ln in m.lines if ln.speaker == speaker.id]
+    return [
+        (ln.start, ln.text, voice_for(index, ln.voice or speaker.voice))
+        for ln in m.lines
+        if ln.speaker == speaker.id
+    ]
 
 
 def _line_specs(m: Manifest) -> tuple:
@@ -191,8 +229,12 @@ def _line_specs(m: Manifest) -> tuple:
 
 def _plan_settings(m: Manifest, engine: str) -> PlanSettings:
     max_s = m.render.max_segment_s
-    return PlanSettings(engine=engine, size=m.render.size, max_segment_s=None if max_s == "auto" else max_s,
-                        min_gap_s=m.render.min_gap_s)
+    return PlanSettings(
+        engine=engine,
+        size=m.render.size,
+        max_segment_s=None if max_s == "auto" else max_s,
+        min_gap_s=m.render.min_gap_s,
+    )
 
 
 def _persons(m: Manifest) -> tuple[PersonSpec, ...]:
@@ -208,8 +250,15 @@ def _persons(m: Manifest) -> tuple[PersonSpec, ...]:
 
 
 def _render_all(m, ws: Workspace, runner: StageRunner, plan, slices, source: Blob, engine: str) -> list:
-    options = RenderOptions(engine, m.render.size, m.render.steps, m.render.seed, m.render.prompt,
-                            m.render.text_scale, m.render.audio_scale)
+    options = RenderOptions(
+        engine,
+        m.render.size,
+        m.render.steps,
+        m.render.seed,
+        m.render.prompt,
+        m.render.text_scale,
+        m.render.audio_scale,
+    )
     persons, calls = _persons(m), []
     for seg, audio in zip(plan.segments, slices, strict=True):
         label = f"render[{m.episode}#{seg.index:02d}]"
@@ -231,11 +280,19 @@ def _provenance(m: Manifest, ws: Workspace, source: Blob, raw: dict, backend: st
     return {
         "episode": m.episode,
         "settings": m.model_dump(mode="json"),
-        "backends": {"separate": backend, "render": engine, "tts": m.tts.backend, "enhance": m.enhance.backend},
+        "backends": {
+            "separate": backend,
+            "render": engine,
+            "tts": m.tts.backend,
+            "enhance": m.enhance.backend,
+        },
         "seed": m.render.seed,
         "inputs": {"source": source.sha256, **{f"track:{k}": v.sha256 for k, v in raw.items()}},
         "plan": plan.plan.sha256,
-        "code": {name: code_version(name) for name in ("tasks.render", "tasks.remix", "tasks.deliver", "engine.preview")},
+        "code": {
+            name: code_version(name)
+            for name in ("tasks.render", "tasks.remix", "tasks.deliver", "engine.preview")
+        },
     }
 
 
@@ -252,8 +309,11 @@ def _publish(ws: Workspace, episode: str, delivery, plan) -> dict[str, str]:
         from prefect.artifacts import create_link_artifact
 
         if delivery.mp4:
-            create_link_artifact(key=artifact_key(episode, "output"), link=Path(outputs[f"{episode}.mp4"]).as_uri(),
-                                 link_text=f"{episode}.mp4")
+            create_link_artifact(
+                key=artifact_key(episode, "output"),
+                link=Path(outputs[f"{episode}.mp4"]).as_uri(),
+                link_text=f"{episode}.mp4",
+            )
     except Exception:  # noqa: BLE001, S110 - an artifact is a convenience, the files are the product
         pass
     return outputs

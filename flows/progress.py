@@ -40,7 +40,9 @@ class EpisodeProgress:
             from prefect.artifacts import create_progress_artifact
 
             self._artifact = create_progress_artifact(
-                progress=0.0, key=artifact_key(episode, "progress"), description=f"{episode}: stages and segments done"
+                progress=0.0,
+                key=artifact_key(episode, "progress"),
+                description=f"{episode}: stages and segments done",
             )
         except Exception:  # noqa: BLE001 - outside a flow run there is no artifact, only listeners
             self._artifact = None

@@ -11,7 +11,7 @@ from tasks.media import count_video_frames, probe, read_audio, run_ffmpeg
 from tasks.qc import integrated_loudness, true_peak_dbtp
 from tasks.remix import Mix
 from tasks.speakers import MIX_RATE, Timeline
-from tasks.workspace import Blob, StageKey, Workspace
+from tasks.workspace import Blob, Workspace, stage_cache
 
 
 @dataclass(frozen=True)
@@ -24,21 +24,52 @@ class Delivery:
     verdict: str  # "pass" | "warn"
 
 
-def deliver(ws: Workspace, picture: Blob, mix: Mix, timeline: Timeline, captions: tuple, outputs: tuple[str, ...],
-            qc_extra: dict, provenance: dict, target: dict) -> Delivery:
+def deliver(
+    ws: Workspace,
+    picture: Blob,
+    mix: Mix,
+    timeline: Timeline,
+    captions: tuple,
+    outputs: tuple[str, ...],
+    qc_extra: dict,
+    provenance: dict,
+    target: dict,
+) -> Delivery:
     with ws.scratch() as tmp:
         out = tmp / "episode.mp4"
         # Picture and sound have the same length by construction; never -shortest (it truncates).
-        run_ffmpeg(["-i", str(ws.path(picture)), "-i", str(ws.path(mix.mix)), "-map", "0:v:0", "-map", "1:a:0",
-                    "-c:v", "copy", "-c:a", "aac", "-b:a", "192k", "-ar", str(MIX_RATE),
-                    "-movflags", "+faststart", str(out)], what="deliver mp4")
+        run_ffmpeg(
+            [
+                "-i",
+                str(ws.path(picture)),
+                "-i",
+                str(ws.path(mix.mix)),
+                "-map",
+                "0:v:0",
+                "-map",
+                "1:a:0",
+                "-c:v",
+                "copy",
+                "-c:a",
+                "aac",
+                "-b:a",
+                "192k",
+                "-ar",
+                str(MIX_RATE),
+                "-movflags",
+                "+faststart",
+                str(out),
+            ],
+            what="deliver mp4",
+        )
         qc = measure(out, timeline) | qc_extra
         qc["verdict"] = verdict(qc, target)
         mp4 = ws.put_file(out) if "mp4" in outputs else None
     srt = ws.put_bytes(to_srt(captions).encode(), ".srt") if "srt" in outputs and captions else None
     stems = {"dialogue": mix.dialogue} | ({"music_and_effects": mix.bed} if mix.bed else {})
-    return Delivery(mp4, srt, ws.put_json(qc), ws.put_json(provenance), stems if "stems" in outputs else {},
-                    qc["verdict"])
+    return Delivery(
+        mp4, srt, ws.put_json(qc), ws.put_json(provenance), stems if "stems" in outputs else {}, qc["verdict"]
+    )
 
 
 def measure(mp4, timeline: Timeline) -> dict:
@@ -84,5 +115,9 @@ def _srt_time(seconds: float) -> str:
     return f"{h:02d}:{m:02d}:{s:02d},{ms:03d}"
 
 
-deliver_task = task(deliver, name="deliver", cache_policy=StageKey(("tasks.deliver", "tasks.qc", "tasks.media")),
-                    persist_result=True)
+deliver_task = task(
+    deliver,
+    name="deliver",
+    cache_policy=stage_cache("tasks.deliver", "tasks.qc", "tasks.media"),
+    persist_result=True,
+)

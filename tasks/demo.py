@@ -56,8 +56,9 @@ def draw_scene(path: Path) -> Path:
     picture = (top * (1 - gradient) + bottom * gradient).repeat(SIZE[0], axis=1).astype(np.uint8)
     image = Image.fromarray(picture)
     draw = ImageDraw.Draw(image)
-    for (x0, y0, x1, _), skin, shirt in zip(BOXES.values(), [(236, 200, 170), (200, 150, 115)],
-                                            [(180, 60, 60), (50, 90, 160)], strict=True):
+    for (x0, y0, x1, _), skin, shirt in zip(
+        BOXES.values(), [(236, 200, 170), (200, 150, 115)], [(180, 60, 60), (50, 90, 160)], strict=True
+    ):
         cx = (x0 + x1) // 2
         draw.rounded_rectangle((cx - 170, y0 + 300, cx + 170, h), radius=60, fill=shirt)
         draw.ellipse((cx - 110, y0 + 40, cx + 110, y0 + 300), fill=skin)
@@ -92,12 +93,15 @@ def demo_manifest_text(media_dir: str = "demo-media") -> str:
         f"  - id: {sid}\n    name: {sid.capitalize()}\n    box: {list(box)}\n    track: {media_dir}/{sid}.wav"
         for sid, box in BOXES.items()
     )
-    lines = "\n".join(f"  - {{speaker: {who}, start: {start}, text: \"{text}\"}}" for who, start, text, _ in LINES)
+    lines = "\n".join(
+        f'  - {{speaker: {who}, start: {start}, text: "{text}"}}' for who, start, text, _ in LINES
+    )
     return (
         "# The demo episode: generated locally by `dubflow demo` (media in demo-media/).\n"
         f"episode: demo\nsource: {media_dir}/scene.png\nlanguage: en\n"
         f"audio:\n  dialogue: {media_dir}/dialogue.wav   # both voices with a music bed under it\n"
         f"speakers:\n{speakers}\nlines:\n{lines}\n"
-        "separate: {backend: auto}\nrender: {engine: auto, size: 480, seed: 7}\n"
+        "separate: {backend: auto}\n"
+        "render: {engine: auto, size: 480, seed: 7, max_segment_s: 4}   # short segments show the planner at work\n"
         "mix: {loudness_lufs: -23, true_peak_dbtp: -1}\noutputs: [mp4, stems, srt, qc]\n"
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import task
 
 from tasks.media import MediaError, count_video_frames, run_ffmpeg
-from tasks.workspace import Blob, StageKey, Workspace
+from tasks.workspace import Blob, Workspace, stage_cache
 
 FILTERS = {"ffmpeg": "hqdn3d=1.5:1.5:6:6,unsharp=5:5:0.6:5:5:0.0"}
 
@@ -22,12 +22,33 @@ def enhance_picture(ws: Workspace, picture: Blob, backend: str) -> Blob:
     frames = count_video_frames(ws.path(picture))
     with ws.scratch() as tmp:
         out = tmp / "enhanced.mp4"
-        run_ffmpeg(["-i", str(ws.path(picture)), "-vf", FILTERS[backend], "-c:v", "libx264", "-preset", "veryfast",
-                    "-crf", "18", "-pix_fmt", "yuv420p", "-an", str(out)], what="enhance")
+        run_ffmpeg(
+            [
+                "-i",
+                str(ws.path(picture)),
+                "-vf",
+                FILTERS[backend],
+                "-c:v",
+                "libx264",
+                "-preset",
+                "veryfast",
+                "-crf",
+                "18",
+                "-pix_fmt",
+                "yuv420p",
+                "-an",
+                str(out),
+            ],
+            what="enhance",
+        )
         if count_video_frames(out) != frames:
             raise MediaError("enhance changed the number of frames")
         return ws.put_file(out)
 
 
-enhance_task = task(enhance_picture, name="enhance", cache_policy=StageKey(("tasks.enhance", "tasks.media")),
-                    persist_result=True)
+enhance_task = task(
+    enhance_picture,
+    name="enhance",
+    cache_policy=stage_cache("tasks.enhance", "tasks.media"),
+    persist_result=True,
+)

@@ -27,7 +27,9 @@ class Strict(BaseModel):
 
 
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-BoxList = Annotated[list[int], Field(min_length=4, max_length=4, description="x0, y0, x1, y1 in source pixels")]
+BoxList = Annotated[
+    list[int], Field(min_length=4, max_length=4, description="x0, y0, x1, y1 in source pixels")
+]
 
 
 class TimedBox(Strict):
@@ -58,7 +60,9 @@ class Line(Strict):
 
 class AudioSpec(Strict):
     dialogue: Path | None = Field(None, description="dubbed dialogue; may still contain music")
-    original: Path | None = Field(None, description="original-language audio for the M&E bed; default: the source's sound")
+    original: Path | None = Field(
+        None, description="original-language audio for the M&E bed; default: the source's sound"
+    )
     music_and_effects: Path | None = Field(None, description="a ready M&E bed; skips separating the original")
     clean: bool = Field(False, description="the dialogue has no music under it: skip separating it")
 
@@ -169,7 +173,9 @@ def load_manifest(path: Path | str, *, check_media: bool = True) -> LoadedManife
         raise ManifestError(path, [Problem(exc.line, exc.column, "", str(exc))]) from None
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
-        raise ManifestError(path, [Problem(1, 1, "", f"a manifest is a YAML mapping (episode:, source:, ...), not {kind}")])
+        raise ManifestError(
+            path, [Problem(1, 1, "", f"a manifest is a YAML mapping (episode:, source:, ...), not {kind}")]
+        )
     locate = _Locator(builder.marks, builder.key_marks)
     try:
         manifest = Manifest.model_validate(data)
@@ -194,7 +200,9 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise ManifestError(path, [Problem(line, 1, "", "not UTF-8 text; save the manifest as UTF-8")]) from None
+        raise ManifestError(
+            path, [Problem(line, 1, "", "not UTF-8 text; save the manifest as UTF-8")]
+        ) from None
 
 
 class _Locator:
@@ -217,13 +225,20 @@ def _from_pydantic(err: dict, locate: _Locator) -> Problem:
     message = err["msg"]
     if err["type"] == "extra_forbidden":
         key_mark = locate.key_marks.get(loc, mark)
-        return Problem(key_mark.line, key_mark.column, field, "unknown field; check the spelling (see manifests/schema.json)")
+        return Problem(
+            key_mark.line,
+            key_mark.column,
+            field,
+            "unknown field; check the spelling (see manifests/schema.json)",
+        )
     if err["type"] == "missing":
         message = "required field is missing; add it"
     elif err["type"] == "literal_error":
         message = f"{message} (got {err.get('input')!r})"
     elif err["type"] == "string_pattern_mismatch":
-        message = f"{err.get('input')!r} must be letters, digits, '_', '.', '-' (starting with a letter or digit)"
+        message = (
+            f"{err.get('input')!r} must be letters, digits, '_', '.', '-' (starting with a letter or digit)"
+        )
     return Problem(mark.line, mark.column, field, message)
 
 
@@ -238,8 +253,12 @@ def _resolve_paths(m: Manifest, base: Path) -> Manifest:
     def fix(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else (base / p))
 
-    audio = m.audio.model_copy(update={k: fix(getattr(m.audio, k)) for k in ("dialogue", "original", "music_and_effects")})
-    speakers = [s.model_copy(update={"track": fix(s.track), "voice_sample": fix(s.voice_sample)}) for s in m.speakers]
+    audio = m.audio.model_copy(
+        update={k: fix(getattr(m.audio, k)) for k in ("dialogue", "original", "music_and_effects")}
+    )
+    speakers = [
+        s.model_copy(update={"track": fix(s.track), "voice_sample": fix(s.voice_sample)}) for s in m.speakers
+    ]
     return m.model_copy(update={"source": fix(m.source), "audio": audio, "speakers": speakers})
 
 
@@ -291,14 +310,20 @@ def _check_speakers(m: Manifest, add, source: MediaInfo) -> None:
     seen: dict[str, int] = {}
     for i, s in enumerate(m.speakers):
         if s.id in seen:
-            add(("speakers", i, "id"), f"speaker id {s.id!r} is already used by speakers[{seen[s.id]}]; ids must be unique")
+            add(
+                ("speakers", i, "id"),
+                f"speaker id {s.id!r} is already used by speakers[{seen[s.id]}]; ids must be unique",
+            )
         seen.setdefault(s.id, i)
         if isinstance(s.box, list) and s.box and isinstance(s.box[0], int):
             _check_box(s.box, ("speakers", i, "box"), add, source)
         elif isinstance(s.box, list):
             _check_timed_boxes(s.box, ("speakers", i, "box"), add, source)
         elif len(m.speakers) > 1:
-            add(("speakers", i), f"speaker {s.id!r} has no box; with several speakers each needs one (x0, y0, x1, y1)")
+            add(
+                ("speakers", i),
+                f"speaker {s.id!r} has no box; with several speakers each needs one (x0, y0, x1, y1)",
+            )
 
 
 def _check_box(box: list[int], loc: tuple, add, source: MediaInfo) -> None:
@@ -315,7 +340,10 @@ def _check_timed_boxes(boxes: list[TimedBox], loc: tuple, add, source: MediaInfo
         if tb.end <= tb.start:
             add((*loc, j, "to"), f"'to' ({tb.end}) must be after 'from' ({tb.start})")
         if tb.start < last_end:
-            add((*loc, j, "from"), f"'from' ({tb.start}) overlaps the previous box, which lasts until {last_end}")
+            add(
+                (*loc, j, "from"),
+                f"'from' ({tb.start}) overlaps the previous box, which lasts until {last_end}",
+            )
         last_end = max(last_end, tb.end)
         _check_box(tb.box, (*loc, j, "box"), add, source)
 
@@ -324,13 +352,19 @@ def _check_lines(m: Manifest, add) -> None:
     ids = set(m.speaker_ids())
     for i, line in enumerate(m.lines):
         if line.speaker not in ids:
-            add(("lines", i, "speaker"), f"unknown speaker {line.speaker!r}; speakers are {', '.join(sorted(ids))}")
+            add(
+                ("lines", i, "speaker"),
+                f"unknown speaker {line.speaker!r}; speakers are {', '.join(sorted(ids))}",
+            )
         if line.end is not None and line.end <= line.start:
             add(("lines", i, "end"), f"end ({line.end}) must be after start ({line.start})")
     starts = [line.start for line in m.lines]
     for i in range(1, len(starts)):
         if starts[i] < starts[i - 1] and m.lines[i].speaker == m.lines[i - 1].speaker:
-            add(("lines", i, "start"), f"lines of one speaker must be in time order ({starts[i]} < {starts[i - 1]})")
+            add(
+                ("lines", i, "start"),
+                f"lines of one speaker must be in time order ({starts[i]} < {starts[i - 1]})",
+            )
 
 
 def _check_audio_plan(m: Manifest, add) -> None:

@@ -35,7 +35,9 @@ def ffmpeg_exe() -> str:
     try:
         import imageio_ffmpeg
     except ImportError:
-        raise MediaError("ffmpeg not found; install it (apt-get install ffmpeg) or pip install imageio-ffmpeg") from None
+        raise MediaError(
+            "ffmpeg not found; install it (apt-get install ffmpeg) or pip install imageio-ffmpeg"
+        ) from None
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
@@ -111,13 +113,27 @@ def _probe_av(path: Path) -> MediaInfo:
     if video is not None:
         num, _, den = (video.get("avg_frame_rate") or "0/1").partition("/")
         fps = float(num) / float(den or 1) if float(den or 1) else 0.0
-        return MediaInfo(path, "video", int(video["width"]), int(video["height"]), duration, fps,
-                         audio is not None, int(audio.get("sample_rate", 0)) if audio else 0,
-                         int(audio.get("channels", 0)) if audio else 0)
+        return MediaInfo(
+            path,
+            "video",
+            int(video["width"]),
+            int(video["height"]),
+            duration,
+            fps,
+            audio is not None,
+            int(audio.get("sample_rate", 0)) if audio else 0,
+            int(audio.get("channels", 0)) if audio else 0,
+        )
     if duration <= 0:
         raise MediaError(f"{path}: audio has no duration")
-    return MediaInfo(path, "audio", duration=duration, has_audio=True,
-                     sample_rate=int(audio.get("sample_rate", 0)), channels=int(audio.get("channels", 0)))
+    return MediaInfo(
+        path,
+        "audio",
+        duration=duration,
+        has_audio=True,
+        sample_rate=int(audio.get("sample_rate", 0)),
+        channels=int(audio.get("channels", 0)),
+    )
 
 
 def _is_cover(stream: dict) -> bool:
@@ -131,14 +147,21 @@ def _probe_with_soundfile(path: Path) -> MediaInfo:
         info = sf.info(str(path))
     except (RuntimeError, sf.LibsndfileError) as exc:
         raise MediaError(f"{path}: not a readable audio file ({exc})") from None
-    return MediaInfo(path, "audio", duration=info.duration, has_audio=True,
-                     sample_rate=info.samplerate, channels=info.channels)
+    return MediaInfo(
+        path,
+        "audio",
+        duration=info.duration,
+        has_audio=True,
+        sample_rate=info.samplerate,
+        channels=info.channels,
+    )
 
 
 def read_audio(path: Path, sample_rate: int) -> np.ndarray:
     """Decode any audio (or a video's sound) to mono float32 at `sample_rate`."""
-    raw = run_ffmpeg(["-i", str(path), "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"],
-                     what=str(path))
+    raw = run_ffmpeg(
+        ["-i", str(path), "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"], what=str(path)
+    )
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
 
@@ -168,9 +191,16 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs are for the team to read
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def count_video_frames(path: Path) -> int:
@@ -178,8 +208,19 @@ def count_video_frames(path: Path) -> int:
     exe = ffprobe_exe()
     if exe is None:
         raise MediaError("ffprobe not found; install ffmpeg (apt-get install ffmpeg)")
-    cmd = [exe, "-v", "error", "-select_streams", "v:0", "-count_packets",
-           "-show_entries", "stream=nb_read_packets", "-of", "csv=p=0", str(path)]
+    cmd = [
+        exe,
+        "-v",
+        "error",
+        "-select_streams",
+        "v:0",
+        "-count_packets",
+        "-show_entries",
+        "stream=nb_read_packets",
+        "-of",
+        "csv=p=0",
+        str(path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise MediaError(f"{path}: cannot count frames")

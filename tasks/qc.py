@@ -20,7 +20,9 @@ def integrated_loudness(audio: np.ndarray, sample_rate: int) -> float:
 
 
 def true_peak_dbtp(audio: np.ndarray) -> float:
-    peak = float(np.max(np.abs(resample_poly(audio.astype(np.float64), OVERSAMPLE, 1)))) if len(audio) else 0.0
+    peak = (
+        float(np.max(np.abs(resample_poly(audio.astype(np.float64), OVERSAMPLE, 1)))) if len(audio) else 0.0
+    )
     return 20 * np.log10(max(peak, 1e-12))
 
 

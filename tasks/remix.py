@@ -17,7 +17,7 @@ from scipy.signal import resample_poly
 from tasks.media import read_audio, write_wav
 from tasks.qc import OVERSAMPLE, integrated_loudness, true_peak_dbtp
 from tasks.speakers import MIX_RATE, Timeline, fit_length, load_track
-from tasks.workspace import Blob, StageKey, Workspace
+from tasks.workspace import Blob, Workspace, stage_cache
 
 LOOKAHEAD_S = 0.005
 
@@ -39,7 +39,9 @@ class Mix:
     gain_db: float
 
 
-def remix(ws: Workspace, dialogue: list[Blob], bed: Blob | None, timeline: Timeline, target: MixTarget) -> Mix:
+def remix(
+    ws: Workspace, dialogue: list[Blob], bed: Blob | None, timeline: Timeline, target: MixTarget
+) -> Mix:
     stem = np.sum([load_track(ws, b) for b in dialogue], axis=0).astype(np.float32)
     bed_audio = None
     if bed is not None:
@@ -51,11 +53,19 @@ def remix(ws: Workspace, dialogue: list[Blob], bed: Blob | None, timeline: Timel
     with ws.scratch() as tmp:
         mix_blob = ws.put_file(write_wav(tmp / "mix.wav", mixed, MIX_RATE))
         stem_blob = ws.put_file(write_wav(tmp / "dialogue.wav", stem * scale, MIX_RATE))
-        bed_blob = ws.put_file(write_wav(tmp / "me.wav", bed_audio * scale, MIX_RATE)) if bed_audio is not None else None
-    return Mix(mix_blob, stem_blob, bed_blob, integrated_loudness(mixed, MIX_RATE), true_peak_dbtp(mixed), gain_db)
+        bed_blob = (
+            ws.put_file(write_wav(tmp / "me.wav", bed_audio * scale, MIX_RATE))
+            if bed_audio is not None
+            else None
+        )
+    return Mix(
+        mix_blob, stem_blob, bed_blob, integrated_loudness(mixed, MIX_RATE), true_peak_dbtp(mixed), gain_db
+    )
 
 
-def normalise(audio: np.ndarray, rate: int, target_lufs: float, ceiling_dbtp: float) -> tuple[np.ndarray, float]:
+def normalise(
+    audio: np.ndarray, rate: int, target_lufs: float, ceiling_dbtp: float
+) -> tuple[np.ndarray, float]:
     """Gain to the loudness target, then true-peak limiting; returns (audio, applied make-up gain in dB)."""
     loudness = integrated_loudness(audio, rate)
     if not np.isfinite(loudness):
@@ -80,5 +90,9 @@ def limit_true_peak(audio: np.ndarray, ceiling_dbtp: float, rate: int) -> np.nda
     return (audio * gain).astype(np.float32)
 
 
-remix_task = task(remix, name="remix", cache_policy=StageKey(("tasks.remix", "tasks.qc", "tasks.speakers")),
-                  persist_result=True)
+remix_task = task(
+    remix,
+    name="remix",
+    cache_policy=stage_cache("tasks.remix", "tasks.qc", "tasks.speakers"),
+    persist_result=True,
+)

@@ -16,7 +16,7 @@ from engine.base import AUDIO_RATE, Box, Caption, PersonInput, RenderJob, create
 from tasks.media import write_wav
 from tasks.segment import SegmentSpec
 from tasks.speakers import MIX_RATE, SAMPLES_PER_FRAME, load_track
-from tasks.workspace import Blob, StageKey, Workspace
+from tasks.workspace import Blob, Workspace, stage_cache
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ class Clip:
     engine: str
 
 
-def cut_segment_audio(ws: Workspace, tracks: dict[str, Blob], segments: list[SegmentSpec]) -> list[dict[str, Blob]]:
+def cut_segment_audio(
+    ws: Workspace, tracks: dict[str, Blob], segments: list[SegmentSpec]
+) -> list[dict[str, Blob]]:
     """Per segment, per speaker: that stretch of the track at the engines' 16 kHz."""
     import librosa
 
@@ -56,7 +58,9 @@ def cut_segment_audio(ws: Workspace, tracks: dict[str, Blob], segments: list[Seg
             piece = track[seg.start_frame * SAMPLES_PER_FRAME : seg.end_frame * SAMPLES_PER_FRAME]
             audio16 = librosa.resample(piece, orig_sr=MIX_RATE, target_sr=AUDIO_RATE, res_type="soxr_hq")
             with ws.scratch() as tmp:
-                out[i][speaker] = ws.put_file(write_wav(tmp / "seg.wav", audio16.astype(np.float32), AUDIO_RATE))
+                out[i][speaker] = ws.put_file(
+                    write_wav(tmp / "seg.wav", audio16.astype(np.float32), AUDIO_RATE)
+                )
     return out
 
 
@@ -73,15 +77,25 @@ def render_segment(
     import soundfile as sf
 
     job_persons = tuple(
-        PersonInput(sf.read(str(ws.path(audio[p.id])), dtype="float32")[0], _job_box(p.box, segment), p.name or p.id)
+        PersonInput(
+            sf.read(str(ws.path(audio[p.id])), dtype="float32")[0], _job_box(p.box, segment), p.name or p.id
+        )
         for p in persons
     )
     with ws.scratch() as tmp:
         job = RenderJob(
-            source=ws.path(picture), persons=job_persons, prompt=options.prompt, num_frames=segment.num_frames,
-            source_start_frame=segment.start_frame, size=options.size, steps=options.steps, seed=options.seed,
-            text_scale=options.text_scale, audio_scale=options.audio_scale,
-            captions=_job_captions(captions, segment), output=tmp / f"seg{segment.index:04d}.mp4",
+            source=ws.path(picture),
+            persons=job_persons,
+            prompt=options.prompt,
+            num_frames=segment.num_frames,
+            source_start_frame=segment.start_frame,
+            size=options.size,
+            steps=options.steps,
+            seed=options.seed,
+            text_scale=options.text_scale,
+            audio_scale=options.audio_scale,
+            captions=_job_captions(captions, segment),
+            output=tmp / f"seg{segment.index:04d}.mp4",
         )
         result = create_renderer(options.engine).render(job)
         video = ws.put_file(result.path)
@@ -96,7 +110,10 @@ def _job_box(box, segment: SegmentSpec):
         return Box(*box)
     timed = []
     for start_s, end_s, b in box:
-        start, end = int(round(start_s * 25)) - segment.start_frame, int(round(end_s * 25)) - segment.start_frame
+        start, end = (
+            int(round(start_s * 25)) - segment.start_frame,
+            int(round(end_s * 25)) - segment.start_frame,
+        )
         if end > 0 and start < segment.num_frames:
             timed.append((max(start, 0), Box(*b)))
     return tuple(timed) or None
@@ -105,16 +122,33 @@ def _job_box(box, segment: SegmentSpec):
 def _job_captions(captions, segment: SegmentSpec) -> tuple[Caption, ...]:
     out = []
     for start_s, end_s, text, person in captions:
-        start, end = int(round(start_s * 25)) - segment.start_frame, int(round(end_s * 25)) - segment.start_frame
+        start, end = (
+            int(round(start_s * 25)) - segment.start_frame,
+            int(round(end_s * 25)) - segment.start_frame,
+        )
         if end > 0 and start < segment.num_frames:
             out.append(Caption(max(start, 0), min(end, segment.num_frames), text, person))
     return tuple(out)
 
 
-_MODULES = ("tasks.render", "tasks.speakers", "engine.base", "engine.preview")  # + the engine used, via options
-cut_audio_task = task(cut_segment_audio, name="cut-audio", cache_policy=StageKey(_MODULES), persist_result=True)
-render_task = task(render_segment, name="render", cache_policy=StageKey(_MODULES), persist_result=True,
-                   retries=1, retry_delay_seconds=2, tags=["render"])
+_MODULES = (
+    "tasks.render",
+    "tasks.speakers",
+    "engine.base",
+    "engine.preview",
+)  # + the engine used, via options
+cut_audio_task = task(
+    cut_segment_audio, name="cut-audio", cache_policy=stage_cache(*_MODULES), persist_result=True
+)
+render_task = task(
+    render_segment,
+    name="render",
+    cache_policy=stage_cache(*_MODULES),
+    persist_result=True,
+    retries=1,
+    retry_delay_seconds=2,
+    tags=["render"],
+)
 
 
 def resolve_render_engine(requested: str, models_dir) -> tuple[str, str]:

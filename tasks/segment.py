@@ -19,15 +19,18 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any, TypeVar
 
 import numpy as np
+from prefect import task
 
 from engine.base import FPS, OutOfMemory
-from engine.memory import GiB, RenderSettings, estimate_peak, estimate_seconds
+from engine.memory import GiB, RenderSettings, estimate_peak, estimate_seconds, max_frames_that_fit
+from tasks.workspace import Blob, Workspace, stage_cache
 
 CUT_KINDS = ("end", "silence", "shot", "turn", "forced")
 # Penalties in "seconds of render time": a worse cut kind always loses to any amount of render time.
@@ -555,3 +558,128 @@ def _plan_summary(plan: SegmentPlan) -> list[str]:
                 f"the loudest {','.join(s.speakers)}, {','.join(s.extra_speakers)} as background"
             )
     return lines
+
+
+# ---------------------------------------------------------------------------------------------- the Prefect stage
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """What a render needs to know about one segment (small; hashed by value into the render's cache key)."""
+
+    index: int
+    start_frame: int
+    end_frame: int
+    speakers: tuple[str, ...]
+
+    @property
+    def num_frames(self) -> int:
+        return self.end_frame - self.start_frame
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    engine: str
+    size: int
+    max_segment_s: float | None  # None: from the memory model and this worker's memory
+    min_gap_s: float
+    n_gpus: int = 1
+
+
+@dataclass(frozen=True)
+class EpisodePlan:
+    plan: Blob  # plan.json (SegmentPlan.to_json)
+    segments: tuple[SegmentSpec, ...]
+    captions: tuple[tuple[float, float, str, int], ...]  # (start_s, end_s, text, speaker index)
+    forced_cuts: int
+
+    def captions_for(self, seg: SegmentSpec) -> tuple:
+        return tuple(c for c in self.captions if c[1] > seg.start_frame / FPS and c[0] < seg.end_frame / FPS)
+
+
+def plan_episode(
+    ws: Workspace, tracks: dict[str, Blob], timeline, settings: PlanSettings, lines: tuple
+) -> EpisodePlan:
+    """Speech activity of every conformed track -> a segment plan; line end times from the activity."""
+    from tasks.speakers import MIX_RATE, load_track
+
+    audio = {sid: load_track(ws, blob) for sid, blob in tracks.items()}
+    activity = {sid: speech_activity(a, MIX_RATE) for sid, a in audio.items()}
+    energy = {sid: frame_rms(a, MIX_RATE) for sid, a in audio.items()}
+    max_frames = _max_frames(settings)
+    plan = plan_segments(
+        activity,
+        timeline.total_frames,
+        max_frames=max_frames,
+        min_gap_frames=max(1, round(settings.min_gap_s * FPS)),
+        energy=energy,
+        n_gpus=settings.n_gpus,
+        settings=_render_settings(settings),
+    )
+    specs = tuple(SegmentSpec(s.index, s.start_frame, s.end_frame, s.speakers) for s in plan.segments)
+    captions = caption_times(lines, [activity[sid] for sid in tracks], timeline.total_frames)
+    return EpisodePlan(
+        ws.put_bytes(plan.to_json().encode(), ".json"), specs, captions, plan.cut_counts().get("forced", 0)
+    )
+
+
+def caption_times(lines: tuple, activity: list[np.ndarray], total_frames: int) -> tuple:
+    """(start, end|None, text, speaker) -> (start, end, text, speaker): a missing end is where that speaker's
+    speech after `start` next pauses for half a second (or the next line of the same speaker begins)."""
+    out = []
+    for i, (start, end, text, who) in enumerate(lines):
+        if end is None:
+            later = [s for s, _, _, w in lines[i + 1 :] if w == who and s > start]
+            limit = min([total_frames / FPS, *later])
+            end = _speech_end(activity[who], start, limit)
+        out.append((float(start), float(min(end, total_frames / FPS)), text, who))
+    return tuple(out)
+
+
+def _speech_end(active: np.ndarray, start_s: float, limit_s: float, pause_frames: int = 12) -> float:
+    first, last = int(start_s * FPS), min(int(limit_s * FPS), len(active))
+    spoken = np.flatnonzero(active[first:last])
+    if len(spoken) == 0:
+        return min(start_s + 2.0, limit_s)
+    breaks = np.flatnonzero(np.diff(spoken) > pause_frames)
+    end_frame = first + (spoken[breaks[0]] if len(breaks) else spoken[-1]) + 1
+    return end_frame / FPS
+
+
+def _render_settings(settings: PlanSettings) -> RenderSettings:
+    return RenderSettings(
+        engine=settings.engine if settings.engine in ("multitalk", "preview") else "preview",
+        size=settings.size,
+    )
+
+
+def _max_frames(settings: PlanSettings) -> int:
+    """The manifest's limit, or the longest segment that fits this worker's GPU and host memory."""
+    if settings.max_segment_s is not None:
+        return max(1, int(settings.max_segment_s * FPS))
+    render = _render_settings(settings)
+    gpu, host = worker_memory()
+    frames = max_frames_that_fit(gpu if render.engine != "preview" else host, host, render)
+    if frames < 1:
+        raise OutOfMemory(
+            f"the {render.engine} engine at {render.size}p does not fit this worker's memory "
+            f"({gpu / GiB:.1f} GiB GPU, {host / GiB:.1f} GiB host); lower render.size or add offload",
+            size=render.size,
+        )
+    return frames
+
+
+def worker_memory() -> tuple[int, int]:
+    """(free GPU bytes on cuda:0 or 0, available host bytes)."""
+    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        import torch
+
+        gpu = torch.cuda.mem_get_info(0)[0] if torch.cuda.is_available() else 0
+    except ImportError:
+        gpu = 0
+    return gpu, host
+
+
+_MODULES = ("tasks.segment", "engine.memory", "tasks.speakers")
+plan_task = task(plan_episode, name="plan", cache_policy=stage_cache(*_MODULES), persist_result=True)

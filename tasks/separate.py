@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-
 from prefect import task
 
 from engine.base import EngineSetupError, MissingWeightsError
-from tasks.workspace import Blob, StageKey, Workspace, file_sha256
+from tasks.workspace import Blob, Workspace, file_sha256, stage_cache
 
 log = logging.getLogger(__name__)
 
@@ -401,8 +400,15 @@ def separate_stage(ws: Workspace, audio: Blob, backend: str, model: str, revisio
     models_dir = Path(os.environ["DUBFLOW_MODELS_DIR"]) if os.environ.get("DUBFLOW_MODELS_DIR") else None
     with ws.scratch() as tmp:
         result = separate(ws.path(audio), tmp, backend=backend, model=model, models_dir=models_dir)
-        return SeparatedStems(ws.put_file(result.vocals), ws.put_file(result.instrumental), result.backend,
-                              result.model, result.revision)
+        return SeparatedStems(
+            ws.put_file(result.vocals),
+            ws.put_file(result.instrumental),
+            result.backend,
+            result.model,
+            result.revision,
+        )
 
 
-separate_task = task(separate_stage, name="separate", cache_policy=StageKey(("tasks.separate",)), persist_result=True)
+separate_task = task(
+    separate_stage, name="separate", cache_policy=stage_cache("tasks.separate"), persist_result=True
+)

@@ -16,7 +16,7 @@ from prefect import task
 
 from engine.base import FPS
 from tasks.media import probe, read_audio, write_wav
-from tasks.workspace import Blob, StageKey, Workspace
+from tasks.workspace import Blob, Workspace, stage_cache
 
 MIX_RATE = 48_000
 SAMPLES_PER_FRAME = MIX_RATE // FPS  # 1920
@@ -36,7 +36,9 @@ class Timeline:
         return self.total_frames / FPS
 
 
-def episode_timeline(ws: Workspace, source: Blob, source_kind: str, audio: list[Blob], extra_s: float = 0.0) -> Timeline:
+def episode_timeline(
+    ws: Workspace, source: Blob, source_kind: str, audio: list[Blob], extra_s: float = 0.0
+) -> Timeline:
     """Episode length in frames: the video's length, else the longest audio (or last line)."""
     if source_kind == "video":
         frames = max(1, int(round(probe(ws.path(source)).duration * FPS)))
@@ -82,6 +84,10 @@ def load_track(ws: Workspace, blob: Blob) -> np.ndarray:
 
 
 _MODULES = ("tasks.speakers", "tasks.media")
-timeline_task = task(episode_timeline, name="timeline", cache_policy=StageKey(_MODULES), persist_result=True)
-conform_task = task(conform_track, name="conform", cache_policy=StageKey(_MODULES), persist_result=True)
-tts_task = task(synthesise_speaker, name="tts", cache_policy=StageKey((*_MODULES, "tasks.tts")), persist_result=True)
+timeline_task = task(
+    episode_timeline, name="timeline", cache_policy=stage_cache(*_MODULES), persist_result=True
+)
+conform_task = task(conform_track, name="conform", cache_policy=stage_cache(*_MODULES), persist_result=True)
+tts_task = task(
+    synthesise_speaker, name="tts", cache_policy=stage_cache(*_MODULES, "tasks.tts"), persist_result=True
+)

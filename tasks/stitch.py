@@ -6,7 +6,7 @@ from prefect import task
 
 from tasks.media import MediaError, count_video_frames, run_ffmpeg
 from tasks.render import Clip
-from tasks.workspace import Blob, StageKey, Workspace
+from tasks.workspace import Blob, Workspace, stage_cache
 
 
 def stitch_clips(ws: Workspace, clips: list[Clip], total_frames: int) -> Blob:
@@ -16,13 +16,31 @@ def stitch_clips(ws: Workspace, clips: list[Clip], total_frames: int) -> Blob:
         listing = tmp / "clips.txt"
         listing.write_text("".join(f"file '{ws.path(c.video)}'\n" for c in clips))
         out = tmp / "picture.mp4"
-        run_ffmpeg(["-f", "concat", "-safe", "0", "-i", str(listing), "-c", "copy", "-an",
-                    "-movflags", "+faststart", str(out)], what="stitch")
+        run_ffmpeg(
+            [
+                "-f",
+                "concat",
+                "-safe",
+                "0",
+                "-i",
+                str(listing),
+                "-c",
+                "copy",
+                "-an",
+                "-movflags",
+                "+faststart",
+                str(out),
+            ],
+            what="stitch",
+        )
         frames = count_video_frames(out)
         if frames != total_frames:
-            raise MediaError(f"stitched picture has {frames} frames, the plan has {total_frames}; a clip is wrong")
+            raise MediaError(
+                f"stitched picture has {frames} frames, the plan has {total_frames}; a clip is wrong"
+            )
         return ws.put_file(out)
 
 
-stitch_task = task(stitch_clips, name="stitch", cache_policy=StageKey(("tasks.stitch", "tasks.media")),
-                   persist_result=True)
+stitch_task = task(
+    stitch_clips, name="stitch", cache_policy=stage_cache("tasks.stitch", "tasks.media"), persist_result=True
+)

@@ -220,7 +220,9 @@ class StageKey(CachePolicy):
 
     modules: tuple[str, ...] = ()
 
-    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+    def compute_key(
+        self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str:
         name = task_ctx.task.name if task_ctx else "?"
         return stage_key(name, code_version(*self.modules), inputs)
 
@@ -228,3 +230,8 @@ class StageKey(CachePolicy):
 def stage_key(name: str, version: str, inputs: dict[str, Any]) -> str:
     payload = json.dumps([name, version, canonical(inputs)], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def stage_cache(*modules: str) -> StageKey:
+    """The cache policy of a stage whose code lives in `modules` (the task's own module first)."""
+    return StageKey(modules=tuple(modules))
