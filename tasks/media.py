@@ -166,11 +166,15 @@ def read_audio(path: Path, sample_rate: int) -> np.ndarray:
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> Path:
-    """Write float audio as 32-bit float WAV, atomically."""
-    import soundfile as sf
+    """Write float audio as 32-bit float WAV, atomically and byte-for-byte reproducibly.
+
+    Not libsndfile: it adds a PEAK chunk holding the write time to float WAVs, so the same
+    samples would hash differently on every run and defeat the content-addressed cache.
+    """
+    from scipy.io import wavfile
 
     with atomic_path(path) as tmp:
-        sf.write(str(tmp), np.asarray(audio, dtype=np.float32), sample_rate, subtype="FLOAT", format="WAV")
+        wavfile.write(tmp, sample_rate, np.ascontiguousarray(audio, dtype=np.float32))
     return path
 
 

@@ -20,6 +20,9 @@ from tasks.speakers import MIX_RATE, Timeline, fit_length, load_track
 from tasks.workspace import Blob, Workspace, stage_cache
 
 LOOKAHEAD_S = 0.005
+MAX_ROUNDS = 6
+LOUDNESS_TOLERANCE = 0.1  # LU
+LIMIT_MARGIN_DB = 0.3  # the limiter aims under the ceiling: its gain curve is smoothed
 
 
 @dataclass(frozen=True)
@@ -66,16 +69,25 @@ def remix(
 def normalise(
     audio: np.ndarray, rate: int, target_lufs: float, ceiling_dbtp: float
 ) -> tuple[np.ndarray, float]:
-    """Gain to the loudness target, then true-peak limiting; returns (audio, applied make-up gain in dB)."""
-    loudness = integrated_loudness(audio, rate)
-    if not np.isfinite(loudness):
-        return audio.astype(np.float32), 0.0  # silence stays silence
-    gain_db = target_lufs - loudness
-    out = audio * np.float32(10 ** (gain_db / 20))
-    for margin_db in (0.3, 0.6, 1.0):  # tighten the ceiling until the oversampled peak obeys it
-        if true_peak_dbtp(out) <= ceiling_dbtp:
+    """Gain to the loudness target and true-peak limiting, alternated until both hold.
+
+    Returns (audio, total make-up gain in dB). Limiting lowers loudness, so gain is re-applied
+    and the limiter run again; the limiter always acts last, so the ceiling is never exceeded.
+    """
+    out, gain_db = audio.astype(np.float32), 0.0
+    for _ in range(MAX_ROUNDS):
+        loudness = integrated_loudness(out, rate)
+        if not np.isfinite(loudness):
+            return out, 0.0  # silence stays silence
+        step = target_lufs - loudness
+        peak_ok = true_peak_dbtp(out) <= ceiling_dbtp
+        if abs(step) <= LOUDNESS_TOLERANCE and peak_ok:
             break
-        out = limit_true_peak(out, ceiling_dbtp - margin_db, rate)
+        out, gain_db = out * np.float32(10 ** (step / 20)), gain_db + step
+        if true_peak_dbtp(out) > ceiling_dbtp:
+            out = limit_true_peak(out, ceiling_dbtp - LIMIT_MARGIN_DB, rate)
+    if true_peak_dbtp(out) > ceiling_dbtp:
+        out = limit_true_peak(out, ceiling_dbtp - 2 * LIMIT_MARGIN_DB, rate)
     return out.astype(np.float32), gain_db
 
 

@@ -29,6 +29,7 @@ import soundfile as sf
 from prefect import task
 
 from engine.base import EngineSetupError, MissingWeightsError
+from tasks.media import write_wav
 from tasks.workspace import Blob, Workspace, file_sha256, stage_cache
 
 log = logging.getLogger(__name__)
@@ -101,19 +102,9 @@ def _decode_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
 
 
 def write_audio(path: Path, audio: np.ndarray, rate: int) -> Path:
-    """Write (channels, samples) or (samples,) float32 as 32-bit float WAV, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames = audio.T if audio.ndim == 2 else audio
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav", dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, np.asarray(frames, dtype=np.float32), rate, subtype="FLOAT", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write (channels, samples) or (samples,) float32 as 32-bit float WAV, atomically and reproducibly
+    (tasks.media.write_wav: no libsndfile PEAK chunk with a timestamp in it)."""
+    return write_wav(Path(path), audio.T if audio.ndim == 2 else audio, rate)
 
 
 def check_not_silent(audio: np.ndarray, path: Path, floor_dbfs: float = -70.0) -> None:

@@ -1,0 +1,160 @@
+"""The episode flow end to end under a Prefect test server: outputs checked with ffprobe, cache semantics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyloudnorm
+import pytest
+import soundfile as sf
+
+from flows.cli import main
+from tasks.demo import BOXES, LINES
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+FRAME = 1 / 25
+
+
+def _manifest(folder: Path, media: dict[str, Path], episode: str) -> Path:
+    for name in ("scene", "ana", "ben", "dialogue"):
+        shutil.copy(media[name], folder / media[name].name)
+    speakers = "\n".join(f"  - {{id: {s}, box: {list(b)}, track: {s}.wav}}" for s, b in BOXES.items())
+    lines = "\n".join(f'  - {{speaker: {w}, start: {s}, text: "{t}"}}' for w, s, t, _ in LINES)
+    path = folder / "episode.yaml"
+    path.write_text(
+        f"episode: {episode}\nsource: scene.png\naudio: {{dialogue: dialogue.wav}}\n"
+        f"speakers:\n{speakers}\nlines:\n{lines}\n"
+        "separate: {backend: dsp}\nrender: {engine: preview, size: 480, max_segment_s: 3}\n"
+    )
+    return path
+
+
+def _run(manifest: Path, ws: Path) -> dict:
+    from flows.episode import dub_episode
+
+    dub_episode(manifest=str(manifest), workspace=str(ws))
+    runs = (ws / "episodes").glob("*/runs.jsonl")
+    last = json.loads(next(iter(runs)).read_text().splitlines()[-1])
+    return {s["stage"]: s["state"] for s in last["stages"]} | {"_record": last}
+
+
+def _streams(path: Path) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_type,codec_name,duration",
+            "-of",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {s["codec_name"]: float(s["duration"]) for s in json.loads(out)["streams"]}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, demo_media):
+    folder = tmp_path_factory.mktemp("ep one")
+    manifest = _manifest(folder, demo_media, "e2e")
+    ws = folder / "work"
+    return manifest, ws, _run(manifest, ws)
+
+
+def test_first_run_executes_every_stage_and_delivers(first_run):
+    manifest, ws, states = first_run
+    states = dict(states)
+    record = states.pop("_record")
+    assert record["state"] == "completed"
+    assert set(states.values()) == {"executed"}
+    renders = [k for k in states if k.startswith("render[")]
+    assert len(renders) >= 3  # ~9 s cut into pieces of at most 3 s
+    outputs = record["outputs"]
+    for name in (
+        "e2e.mp4",
+        "e2e.srt",
+        "qc.json",
+        "provenance.json",
+        "stems/dialogue.wav",
+        "stems/music_and_effects.wav",
+    ):
+        assert Path(outputs[name]).stat().st_size > 0, name
+
+
+def test_delivered_mp4_has_both_streams_of_equal_length_at_the_loudness_target(first_run):
+    _, _, states = first_run
+    mp4 = Path(states["_record"]["outputs"]["e2e.mp4"])
+    streams = _streams(mp4)
+    assert set(streams) == {"h264", "aac"}
+    assert abs(streams["h264"] - streams["aac"]) <= FRAME
+    audio = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(mp4), "-f", "f32le", "-ac", "1", "-ar", "48000", "-"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    samples = np.frombuffer(audio, dtype="<f4").astype(np.float64)
+    assert abs(pyloudnorm.Meter(48000).integrated_loudness(samples) - (-23.0)) <= 1.0
+    qc = json.loads(Path(states["_record"]["outputs"]["qc.json"]).read_text())
+    assert qc["frames"] == qc["expected_frames"] and qc["verdict"] == "pass"
+    srt = Path(states["_record"]["outputs"]["e2e.srt"]).read_text()
+    assert "00:00:00,400 -->" in srt and "Then let us dub it tonight." in srt
+
+
+def test_unchanged_rerun_executes_nothing(first_run):
+    manifest, ws, _ = first_run
+    states = _run(manifest, ws)
+    states.pop("_record")
+    assert set(states.values()) == {"cached"}, states
+
+
+def test_deleted_blob_is_recomputed_not_served(first_run):
+    manifest, ws, first = first_run
+    stitched = [s for s in first["_record"]["stages"] if s["stage"] == "stitch"][0]["outputs"][0]
+    (ws / stitched).unlink()
+    states = _run(manifest, ws)
+    assert states["stitch"] == "executed"
+    assert (ws / stitched).exists()  # same content, same name
+    assert states["remix"] == "cached" and states["separate[dialogue]"] == "cached"
+
+
+def test_truncated_blob_is_recomputed(first_run):
+    manifest, ws, first = first_run
+    mix = [s for s in first["_record"]["stages"] if s["stage"] == "remix"][0]["outputs"][0]
+    data = (ws / mix).read_bytes()
+    (ws / mix).write_bytes(data[: len(data) // 2])
+    states = _run(manifest, ws)
+    assert states["remix"] == "executed" and (ws / mix).stat().st_size == len(data)
+
+
+def test_changing_one_speaker_reruns_only_what_depends_on_it(first_run):
+    manifest, ws, first = first_run
+    ben = manifest.parent / "ben.wav"
+    audio, rate = sf.read(ben, dtype="float32")
+    region = slice(int(3.5 * rate), int(7.0 * rate))
+    audio[region] = -audio[region]  # same loudness and timing, different sound: the plan cannot move
+    sf.write(ben, audio, rate, subtype="FLOAT")
+    states = _run(manifest, ws)
+    assert states["conform[ana]"] == "cached" and states["conform[ben]"] == "executed"
+    assert states["separate[dialogue]"] == "cached"
+    renders = {k: v for k, v in states.items() if k.startswith("render[")}
+    executed = [k for k, v in renders.items() if v == "executed"]
+    assert 0 < len(executed) < len(renders), renders
+    assert states["remix"] == "executed" and states["deliver"] == "executed"
+
+
+def test_status_json_reports_stages_and_segments(first_run, capsys):
+    manifest, ws, _ = first_run
+    assert main(["status", str(manifest), "--workspace", str(ws), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["episode"] == "e2e" and status["state"] == "completed"
+    assert {s["state"] for s in status["stages"]} <= {"executed", "cached"}
+    assert [s["segment"] for s in status["segments"]] == list(range(len(status["segments"])))
+    assert all(s["outputs"] for s in status["segments"])
