@@ -93,6 +93,7 @@ def _run_episode(loaded: LoadedManifest, ws: Workspace) -> dict:
     record: dict[str, Any] = {"episode": m.episode, "manifest": str(loaded.path), "started": started}
     try:
         summary = _stages(loaded, ws, runner, log)
+        runner.progress.finish()
         record |= {"state": "completed", **summary}
         return record
     except Exception as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -294,16 +295,22 @@ def _check_media(m: Manifest, add) -> MediaInfo:
     ]
     for i, s in enumerate(m.speakers):
         media += [(("speakers", i, "track"), s.track), (("speakers", i, "voice_sample"), s.voice_sample)]
-    for loc, p in media:
-        if p is None:
-            continue
-        try:
-            info = probe(p)
-            if not info.has_audio:
-                add(loc, f"{p.name} has no sound stream; give an audio file")
-        except MediaError as exc:
-            add(loc, f"{exc}; fix the path (relative to the manifest)")
+    media = [(loc, p) for loc, p in media if p is not None]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # each probe is an ffprobe process: overlap them
+        results = list(pool.map(_probe_or_error, [p for _, p in media]))
+    for (loc, p), info in zip(media, results, strict=True):
+        if isinstance(info, MediaError):
+            add(loc, f"{info}; fix the path (relative to the manifest)")
+        elif not info.has_audio:
+            add(loc, f"{p.name} has no sound stream; give an audio file")
     return source_info
+
+
+def _probe_or_error(path: Path) -> MediaInfo | MediaError:
+    try:
+        return probe(path)
+    except MediaError as exc:
+        return exc
 
 
 def _check_speakers(m: Manifest, add, source: MediaInfo) -> None:
