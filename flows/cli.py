@@ -186,12 +186,15 @@ def status_record(run: dict) -> dict:
 
 
 def _episode_name(file: Path) -> str | None:
-    from tasks.manifest import ManifestError, load_manifest
+    """The episode name alone: status must work even when media moved or the manifest no longer validates."""
+    from tasks.yamlmarks import YamlProblem, load_marked
 
     try:
-        return load_manifest(file, check_media=False).manifest.episode
-    except ManifestError:
+        data, _ = load_marked(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, YamlProblem):
         return None
+    episode = data.get("episode") if isinstance(data, dict) else None
+    return episode if isinstance(episode, str) and episode and "/" not in episode else None
 
 
 # ---------------------------------------------------------------------------------------------- doctor, demo, schema

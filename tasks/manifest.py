@@ -181,7 +181,10 @@ def load_manifest(path: Path | str, *, check_media: bool = True) -> LoadedManife
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
-        raise ManifestError(path, [_from_pydantic(err, locate) for err in exc.errors()]) from None
+        problems = [_from_pydantic(err, locate) for err in exc.errors()]
+        if check_media:  # the models failed, but missing media are worth reporting in the same pass
+            problems += _raw_media_problems(data, path.parent, locate, {(p.line, p.column) for p in problems})
+        raise ManifestError(path, sorted(problems, key=lambda p: (p.line, p.column))) from None
     manifest = _resolve_paths(manifest, path.parent)
     problems, source_info = _cross_check(manifest, locate, check_media)
     if problems:
@@ -304,6 +307,25 @@ def _check_media(m: Manifest, add) -> MediaInfo:
         elif not info.has_audio:
             add(loc, f"{p.name} has no sound stream; give an audio file")
     return source_info
+
+
+def _raw_media_problems(data: dict, base: Path, locate: _Locator, taken: set) -> list[Problem]:
+    """Missing or unreadable media named in a manifest whose models did not validate."""
+    found: list[tuple[tuple, object]] = [(("source",), data.get("source"))]
+    audio = data.get("audio") if isinstance(data.get("audio"), dict) else {}
+    found += [(("audio", k), audio.get(k)) for k in ("dialogue", "original", "music_and_effects")]
+    speakers = data.get("speakers") if isinstance(data.get("speakers"), list) else []
+    for i, sp in enumerate(sp for sp in speakers if isinstance(sp, dict)):
+        found += [(("speakers", i, k), sp.get(k)) for k in ("track", "voice_sample")]
+    problems = []
+    for loc, value in found:
+        if not isinstance(value, str):
+            continue
+        info = _probe_or_error(base / value)
+        mark = locate.at(loc)
+        if isinstance(info, MediaError) and (mark.line, mark.column) not in taken:
+            problems.append(Problem(mark.line, mark.column, _field_name(loc), f"{info}; fix the path"))
+    return problems
 
 
 def _probe_or_error(path: Path) -> MediaInfo | MediaError:
