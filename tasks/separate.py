@@ -99,14 +99,17 @@ def _decode_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
 
 
 def write_audio(path: Path, audio: np.ndarray, rate: int) -> Path:
-    """Write (channels, samples) or (samples,) float32 as 32-bit float WAV, atomically."""
+    """Write (channels, samples) or (samples,) float32 as 32-bit float WAV, atomically and byte-reproducibly."""
+    from scipy.io import wavfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = audio.T if audio.ndim == 2 else audio
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav", dir=path.parent)
     os.close(fd)
     try:
-        sf.write(tmp, np.asarray(frames, dtype=np.float32), rate, subtype="FLOAT", format="WAV")
+        # scipy, not libsndfile: libsndfile's float WAVs carry a PEAK chunk with a timestamp (not reproducible)
+        wavfile.write(tmp, rate, np.ascontiguousarray(frames, dtype=np.float32))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
