@@ -47,6 +47,8 @@ class StageRunner:
     episode: str
     progress: EpisodeProgress
     stages: list[dict] = field(default_factory=list)
+    extra_outputs: dict[str, Blob] = field(default_factory=dict)  # published beside the deliverables
+    notes: list[str] = field(default_factory=list)  # warnings carried into qc.json
 
     def bind(self, tsk, name: str | None = None):
         options: dict[str, Any] = {"result_storage": self.ws.results_dir}
@@ -147,21 +149,29 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> 
     dialogue_stems = [*tracks.values()]
     target = MixTarget(m.mix.loudness_lufs, m.mix.true_peak_dbtp, m.mix.bed_gain_db)
     mix = runner.run(remix_task, "remix", dialogue_stems, bed, timeline, target)
+    transcript = _transcript(m, runner, mix.dialogue, log)
+    captions = plan.captions or (transcript.captions if transcript else ())
     provenance = _provenance(m, ws, source, raw, backend, engine, plan)
-    qc_extra = {"segments": len(plan.segments), "forced_cuts": plan.forced_cuts, "engine": engine}
+    qc_extra = {
+        "segments": len(plan.segments),
+        "forced_cuts": plan.forced_cuts,
+        "engine": engine,
+        "word_error_rate": transcript.wer if transcript else None,
+        "notes": runner.notes,
+    }
     delivery = runner.run(
         deliver_task,
         "deliver",
         picture,
         mix,
         timeline,
-        plan.captions,
+        captions,
         tuple(m.outputs),
         qc_extra,
         provenance,
         m.mix.model_dump(),
     )
-    outputs = _publish(ws, m.episode, delivery, plan)
+    outputs = _publish(ws, m.episode, delivery, plan, runner.extra_outputs)
     return {
         "outputs": outputs,
         "qc_verdict": delivery.verdict,
@@ -169,6 +179,25 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> 
         "frames": timeline.total_frames,
         "seconds": timeline.total_frames / FPS,
     }
+
+
+def _transcript(m: Manifest, runner: StageRunner, dialogue: Blob, log):
+    """Word-timed transcript for subtitles (no script lines) and the QC word error rate (script lines)."""
+    if "srt" not in m.outputs and not m.lines:
+        return None
+    from tasks.transcribe import embedded_model_path, resolve_transcribe_backend, transcribe_task
+
+    backend, why = resolve_transcribe_backend("auto")
+    try:
+        if backend == "faster-whisper":
+            embedded_model_path()  # raises when the asr extra is missing
+    except Exception as exc:  # noqa: BLE001 - transcription is optional: say why and go on
+        runner.notes.append(f"no transcript: {exc}")
+        log.warning("transcribe skipped: %s", exc)
+        return None
+    log.info("transcribe: %s (%s)", backend, why)
+    script = " ".join(line.text for line in m.lines)
+    return runner.run(transcribe_task, "transcribe", dialogue, m.language, backend, script)
 
 
 def _bed(m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner, backend: str, dub_instr):
@@ -202,9 +231,14 @@ def _raw_tracks(m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob | 
 
 
 def _diarised(m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob) -> dict[str, Blob]:
-    from tasks.diarise import diarise_task
+    from tasks.diarise import diarise_task, resolve_diarise_backend
 
-    result = runner.run(diarise_task, "diarise", vocals, _speaker_refs(m, ws), m.diarise.model_dump())
+    backend, why = resolve_diarise_backend(m.diarise.backend)
+    get_run_logger().info("diarise: %s (%s)", backend, why)
+    settings = m.diarise.model_dump() | {"backend": backend}
+    result = runner.run(diarise_task, "diarise", vocals, _speaker_refs(m, ws), settings)
+    runner.extra_outputs |= {"diarisation.rttm": result.rttm, "speaker-mapping.json": result.mapping}
+    runner.notes += list(result.warnings)
     return result.tracks
 
 
@@ -297,9 +331,9 @@ def _provenance(m: Manifest, ws: Workspace, source: Blob, raw: dict, backend: st
     }
 
 
-def _publish(ws: Workspace, episode: str, delivery, plan) -> dict[str, str]:
+def _publish(ws: Workspace, episode: str, delivery, plan, extra: dict[str, Blob]) -> dict[str, str]:
     """Readable links under episodes/<episode>/out/, and a link artifact to the finished mp4."""
-    named = {"qc.json": delivery.qc, "provenance.json": delivery.provenance, "plan.json": plan.plan}
+    named = {"qc.json": delivery.qc, "provenance.json": delivery.provenance, "plan.json": plan.plan, **extra}
     if delivery.mp4:
         named[f"{episode}.mp4"] = delivery.mp4
     if delivery.srt:

@@ -24,9 +24,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from prefect import task
 
 from engine.base import EngineSetupError, MissingWeightsError
 from tasks.separate import AudioError, check_not_silent, read_audio, write_audio
+from tasks.workspace import Blob, Workspace, stage_cache
 
 log = logging.getLogger(__name__)
 
@@ -753,3 +755,43 @@ def load_pyannote_pipeline(pipeline: str, models_dir: Path | None):
             f"pyannote pipeline {source!r} could not be loaded: check HF_TOKEN and its access"
         )
     return pipe
+
+
+# --------------------------------------------------------------------------- the Prefect stage
+
+
+@dataclass(frozen=True)
+class DiarisedTracks:
+    tracks: dict[str, Blob]
+    rttm: Blob
+    mapping: Blob  # mapping.json: cluster label -> speaker id (pin it with diarise.mapping in the manifest)
+    backend: str
+    warnings: tuple[str, ...]
+
+
+def diarise_stage(
+    ws: Workspace, vocals: Blob, speakers: list[tuple[str, Blob | None]], settings: dict
+) -> DiarisedTracks:
+    """Workspace form of `diarise`; `settings` holds the resolved backend, order rule and pinned mapping."""
+    refs = [SpeakerRef(sid, ws.path(sample) if sample else None) for sid, sample in speakers]
+    with ws.scratch() as tmp:
+        result = diarise(
+            ws.path(vocals),
+            refs,
+            tmp,
+            backend=settings["backend"],
+            num_speakers=len(refs),
+            order=settings["order"],
+            pinned=settings.get("mapping") or None,
+        )
+        mapping = ws.put_json(result.mapping)
+        tracks = {sid: ws.put_file(path) for sid, path in result.tracks.items()}
+        return DiarisedTracks(tracks, ws.put_file(result.rttm), mapping, result.backend, result.warnings)
+
+
+diarise_task = task(
+    diarise_stage,
+    name="diarise",
+    cache_policy=stage_cache("tasks.diarise", "tasks.separate"),
+    persist_result=True,
+)

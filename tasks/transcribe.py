@@ -23,10 +23,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from prefect import task
 
 from engine.base import EngineSetupError, MissingWeightsError
 from tasks.diarise import Turn, read_rttm, to_16k
 from tasks.separate import check_not_silent, read_audio
+from tasks.workspace import Blob, Workspace, stage_cache
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +202,47 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 def words_to_text(words: list[Word]) -> str:
     return " ".join(w.text for w in words)
+
+
+# --------------------------------------------------------------------------- the Prefect stage
+
+
+@dataclass(frozen=True)
+class Transcript:
+    words: Blob  # words.json: [[start, end, text, speaker], ...]
+    captions: tuple[tuple[float, float, str, int], ...]  # grouped into subtitle lines
+    wer: float | None  # against the manifest's script lines, when it has them
+    backend: str
+
+
+def transcribe_stage(ws: Workspace, dialogue: Blob, language: str, backend: str, script: str) -> Transcript:
+    words = transcribe(ws.path(dialogue), language=language, backend=backend)
+    blob = ws.put_json([[w.start, w.end, w.text, w.speaker] for w in words])
+    wer = word_error_rate(script, words_to_text(words)) if script.strip() else None
+    return Transcript(blob, words_to_captions(words), wer, backend)
+
+
+def words_to_captions(words: list[Word], *, pause_s: float = 0.6, max_chars: int = 42) -> tuple:
+    """Subtitle lines: a new line at a pause, a sentence end or when the line would grow past `max_chars`."""
+    captions, current = [], []
+    for w in words:
+        text = " ".join(x.text.strip() for x in current)
+        if current and (
+            w.start - current[-1].end > pause_s
+            or len(text) + len(w.text) > max_chars
+            or text.endswith((".", "?", "!"))
+        ):
+            captions.append((current[0].start, current[-1].end, text, 0))
+            current = []
+        current.append(w)
+    if current:
+        captions.append((current[0].start, current[-1].end, " ".join(x.text.strip() for x in current), 0))
+    return tuple(captions)
+
+
+transcribe_task = task(
+    transcribe_stage,
+    name="transcribe",
+    cache_policy=stage_cache("tasks.transcribe", "tasks.separate"),
+    persist_result=True,
+)

@@ -158,3 +158,42 @@ def test_status_json_reports_stages_and_segments(first_run, capsys):
     assert {s["state"] for s in status["stages"]} <= {"executed", "cached"}
     assert [s["segment"] for s in status["segments"]] == list(range(len(status["segments"])))
     assert all(s["outputs"] for s in status["segments"])
+
+
+def _envelope(audio: np.ndarray, rate: int) -> np.ndarray:
+    hop = rate // 25
+    n = len(audio) // hop
+    return np.sqrt(np.mean(audio[: n * hop].reshape(n, hop) ** 2, axis=1))
+
+
+def test_diarised_episode_names_tracks_after_their_enrolment_samples(tmp_path, demo_media):
+    from tasks.tts import speak
+
+    for name in ("scene", "ana", "ben", "dialogue"):
+        shutil.copy(demo_media[name], tmp_path / demo_media[name].name)
+    for speaker, voice in (("ana", "en-us+f3"), ("ben", "en-us+m3")):  # the demo's voices, other words
+        sample = speak(
+            "This is my voice, recorded for the enrolment of the dub.", voice, 16000, out_dir=tmp_path
+        )
+        sf.write(tmp_path / f"{speaker}-sample.wav", sample, 16000)
+    speakers = "\n".join(
+        f"  - {{id: {s}, box: {list(b)}, voice_sample: {s}-sample.wav}}" for s, b in reversed(BOXES.items())
+    )  # ben first: the mapping must not follow manifest order by luck
+    manifest = tmp_path / "diarised.yaml"
+    manifest.write_text(
+        f"episode: diar\nsource: scene.png\naudio: {{dialogue: dialogue.wav}}\nspeakers:\n{speakers}\n"
+        "separate: {backend: dsp}\nrender: {engine: preview, max_segment_s: 5}\noutputs: [mp4, qc]\n"
+    )
+    states = _run(manifest, tmp_path / "work")
+    record = states["_record"]
+    assert states["diarise"] == "executed" and record["state"] == "completed"
+    assert Path(record["outputs"]["speaker-mapping.json"]).exists()
+    diarise = [s for s in record["stages"] if s["stage"] == "diarise"][0]
+    ben_track, ana_track = (
+        tmp_path / "work" / rel for rel in diarise["outputs"][:2]
+    )  # manifest order: ben, ana
+    truth = {s: _envelope(*sf.read(tmp_path / f"{s}.wav", dtype="float32")) for s in ("ana", "ben")}
+    for got, own, other in ((ana_track, "ana", "ben"), (ben_track, "ben", "ana")):
+        env = _envelope(*sf.read(got, dtype="float32"))
+        n = min(len(env), len(truth[own]))
+        assert np.corrcoef(env[:n], truth[own][:n])[0, 1] > np.corrcoef(env[:n], truth[other][:n])[0, 1] + 0.3
