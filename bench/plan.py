@@ -12,8 +12,11 @@ person's mouth opens with their track; baseline: binding speakers to faces left 
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,7 +26,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from engine.base import AUDIO_RATE, FPS, Box  # noqa: E402
-from tasks.segment import frame_rms  # noqa: E402
+from engine.memory import GiB, RenderSettings, estimate_seconds, max_frames_that_fit  # noqa: E402
+from tasks.segment import SegmentPlan, frame_rms, makespan, plan_segments, speech_activity  # noqa: E402
 
 FaceSpot = tuple[int, int, int]  # centre x, centre y, half height of the face ellipse (pixels)
 
@@ -119,3 +123,171 @@ def write_talking_scene(
             noise = rng.normal(0, 2.0, (size[1], size[0]))
             encoder.stdin.write(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8).tobytes())
         encoder.stdin.close()
+
+
+# ---------------------------------------------------------------------------------------------- planner bench
+
+
+def greedy_plan(activity: Mapping[str, np.ndarray], total: int, max_frames: int, min_gap: int) -> list[int]:
+    """Baseline: segment lengths from cutting at the middle of the last silence before the limit (as the
+    walkthrough did by hand), or at the limit when there is none."""
+    silent = ~np.any([a[:total] for a in activity.values()], axis=0)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], silent.astype(np.int8), [0]])))
+    middles = [(a + b) // 2 for a, b in zip(edges[0::2], edges[1::2], strict=True) if b - a >= min_gap]
+    lengths, start = [], 0
+    while total - start > max_frames:
+        reachable = [m for m in middles if start < m <= start + max_frames]
+        cut = reachable[-1] if reachable else start + max_frames
+        lengths.append(cut - start)
+        start = cut
+    return [*lengths, total - start]
+
+
+def _share_quiet(cuts: Sequence[int], quiet: np.ndarray) -> float:
+    """Share of cuts with every track quiet (frame RMS under -40 dBFS) on both sides: acoustically in silence."""
+    return sum(bool(quiet[c - 1] and quiet[c]) for c in cuts) / max(1, len(cuts))
+
+
+def _plan_row(plan: SegmentPlan, quiet: np.ndarray, greedy: list[float], gpus: int, plan_ms: float) -> str:
+    cuts = [s.end_frame for s in plan.segments[:-1]]
+    longest = max(s.num_frames for s in plan.segments)
+    return (
+        f"{gpus:>4} {plan_ms:>8.0f} {len(plan.segments):>5} {_share_quiet(cuts, quiet):>10.0%} "
+        f"{plan.cut_counts().get('forced', 0):>6} {longest:>4}/{plan.max_frames:<4} {plan.total_seconds / 3600:>8.2f} "
+        f"{plan.makespan_s() / plan.ideal_s():>14.3f} {len(greedy):>5} {sum(greedy) / 3600:>8.2f} "
+        f"{makespan(greedy, gpus) / (sum(greedy) / gpus):>14.3f}"
+    )
+
+
+def bench_planner(minutes: float, seed: int = 5) -> None:
+    rng = np.random.default_rng(seed)
+    tracks = conversation(["ana", "ben", "cy"], minutes * 60, rng)
+    started = time.perf_counter()
+    activity = {n: speech_activity(a, AUDIO_RATE) for n, a in tracks.items()}
+    energy = {n: frame_rms(a, AUDIO_RATE) for n, a in tracks.items()}
+    vad_s = time.perf_counter() - started
+    total = min(len(a) for a in activity.values())
+    quiet = np.all([20 * np.log10(e[:total] + 1e-10) <= -40 for e in energy.values()], axis=0)
+    print(f"episode: {minutes:g} min, 3 speakers, {total} frames; VAD {vad_s:.2f} s for 3 tracks")
+    workers = {
+        "streaming engine (keeps the motion frames only), H100 80 GB, 64 GiB host": (RenderSettings(), 64),
+        # 18 GiB: the walkthrough's machine as this model sees it: a 17 s piece fits, the 27 s line does not.
+        "reference-like engine (every frame kept as fp32 in host RAM), H100 80 GB, 18 GiB host": (
+            RenderSettings(keep_frames="host_fp32", offload="model"),
+            18,
+        ),
+    }
+    for label, (settings, host_gib) in workers.items():
+        limit = max_frames_that_fit(80 * GiB, host_gib * GiB, settings)
+        print(f"\n{label}: memory limit {limit} frames ({limit / FPS:.1f} s)")
+        print(
+            f"{'GPUs':>4} {'plan ms':>8} {'segs':>5} {'in silence':>10} {'forced':>6} {'longest':>9} "
+            f"{'render h':>8} {'makespan/ideal':>14} | greedy: {'segs':>5} {'render h':>8} {'makespan/ideal':>14}"
+        )
+        greedy = [estimate_seconds(n, settings) for n in greedy_plan(activity, total, limit, 8)]
+        for gpus in (1, 2, 4, 8):
+            started = time.perf_counter()
+            plan = plan_segments(
+                activity, total, max_frames=limit, n_gpus=gpus, energy=energy, settings=settings
+            )
+            print(_plan_row(plan, quiet, greedy, gpus, 1000 * (time.perf_counter() - started)))
+        crowded = sum(1 for s in plan.segments if s.extra_speakers)
+        print(f"cut kinds (8 GPUs): {plan.cut_counts()}; segments with 3 speakers (flagged): {crowded}")
+
+
+# ---------------------------------------------------------------------------------------------- binding bench
+
+
+def _scene(people: int, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list]:
+    """Tracks of a short dialogue and two shots with the people in random places (the second shot reshuffles)."""
+    names = ["ana", "ben", "cy"][:people]
+    tracks = conversation(names, 8.0, rng, overlap_share=0.2)
+    shots = []
+    for start in (0, 100):
+        xs = rng.permutation(np.linspace(55, 265, people).round().astype(int))
+        size = int(rng.integers(32, 42))
+        shots.append(
+            (start, {n: (int(x), int(rng.integers(80, 100)), size) for n, x in zip(names, xs, strict=True)})
+        )
+    return tracks, shots
+
+
+def _scored(
+    proposal: Mapping[str, Sequence], tracks: Mapping[str, np.ndarray], shots: list
+) -> tuple[int, int]:
+    """(speaker-shots bound to the right face, speaker-shots where the speaker talks)."""
+    from tasks.bind import iou
+
+    right = talking = 0
+    bounds = [start for start, _ in shots] + [200]
+    for name, track in tracks.items():
+        active = speech_activity(track, AUDIO_RATE)
+        for k, (start, layout) in enumerate(shots):
+            if active[start : bounds[k + 1]].sum() < 5:
+                continue
+            talking += 1
+            boxes = [b.box for b in proposal.get(name, ()) if b.start_frame <= start < (b.end_frame or 10**9)]
+            right += bool(boxes) and iou(boxes[0], face_box(layout[name])) >= 0.4
+    return right, talking
+
+
+def _left_to_right(path: Path, tracks: Mapping[str, np.ndarray], shots: list, detector) -> dict:
+    """Baseline: faces of each shot's first frame, given to the speakers in manifest order, left to right."""
+    from tasks.bind import TimedBox, detect_faces, read_frames
+
+    frames = {start: None for start, _ in shots}
+    for t, frame in enumerate(read_frames(path, 320)):
+        if t in frames:
+            frames[t] = frame
+    bounds = [start for start, _ in shots] + [200]
+    proposal: dict[str, list] = {n: [] for n in tracks}
+    for k, (start, _) in enumerate(shots):
+        for name, face in zip(tracks, detect_faces(frames[start], detector=detector), strict=False):
+            proposal[name].append(TimedBox(start, bounds[k + 1], face, "proposed"))
+    return proposal
+
+
+def bench_binding(scenes_per_size: int, seed: int = 11) -> None:
+    from engine.base import EngineSetupError
+    from tasks.bind import haar_face_detector, propose_boxes
+
+    try:
+        detector = haar_face_detector()
+    except EngineSetupError as exc:
+        print(f"\nbinding: not run: {exc}")
+        return
+    rng = np.random.default_rng(seed)
+    print(f"\nbinding proposal on generated 8 s, 320x180 scenes with 2 shots ({scenes_per_size} per size)")
+    print(
+        f"{'people':>6} {'right/talking (proposal)':>25} {'left-to-right baseline':>23} {'s per scene':>11}"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        for people in (2, 3):
+            ours = base = (0, 0)
+            seconds = 0.0
+            for i in range(scenes_per_size):
+                tracks, shots = _scene(people, rng)
+                path = Path(folder) / f"scene{people}_{i}.mp4"
+                write_talking_scene(path, tracks, shots, seed=i)
+                started = time.perf_counter()
+                proposal = propose_boxes(path, tracks, AUDIO_RATE, detector=detector)
+                seconds += time.perf_counter() - started
+                ours = tuple(map(sum, zip(ours, _scored(proposal, tracks, shots), strict=True)))
+                baseline = _left_to_right(path, tracks, shots, detector)
+                base = tuple(map(sum, zip(base, _scored(baseline, tracks, shots), strict=True)))
+            print(
+                f"{people:>6} {ours[0]:>12}/{ours[1]:<3} = {ours[0] / max(1, ours[1]):>5.0%} "
+                f"{base[0]:>10}/{base[1]:<3} = {base[0] / max(1, base[1]):>5.0%} {seconds / scenes_per_size:>11.2f}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 5-minute episode and 2 scenes per size")
+    args = parser.parse_args()
+    bench_planner(5 if args.quick else 22)
+    bench_binding(2 if args.quick else 6)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,8 +5,9 @@ of preference (the planner pays a penalty for each kind below "silence" and neve
 
 - ``silence``: every speaker is silent for at least ``min_gap_frames`` around c;
 - ``shot``: a shot cut (always cut there: the picture changes, so does the engine's reference frame);
-- ``turn``: no speaker's speech runs across c, but the pause is shorter than the gap (a hand-over between
-  speakers); used only to keep a segment within the engine's person limit or to avoid a forced cut;
+- ``pause``: every speaker is silent on both sides of c, but for less than the gap;
+- ``turn``: no speaker's speech runs across c, but someone speaks right before or after it (a hand-over);
+  pauses and turns are used only to keep a segment within the engine's person limit or to avoid a forced cut;
 - ``forced``: inside speech, at the quietest frame, only when nothing else allows a segment under the length limit.
 
 The engine renders clips of 4n+1 frames (ENGINE.md §5.1), so inside a gap the cut is placed where the segment
@@ -29,10 +30,10 @@ import numpy as np
 from engine.base import FPS, OutOfMemory
 from engine.memory import GiB, RenderSettings, estimate_peak, estimate_seconds
 
-CUT_KINDS = ("end", "silence", "shot", "turn", "forced")
+CUT_KINDS = ("end", "silence", "shot", "pause", "turn", "forced")
 # Penalties in "seconds of render time": a worse cut kind always loses to any amount of render time.
-_PENALTY = {"end": 0.0, "silence": 0.0, "shot": 0.0, "turn": 1e5, "forced": 1e9}
-# A segment with more speakers than the engine binds: worse than a turn cut, better than a forced one.
+_PENALTY = {"end": 0.0, "silence": 0.0, "shot": 0.0, "pause": 1e5, "turn": 2e5, "forced": 1e9}
+# A segment with more speakers than the engine binds: worse than a pause or turn cut, better than a forced one.
 _CROWD_PENALTY = 1e7
 _PAD_PENALTY = 1e3  # a non-final segment that is not 4n+1 frames (the engine renders extra frames and trims)
 
@@ -227,13 +228,13 @@ def _spread(first: int, last: int, window: int) -> list[int]:
 
 
 def _pause_cuts(tracks: _Tracks, lo: int, hi: int, min_gap: int, window: int) -> dict[int, str]:
-    """Cuts in [lo, hi)'s interior where no speaker's speech runs across: 'silence' or, for short pauses, 'turn'."""
+    """Cuts in [lo, hi)'s interior where no speaker's speech runs across: silences, pauses and turns."""
     active = tracks.active[:, lo:hi]
     silent = ~active.any(0)
     cuts: dict[int, str] = {}
     for g0, g1 in _runs(silent):
-        kind = "silence" if g1 - g0 >= min_gap else "turn"
-        first, last = max(lo + g0, lo + 1), min(lo + g1, hi - 1)
+        kind, inset = ("silence", 0) if g1 - g0 >= min_gap else ("pause", 1) if g1 - g0 >= 2 else ("turn", 0)
+        first, last = max(lo + g0 + inset, lo + 1), min(lo + g1 - inset, hi - 1)  # a pause: silent both sides
         for c in _spread(first, last, window) if first <= last else []:
             cuts[c] = kind
     # Hand-overs: speech on both sides of c, but nobody's run crosses c (one stops as the other starts).
@@ -367,13 +368,6 @@ def _plan_with_cap(tracks: _Tracks, frame: SegmentPlan, cap: int, seconds: np.nd
     return replace(frame, segments=segments)
 
 
-def _plan_key(plan: SegmentPlan) -> tuple[int, int, int]:
-    """What a faster plan may never buy: fewer forced cuts, crowded segments and turn cuts come first."""
-    cuts = plan.cut_counts()
-    crowded = sum(1 for s in plan.segments if s.extra_speakers)
-    return cuts.get("forced", 0), crowded, cuts.get("turn", 0)
-
-
 def plan_segments(
     activity: Mapping[str, np.ndarray],
     total_frames: int,
@@ -437,7 +431,7 @@ def _split(
 ) -> SegmentPlan | None:
     """`plan` with `old` cut in two at its best inner cut of one of `kinds` (None if it has none).
 
-    Best = the best cut kind (silence, then turn, then the quietest frame), then one that keeps the first half
+    Best = the best cut kind (silence, pause, turn, then the quietest frame), then one that keeps the first half
     4n+1, then nearest the middle so both halves shrink. The halves get new ids and `split_from=old.index`.
     """
     if old.num_frames < 2:

@@ -52,14 +52,16 @@ def check_rules(plan: SegmentPlan, activity: dict[str, np.ndarray]) -> None:
     for s in segs[:-1]:
         c = s.end_frame
         spans = bool((active[:, c - 1] & active[:, c]).any())
-        if s.end_cut in ("silence", "turn"):
+        if s.end_cut in ("silence", "pause", "turn"):
             assert not spans, f"cut at {c} is inside a word"
+        if s.end_cut == "pause":
+            assert not active[:, c - 1 : c + 1].any(), f"pause cut at {c} has speech beside it"
         if s.end_cut == "silence":
             silent = ~active.any(0)
             left = c - np.argmin(silent[:c][::-1]) if not silent[:c].all() else 0
             right = c + np.argmin(silent[c:]) if not silent[c:].all() else plan.total_frames
             assert right - left >= plan.min_gap_frames, f"silence at {c} is shorter than the gap"
-        assert s.end_cut in ("silence", "turn", "forced", "shot")
+        assert s.end_cut in ("silence", "pause", "turn", "forced", "shot")
         assert (s.end_cut == "forced") == ("forced cut" in s.flags)
 
 
@@ -141,13 +143,14 @@ def test_shot_cuts_are_always_cut() -> None:
 
 def test_a_third_speaker_is_cut_away_at_a_turn_before_crowding_a_segment() -> None:
     # ana, then ben after a 3-frame pause, then cy the moment ben stops: no silence of the gap anywhere, so the
-    # planner cuts at one of the two turns rather than render a three-talk.
+    # planner cuts in the pause rather than render a three-talk.
     total = 300
     activity = {"ana": talk(total, (0, 60)), "ben": talk(total, (63, 150)), "cy": talk(total, (150, 290))}
     plan = plan_segments(activity, total, max_frames=400, min_gap_frames=8)
     check_rules(plan, activity)
     assert all(len(s.speakers) <= 2 and not s.extra_speakers for s in plan.segments)
-    assert plan.cut_counts() == {"turn": 1}
+    assert plan.cut_counts() == {"pause": 1}
+    assert 60 < plan.segments[0].end_frame < 63
 
 
 def test_three_people_at_once_keeps_the_two_loudest_and_flags_it() -> None:
