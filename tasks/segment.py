@@ -187,10 +187,14 @@ class _Tracks:
         return self.loudness.sum(0)
 
 
-def _on_grid(values: np.ndarray, total_frames: int, dtype: type) -> np.ndarray:
-    out = np.zeros(total_frames, dtype)
-    clipped = np.asarray(values)[:total_frames]
-    out[: len(clipped)] = clipped
+def _on_grid(
+    series: Mapping[str, np.ndarray], names: Sequence[str], total_frames: int, dtype: type
+) -> np.ndarray:
+    """(speakers, total_frames): each series cut or zero-padded to the episode's frame count."""
+    out = np.zeros((len(names), total_frames), dtype)
+    for row, name in enumerate(names):
+        values = np.asarray(series[name])[:total_frames]
+        out[row, : len(values)] = values
     return out
 
 
@@ -198,11 +202,10 @@ def _tracks(
     activity: Mapping[str, np.ndarray], total_frames: int, energy: Mapping[str, np.ndarray] | None
 ) -> _Tracks:
     names = tuple(activity)
-    active = np.array([_on_grid(activity[n], total_frames, bool) for n in names]).reshape(len(names), -1)
+    active = _on_grid(activity, names, total_frames, bool)
     if energy is None:
         return _Tracks(names, active, active.astype(float), False)
-    loud = np.array([_on_grid(energy[n], total_frames, float) for n in names]).reshape(len(names), -1)
-    return _Tracks(names, active, loud, True)
+    return _Tracks(names, active, _on_grid(energy, names, total_frames, float), True)
 
 
 # ---------------------------------------------------------------------------------------------- cut candidates
@@ -272,7 +275,8 @@ def _forced_cuts(tracks: _Tracks, bounds: Sequence[int], max_frames: int) -> dic
 
 
 def _candidates(tracks: _Tracks, lo: int, hi: int, min_gap: int, cap: int) -> dict[int, str]:
-    cuts = _pause_cuts(tracks, lo, hi, min_gap, max(4, cap // 2))
+    # Long silences get a group of cuts every eighth of the limit, so pieces can stay close to it.
+    cuts = _pause_cuts(tracks, lo, hi, min_gap, max(4, cap // 8))
     cuts.update(_forced_cuts(tracks, [lo, *sorted(cuts), hi], cap))
     return cuts
 
@@ -514,7 +518,9 @@ def _timecode(frame: int) -> str:
 
 def format_plan_table(plan: SegmentPlan) -> str:
     """The plan as a text table for `dubflow plan FILE`, with totals, makespan and every rule that was bent."""
-    header = f"{'seg':>4} {'start':>8} {'end':>8} {'frames':>6} {'speakers':<20} {'cut':<7} {'GPU GiB':>7} "
+    header = (
+        f"{'seg':>4} {'start':>8} {'end':>8} {'frames':>6} {'speakers':<20} {'end cut':<7} {'GPU GiB':>7} "
+    )
     header += f"{'host GiB':>8} {'est s':>7}  flags"
     rows = [header, "-" * len(header)]
     for s in plan.segments:
@@ -541,7 +547,7 @@ def _plan_summary(plan: SegmentPlan) -> list[str]:
         if s.end_cut == "forced":
             lines.append(
                 f"WARNING segment {s.index} ends in a forced cut inside speech at {_timecode(s.end_frame)}: no "
-                f"pause of {plan.min_gap_frames} frames within {plan.max_frames} frames"
+                f"silence, pause or turn between speakers within the {plan.max_frames}-frame limit"
             )
         if s.extra_speakers:
             lines.append(

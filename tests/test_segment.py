@@ -251,6 +251,21 @@ def test_estimates_come_from_the_memory_model() -> None:
     assert streaming.gpu_bytes == keeping.gpu_bytes and streaming.est_seconds > 0
 
 
+def test_a_hand_over_without_a_pause_is_a_turn_cut() -> None:
+    total = 300
+    activity = {"ana": talk(total, (0, 60)), "ben": talk(total, (61, 150)), "cy": talk(total, (150, 290))}
+    plan = plan_segments(activity, total, max_frames=400)
+    check_rules(plan, activity)
+    assert not any(s.extra_speakers for s in plan.segments)
+    assert plan.cut_counts() == {"turn": 1}
+
+
+def test_no_speakers_at_all_is_one_silent_plan() -> None:
+    plan = plan_segments({}, 100, max_frames=60)
+    assert [s.speakers for s in plan.segments] == [(), ()]
+    assert plan.segments[0].num_frames % 4 == 1
+
+
 def test_bad_arguments_name_the_rule() -> None:
     with pytest.raises(ValueError, match="max_frames=0"):
         plan_segments({"ana": np.ones(10, bool)}, 10, max_frames=0)
