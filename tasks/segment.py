@@ -219,9 +219,11 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 def _spread(first: int, last: int, window: int) -> list[int]:
     """Cut positions in [first, last]: per window of at most `window` positions, 4 consecutive ones around its
-    centre (4 residues mod 4, so a 4n+1 segment can end there whatever its start)."""
+    centre (4 residues mod 4, so a 4n+1 segment can end there whatever its start); all of them for small windows."""
     count = last - first + 1
-    pieces = max(1, math.ceil(count / window))
+    if window <= 4:
+        return list(range(first, last + 1))
+    pieces = max(1, min(math.ceil(count / window), count // 4))  # every piece keeps its 4 residues
     out: list[int] = []
     for k in range(pieces):
         lo, hi = first + k * count // pieces, first + (k + 1) * count // pieces - 1
@@ -240,6 +242,9 @@ def _pause_cuts(tracks: _Tracks, lo: int, hi: int, min_gap: int, window: int) ->
         first, last = max(lo + g0 + inset, lo + 1), min(lo + g1 - inset, hi - 1)  # a pause: silent both sides
         for c in _spread(first, last, window) if first <= last else []:
             cuts[c] = kind
+        for c in (lo + g0, lo + g1):  # the run's edges: speech on one side, so at best a turn
+            if lo < c < hi:
+                cuts.setdefault(c, "turn")
     # Hand-overs: speech on both sides of c, but nobody's run crosses c (one stops as the other starts).
     spans = (active[:, :-1] & active[:, 1:]).any(0)
     talk = active.any(0)
@@ -276,7 +281,7 @@ def _forced_cuts(tracks: _Tracks, bounds: Sequence[int], max_frames: int) -> dic
 
 def _candidates(tracks: _Tracks, lo: int, hi: int, min_gap: int, cap: int) -> dict[int, str]:
     # Long silences get a group of cuts every eighth of the limit, so pieces can stay close to it.
-    cuts = _pause_cuts(tracks, lo, hi, min_gap, max(4, cap // 8))
+    cuts = _pause_cuts(tracks, lo, hi, min_gap, cap // 8)
     cuts.update(_forced_cuts(tracks, [lo, *sorted(cuts), hi], cap))
     return cuts
 

@@ -7,8 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine import memory
 from engine.base import FPS, OutOfMemory
-from engine.memory import RenderSettings
+from engine.memory import (
+    GiB,
+    RenderSettings,
+    chunk_count,
+    estimate_peak,
+    estimate_seconds,
+    max_frames_that_fit,
+)
 from tasks.segment import (
     Segment,
     SegmentPlan,
@@ -269,3 +277,45 @@ def test_no_speakers_at_all_is_one_silent_plan() -> None:
 def test_bad_arguments_name_the_rule() -> None:
     with pytest.raises(ValueError, match="max_frames=0"):
         plan_segments({"ana": np.ones(10, bool)}, 10, max_frames=0)
+
+
+# ---------------------------------------------------------------------------------------------- memory model
+
+
+def test_memory_model_reproduces_the_measured_h100_figures() -> None:
+    """MEMORY.md: 480p 81-frame forward 4.22-4.27 s eager; 720p 81-frame DiT 15.95 GiB reserved beyond weights;
+    an 80 GB card with everything resident fits the fp32 decode at 480p (35.7 + 12.6 GiB)."""
+    one_pass = RenderSettings(steps=1, cfg_passes=1, vae_dtype="bf16", vae_tiled=True)
+    chunk = estimate_seconds(81, one_pass) - memory.SEGMENT_OVERHEAD_S
+    vae = memory.VAE_DECODE_S_PER_LATENT["bf16"] * 21 * memory.VAE_TILED_TIME_FACTOR
+    assert chunk - vae - memory.VAE_ENCODE_S_PER_CHUNK["bf16"] == pytest.approx(4.24, rel=0.03)
+    dit_720 = RenderSettings(size=720, vae_dtype="bf16", vae_tiled=True)
+    weights = 40 * memory.BLOCK_WEIGHTS + memory.NON_BLOCK_WEIGHTS
+    overhead = memory.CUDA_CONTEXT + weights + memory.VAE_WEIGHTS["bf16"] + memory.CONDITIONING
+    assert estimate_peak(81, dit_720).gpu_bytes / GiB - overhead == pytest.approx(15.95, abs=0.05)
+    assert estimate_peak(81, RenderSettings()).gpu_bytes < 79.2 * GiB
+
+
+def test_memory_model_explains_the_walkthrough_out_of_memory() -> None:
+    """The reference keeps fp32 frames in host RAM: on an 18 GiB host a 17 s piece fits and the 27 s line does not."""
+    reference = RenderSettings(keep_frames="host_fp32", offload="model")
+    limit = max_frames_that_fit(80 * GiB, 18 * GiB, reference)
+    assert 17 * FPS <= limit < 27 * FPS and limit % 4 == 1
+    assert max_frames_that_fit(80 * GiB, 18 * GiB, RenderSettings()) == 997  # streaming: only the ceiling
+    assert max_frames_that_fit(40 * GiB, 64 * GiB, RenderSettings()) == 0  # 35 GiB of weights + decode: no
+
+
+def test_memory_model_options_move_the_numbers_the_right_way() -> None:
+    base = RenderSettings()
+    streamed = RenderSettings(offload="group", resident_blocks=2)
+    assert estimate_peak(81, streamed).gpu_bytes < estimate_peak(81, base).gpu_bytes - 30 * GiB
+    assert estimate_peak(81, streamed).host_bytes > estimate_peak(81, base).host_bytes + 30 * GiB
+    assert estimate_peak(81, RenderSettings(quantize="fp8")).gpu_bytes < estimate_peak(81, base).gpu_bytes
+    assert estimate_peak(81, RenderSettings(cfg_batch=True)).gpu_bytes > estimate_peak(81, base).gpu_bytes
+    assert estimate_seconds(81, RenderSettings(compile=True)) < estimate_seconds(81, base)
+    assert chunk_count(81, base) == 1 and chunk_count(137, base) == 2 and chunk_count(138, base) == 3
+    assert chunk_count(153, RenderSettings(engine="infinitetalk")) == 2  # 9 motion frames: 72 new per chunk
+    preview = RenderSettings(engine="preview")
+    assert estimate_peak(10_000, preview).gpu_bytes == 0 and estimate_peak(10_000, preview).host_bytes < GiB
+    with pytest.raises(ValueError, match="4n\\+1"):
+        RenderSettings(frame_num=80)
