@@ -35,6 +35,8 @@ CUT_KINDS = ("end", "silence", "shot", "pause", "turn", "forced")
 _PENALTY = {"end": 0.0, "silence": 0.0, "shot": 0.0, "pause": 1e5, "turn": 2e5, "forced": 1e9}
 # A segment with more speakers than the engine binds: worse than a pause or turn cut, better than a forced one.
 _CROWD_PENALTY = 1e7
+# A forced cut per speaker it splits and for its loudness (_forced_cost): above padding, below a pause.
+_QUIET_WEIGHT = 1e4
 _PAD_PENALTY = 1e3  # a non-final segment that is not 4n+1 frames (the engine renders extra frames and trims)
 
 
@@ -253,36 +255,28 @@ def _pause_cuts(tracks: _Tracks, lo: int, hi: int, min_gap: int, window: int) ->
     return cuts
 
 
-def _quietest(tracks: _Tracks, first: int, last: int) -> int:
-    """The frame boundary c in [first, last] with the least speech energy around it, nearest the window centre."""
-    c = np.arange(first, last + 1)
+def _forced_cost(tracks: _Tracks, positions: np.ndarray) -> np.ndarray:
+    """How bad a forced cut at each position is: speakers whose speech it splits, plus its loudness in [0, 1)."""
     loud = tracks.combined_loudness
-    spanning = (tracks.active[:, c - 1] & tracks.active[:, c]).sum(0)
-    centre = (first + last) / 2
-    order = np.lexsort((np.abs(c - centre), loud[c - 1] + loud[c], spanning))
-    return int(c[order[0]])
+    spanning = (tracks.active[:, positions - 1] & tracks.active[:, positions]).sum(0)
+    around = loud[positions - 1] + loud[positions]
+    return spanning + around / (2 * loud.max() + 1e-9)
 
 
-def _forced_cuts(tracks: _Tracks, bounds: Sequence[int], max_frames: int) -> dict[int, str]:
-    """Between consecutive cut positions further apart than `max_frames`, one quietest frame per half-limit
-    window, so that every stretch can be cut under the limit."""
-    window = max(1, max_frames // 2)
+def _forced_cuts(bounds: Sequence[int], max_frames: int) -> dict[int, str]:
+    """Every position between consecutive cut positions further apart than `max_frames`: the planner then needs
+    the fewest forced cuts and, among those, takes the quietest frames (_forced_cost)."""
     cuts: dict[int, str] = {}
     for x, y in zip(bounds, bounds[1:], strict=False):
-        if y - x <= max_frames:
-            continue
-        pieces = math.ceil((y - x - 1) / window)
-        for k in range(pieces):
-            first = x + 1 + k * (y - x - 1) // pieces
-            last = x + (k + 1) * (y - x - 1) // pieces
-            cuts[_quietest(tracks, first, last)] = "forced"
+        if y - x > max_frames:
+            cuts.update(dict.fromkeys(range(x + 1, y), "forced"))
     return cuts
 
 
 def _candidates(tracks: _Tracks, lo: int, hi: int, min_gap: int, cap: int) -> dict[int, str]:
     # Long silences get a group of cuts every eighth of the limit, so pieces can stay close to it.
     cuts = _pause_cuts(tracks, lo, hi, min_gap, cap // 8)
-    cuts.update(_forced_cuts(tracks, [lo, *sorted(cuts), hi], cap))
+    cuts.update(_forced_cuts([lo, *sorted(cuts), hi], cap))
     return cuts
 
 
@@ -304,6 +298,8 @@ def _best_cuts(
     """
     pos = np.array([lo, *sorted(cuts), hi])
     penalty = np.array([0.0] + [_PENALTY[cuts[c]] for c in sorted(cuts)] + [0.0])
+    forced = np.flatnonzero(penalty == _PENALTY["forced"])
+    penalty[forced] += _QUIET_WEIGHT * _forced_cost(tracks, pos[forced])
     at_nodes = tracks.counts[:, pos]  # (speakers, nodes)
     cost = np.full(len(pos), np.inf)
     cost[0], back = 0.0, np.full(len(pos), -1)
@@ -440,8 +436,8 @@ def _split(
 ) -> SegmentPlan | None:
     """`plan` with `old` cut in two at its best inner cut of one of `kinds` (None if it has none).
 
-    Best = the best cut kind (silence, pause, turn, then the quietest frame), then one that keeps the first half
-    4n+1, then nearest the middle so both halves shrink. The halves get new ids and `split_from=old.index`.
+    Best = the best cut kind (silence, pause, turn, then forced), in the middle half of the segment, the quietest
+    for a forced cut, keeping the first half 4n+1, nearest the middle. The halves get new ids and `split_from=old.index`.
     """
     if old.num_frames < 2:
         return None
@@ -449,8 +445,16 @@ def _split(
     allowed = [c for c in cuts if cuts[c] in kinds]
     if not allowed:
         return None
-    middle = (old.start_frame + old.end_frame) / 2
-    cut = min(allowed, key=lambda c: (_PENALTY[cuts[c]], (c - old.start_frame) % 4 != 1, abs(c - middle), c))
+    middle, quarter = (old.start_frame + old.end_frame) / 2, old.num_frames / 4
+    quiet = dict(zip(allowed, _forced_cost(tracks, np.array(allowed)), strict=True))
+
+    def badness(c: int) -> tuple:
+        kind = cuts[c]
+        off_middle = abs(c - middle) > quarter  # both halves must shrink for the retry to help
+        noise = quiet[c] if kind == "forced" else 0.0
+        return _PENALTY[kind], off_middle, noise, (c - old.start_frame) % 4 != 1, abs(c - middle), c
+
+    cut = min(allowed, key=badness)
     next_id = max(s.index for s in plan.segments) + 1
     last = old.end_frame == plan.total_frames
     halves = (
