@@ -223,11 +223,14 @@ def detect_faces(frame: np.ndarray, *, detector: FaceDetector | None = None) -> 
     return sorted((detector or haar_face_detector())(gray), key=lambda b: (b.x0, b.y0))
 
 
+def _intersection(a: Box, b: Box) -> int:
+    return max(0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0, min(a.y1, b.y1) - max(a.y0, b.y0))
+
+
 def iou(a: Box, b: Box) -> float:
-    w = max(0, min(a.x1, b.x1) - max(a.x0, b.x0))
-    h = max(0, min(a.y1, b.y1) - max(a.y0, b.y0))
-    union = a.width * a.height + b.width * b.height - w * h
-    return w * h / union if union > 0 else 0.0
+    shared = _intersection(a, b)
+    union = a.width * a.height + b.width * b.height - shared
+    return shared / union if union > 0 else 0.0
 
 
 def _face_tracks(detections: Sequence[list[Box]], min_share: float = 0.4) -> list[Box]:
@@ -489,10 +492,9 @@ def _overlap_problems(boxes: Binding) -> list[Problem]:
 
 
 def _overlap(p: TimedBox, q: TimedBox) -> float:
-    w = max(0, min(p.box.x1, q.box.x1) - max(p.box.x0, q.box.x0))
-    h = max(0, min(p.box.y1, q.box.y1) - max(p.box.y0, q.box.y0))
+    """Shared area as a share of the smaller box: a small face inside a big box is a total overlap."""
     smaller = min(p.box.width * p.box.height, q.box.width * q.box.height)
-    return w * h / smaller if smaller > 0 else 0.0
+    return _intersection(p.box, q.box) / smaller if smaller > 0 else 0.0
 
 
 def _same_time(p: TimedBox, q: TimedBox) -> bool:
@@ -617,3 +619,37 @@ def _grid(panels: Sequence[Image.Image], columns: int) -> Image.Image:
     for i, panel in enumerate(panels):
         sheet.paste(panel, ((i % columns) * cell_w, (i // columns) * cell_h))
     return sheet
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+@dataclass(frozen=True)
+class BindResult:
+    boxes: dict[str, list[TimedBox]]  # pinned boxes only: a proposal reaches them through the manifest
+    shot_cuts: tuple[int, ...]
+    problems: tuple[Problem, ...]
+    contact_sheet: Path
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+
+def bind_tracks(
+    source: Path | np.ndarray,
+    box_specs: Mapping[str, Any],
+    activity: Mapping[str, np.ndarray],
+    out_png: Path,
+    *,
+    size: int = 480,
+) -> BindResult:
+    """The bind stage: manifest boxes (speaker id -> `speakers[].box` as written) checked against the picture and
+    the speech, with a contact sheet to look at before rendering. Speakers without a box are reported; the fix is
+    `dubflow bind FILE --propose` (propose_boxes + manifest_patch), never a silent guess."""
+    boxes = {name: timed_boxes(box_specs.get(name)) for name in activity}
+    shots = tuple(detect_shots(Path(source))) if not is_still(source) else ()
+    frame_size = _still(source).shape[1::-1] if is_still(source) else video_size(Path(source))
+    problems = check_binding(boxes, frame_size, activity, shot_cuts=shots, size=size)
+    sheet = contact_sheet(source, boxes, activity, out_png, shot_cuts=shots)
+    return BindResult(boxes, shots, tuple(problems), sheet)

@@ -20,6 +20,7 @@ from tasks.bind import (
     TimedBox,
     active_sets,
     assign_speakers,
+    bind_tracks,
     boxes_for_segment,
     check_binding,
     contact_sheet,
@@ -224,3 +225,12 @@ def test_contact_sheet_of_a_still(tmp_path: Path) -> None:
         tmp_path / "s.png",
     )
     assert Image.open(out).size[0] == 320
+
+
+def test_bind_stage_keeps_pinned_boxes_and_reports_the_rest(two_people: Path, tmp_path: Path) -> None:
+    activity = {n: speech_activity(a, AUDIO_RATE) for n, a in TWO.items()}
+    result = bind_tracks(two_people, {"ana": [20, 40, 140, 140]}, activity, tmp_path / "sheet.png")
+    assert result.shot_cuts == (100,) and result.contact_sheet.is_file()
+    assert result.boxes == {"ana": [TimedBox(0, None, Box(20, 40, 140, 140))], "ben": []}
+    assert not result.errors
+    assert {p.speaker for p in result.problems} == {"ben"}  # talks in both shots with no box: QC warnings
