@@ -36,7 +36,12 @@ FaceSpot = tuple[int, int, int]  # centre x, centre y, half height of the face e
 
 
 def conversation(
-    names: Sequence[str], seconds: float, rng: np.random.Generator, *, overlap_share: float = 0.1
+    names: Sequence[str],
+    seconds: float,
+    rng: np.random.Generator,
+    *,
+    overlap_share: float = 0.1,
+    line_seconds: tuple[float, float] = (1.0, 12.0),
 ) -> dict[str, np.ndarray]:
     """16 kHz tracks of people taking turns: lines of 1-12 s at ~3.5 syllables/s, pauses of 0.1-1.5 s, and now and
     then someone starting before the other stops (overlap), as in a real dialogue."""
@@ -45,7 +50,7 @@ def conversation(
     t, previous = int(rng.integers(0, AUDIO_RATE)), None
     while t < total:
         speaker = rng.choice([n for n in names if n != previous]) if len(names) > 1 else names[0]
-        length = int(rng.uniform(1.0, 12.0) * AUDIO_RATE)
+        length = int(rng.uniform(*line_seconds) * AUDIO_RATE)
         speak(tracks[speaker], t, length, rng, 110 + 60 * list(names).index(speaker))
         previous = speaker
         pause = rng.uniform(-0.8, -0.2) if rng.random() < overlap_share else rng.uniform(0.1, 1.5)
@@ -201,7 +206,7 @@ def bench_planner(minutes: float, seed: int = 5) -> None:
 def _scene(people: int, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list]:
     """Tracks of a short dialogue and two shots with the people in random places (the second shot reshuffles)."""
     names = ["ana", "ben", "cy"][:people]
-    tracks = conversation(names, 8.0, rng, overlap_share=0.2)
+    tracks = conversation(names, 8.0, rng, overlap_share=0.2, line_seconds=(0.8, 3.0))
     shots = []
     for start in (0, 100):
         xs = rng.permutation(np.linspace(55, 265, people).round().astype(int))
