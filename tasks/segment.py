@@ -291,8 +291,8 @@ def _best_cuts(
     cap: int,
     seconds: np.ndarray,
     max_persons: int,
-) -> list[int] | None:
-    """Cheapest chain of cuts from lo to hi with every piece at most `cap` frames (None if there is none).
+) -> list[int]:
+    """Cheapest chain of cuts from lo to hi with every piece at most `cap` frames.
 
     Cost of a piece = estimated render seconds + penalties (worse cut kind, over the person limit, not 4n+1).
     """
@@ -313,8 +313,8 @@ def _best_cuts(
         total = cost[i0:j] + piece + penalty[j]
         k = int(np.argmin(total))
         cost[j], back[j] = total[k], i0 + k
-    if not np.isfinite(cost[-1]):
-        return None
+    if not np.isfinite(cost[-1]):  # forced cuts make every stretch feasible: this is a planner bug
+        raise RuntimeError(f"no chain of cuts under {cap} frames in [{lo}, {hi}); please report this episode")
     chain, j = [], len(pos) - 1
     while j > 0:
         chain.append(int(pos[j]))
@@ -356,14 +356,13 @@ def _segment(
     )
 
 
-def _plan_with_cap(tracks: _Tracks, frame: SegmentPlan, cap: int, seconds: np.ndarray) -> SegmentPlan | None:
+def _plan(tracks: _Tracks, frame: SegmentPlan, seconds: np.ndarray) -> SegmentPlan:
+    """`frame` (an empty plan with the settings) filled with the cheapest segments, shot by shot."""
     bounds = [0, *frame.shot_cuts, frame.total_frames]
     ends: list[tuple[int, str]] = []
     for lo, hi in zip(bounds, bounds[1:], strict=False):
-        cuts = _candidates(tracks, lo, hi, frame.min_gap_frames, cap)
-        chain = _best_cuts(tracks, lo, hi, cuts, cap, seconds, frame.max_persons)
-        if chain is None:
-            return None
+        cuts = _candidates(tracks, lo, hi, frame.min_gap_frames, frame.max_frames)
+        chain = _best_cuts(tracks, lo, hi, cuts, frame.max_frames, seconds, frame.max_persons)
         ends += [(c, cuts.get(c, "shot" if c < frame.total_frames else "end")) for c in chain]
     starts = [0] + [end for end, _ in ends[:-1]]
     segments = tuple(
@@ -401,9 +400,7 @@ def plan_segments(
     shots = tuple(sorted({int(c) for c in shot_cuts if 0 < c < total_frames}))
     frame = SegmentPlan((), total_frames, max_frames, min_gap_frames, max_persons, n_gpus, shots, settings)
     seconds = np.array([0.0] + [estimate_seconds(n, settings) for n in range(1, max_frames + 1)])
-    plan = _plan_with_cap(tracks, frame, max_frames, seconds)
-    if plan is None:  # forced cuts make every stretch feasible at the full limit: this is a planner bug
-        raise RuntimeError(f"no segment plan under {max_frames} frames; please report this manifest")
+    plan = _plan(tracks, frame, seconds)
     return _balance(plan, tracks) if n_gpus > 1 else plan
 
 
@@ -437,7 +434,8 @@ def _split(
     """`plan` with `old` cut in two at its best inner cut of one of `kinds` (None if it has none).
 
     Best = the best cut kind (silence, pause, turn, then forced), in the middle half of the segment, the quietest
-    for a forced cut, keeping the first half 4n+1, nearest the middle. The halves get new ids and `split_from=old.index`.
+    for a forced cut, keeping the first half 4n+1, nearest the middle. The halves get new ids and
+    `split_from=old.index`.
     """
     if old.num_frames < 2:
         return None
