@@ -364,7 +364,9 @@ def propose_boxes(
     activity = {n: _padded(speech_activity(tracks[n], sample_rate), total) for n in free}
     proposal: dict[str, list[TimedBox]] = {n: [] for n in free}
     for shot, motion in zip(shots, _shot_motion(Path(source), shots), strict=True):
-        faces = [i for i, f in enumerate(shot.faces) if not _under_pinned(_to_source(f, scale), pinned, shot)]
+        faces = [
+            i for i, f in enumerate(shot.faces) if not _under_pinned(_to_source(f, scale), pinned, shot.start)
+        ]
         if not faces or not free:
             continue
         talk = np.array([activity[n][shot.start : shot.end] for n in free]).reshape(len(free), -1)
@@ -383,8 +385,8 @@ def _padded(active: np.ndarray, total: int) -> np.ndarray:
     return out
 
 
-def _under_pinned(face: Box, pinned: Binding, shot: _Shot) -> bool:
-    return any(iou(face, b.box) > 0.3 and b.covers(shot.start) for boxes in pinned.values() for b in boxes)
+def _under_pinned(face: Box, pinned: Binding, frame: int) -> bool:
+    return any(iou(face, b.box) > 0.3 and b.covers(frame) for boxes in pinned.values() for b in boxes)
 
 
 def _merge_runs(boxes: list[TimedBox]) -> list[TimedBox]:
@@ -403,8 +405,7 @@ def _merge_runs(boxes: list[TimedBox]) -> list[TimedBox]:
 def _propose_still(
     image: np.ndarray, free: list[str], pinned: Binding, detector: FaceDetector
 ) -> dict[str, list[TimedBox]]:
-    whole = _Shot(0, 1, ())
-    faces = [f for f in detect_faces(image, detector=detector) if not _under_pinned(f, pinned, whole)]
+    faces = [f for f in detect_faces(image, detector=detector) if not _under_pinned(f, pinned, 0)]
     return {name: [TimedBox(0, None, face, "proposed")] for name, face in zip(free, faces, strict=False)}
 
 
@@ -595,7 +596,13 @@ def _panel(
             draw.rectangle(label, fill=(0, 0, 0))  # readable on light and dark pictures
             draw.text((x0 + 3, 14 + y0 + 2), name, fill=COLOURS[s % len(COLOURS)], font=font)
     for s, name in enumerate(names):
-        _strip(draw, activity[name][lo:hi], 14 + thumb.height + 2 + s * strip_h, thumb.width, COLOURS[s % 6])
+        _strip(
+            draw,
+            activity[name][lo:hi],
+            14 + thumb.height + 2 + s * strip_h,
+            thumb.width,
+            COLOURS[s % len(COLOURS)],
+        )
         draw.text((2, 14 + thumb.height + 1 + s * strip_h), name, fill=(200, 200, 200), font=font)
     return panel
 
