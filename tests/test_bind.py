@@ -234,3 +234,19 @@ def test_bind_stage_keeps_pinned_boxes_and_reports_the_rest(two_people: Path, tm
     assert result.boxes == {"ana": [TimedBox(0, None, Box(20, 40, 140, 140))], "ben": []}
     assert not result.errors
     assert {p.speaker for p in result.problems} == {"ben"}  # talks in both shots with no box: QC warnings
+
+
+def test_a_still_gets_faces_left_to_right_for_the_unpinned_speakers_only() -> None:
+    left, middle, right = Box(10, 10, 60, 60), Box(110, 10, 160, 60), Box(210, 10, 260, 60)
+
+    def fake_detector(gray: np.ndarray) -> list[Box]:
+        assert gray.ndim == 2
+        return [right, left, middle]  # any order
+
+    pinned = {"ben": [TimedBox(0, None, Box(105, 5, 165, 65))]}  # over the middle face
+    tracks = {name: np.zeros(AUDIO_RATE, np.float32) for name in ("ana", "ben", "cy")}
+    still = np.zeros((90, 320, 3), np.uint8)
+    proposal = propose_boxes(still, tracks, AUDIO_RATE, pinned=pinned, detector=fake_detector)
+    assert proposal["ben"] == pinned["ben"]
+    assert [b.box for b in proposal["ana"]] == [left] and [b.box for b in proposal["cy"]] == [right]
+    assert proposal["cy"][0].score is None  # a guess, said so
