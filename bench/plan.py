@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from engine.base import AUDIO_RATE, FPS, Box  # noqa: E402
 from engine.memory import GiB, RenderSettings, estimate_seconds, max_frames_that_fit  # noqa: E402
+from tasks.bind import ffmpeg_executable  # noqa: E402
 from tasks.segment import SegmentPlan, frame_rms, makespan, plan_segments, speech_activity  # noqa: E402
 
 FaceSpot = tuple[int, int, int]  # centre x, centre y, half height of the face ellipse (pixels)
@@ -103,20 +104,21 @@ def write_talking_scene(
     openings = mouth_openings(tracks)
     total = min(len(o) for o in openings.values())
     rng = np.random.default_rng(seed)
-    command = [
-        "ffmpeg",
-        "-v",
-        "error",
-        "-y",
-        "-f",
-        "rawvideo",
-        "-pix_fmt",
-        "gray",
+    width, height = size
+    command = [ffmpeg_executable(), "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "gray"]
+    command += [
         "-s",
-        f"{size[0]}x{size[1]}",
+        f"{width}x{height}",
+        "-r",
+        str(FPS),
+        "-i",
+        "-",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
     ]
-    command += ["-r", str(FPS), "-i", "-", "-c:v", "libx264", "-preset", "veryfast", "-crf", "14"]
-    command += ["-pix_fmt", "yuv420p", str(path)]
+    command += ["-crf", "14", "-pix_fmt", "yuv420p", str(path)]
     with subprocess.Popen(command, stdin=subprocess.PIPE) as encoder:
         assert encoder.stdin is not None  # stdin=PIPE guarantees it
         for t in range(total):
@@ -125,7 +127,7 @@ def write_talking_scene(
             draw = ImageDraw.Draw(image)
             for name, spot in shots[k][1].items():
                 draw_face(draw, spot, float(openings[name][t]))
-            noise = rng.normal(0, 2.0, (size[1], size[0]))
+            noise = rng.normal(0, 2.0, (height, width))
             encoder.stdin.write(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8).tobytes())
         encoder.stdin.close()
 

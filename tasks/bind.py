@@ -59,16 +59,22 @@ def timed_boxes(spec: Any) -> list[TimedBox]:
     """A manifest box spec -> TimedBoxes: `[x0, y0, x1, y1]`, a Box, or a list of {from, to, box} in seconds."""
     if spec is None:
         return []
-    if isinstance(spec, Box):
-        return [TimedBox(0, None, spec)]
-    if len(spec) == 4 and all(isinstance(v, int | float) for v in spec):
-        return [TimedBox(0, None, Box(*(int(v) for v in spec)))]
+    if isinstance(spec, Box) or all(isinstance(v, int | float) for v in spec):
+        return [TimedBox(0, None, _box(spec))]
     out = []
     for item in spec:
         end = item.get("to")
-        box = item["box"] if isinstance(item["box"], Box) else Box(*(int(v) for v in item["box"]))
+        box = _box(item.get("box"))
         out.append(TimedBox(round(item.get("from", 0) * FPS), None if end is None else round(end * FPS), box))
     return out
+
+
+def _box(values: Any) -> Box:
+    if isinstance(values, Box):
+        return values
+    if not isinstance(values, Sequence) or len(values) != 4:
+        raise ValueError(f"a box is [x0, y0, x1, y1] in source pixels, got {values!r}")
+    return Box(*(int(v) for v in values))
 
 
 def boxes_for_segment(boxes: Sequence[TimedBox], start: int, end: int) -> Box | TimedBoxes | None:
@@ -92,7 +98,7 @@ def active_sets(activity: Mapping[str, np.ndarray]) -> list[frozenset[str]]:
 # ---------------------------------------------------------------------------------------------- reading media
 
 
-def _ffmpeg() -> str:
+def ffmpeg_executable() -> str:
     found = shutil.which("ffmpeg")
     if found:
         return found
@@ -110,7 +116,18 @@ def video_size(path: Path) -> tuple[int, int]:
     if is_still(path):
         with Image.open(path) as image:
             return image.size
-    command = [_ffmpeg(), "-v", "error", "-nostdin", "-i", str(path), "-frames:v", "1", "-f", "image2pipe"]
+    command = [
+        ffmpeg_executable(),
+        "-v",
+        "error",
+        "-nostdin",
+        "-i",
+        str(path),
+        "-frames:v",
+        "1",
+        "-f",
+        "image2pipe",
+    ]
     done = subprocess.run([*command, "-c:v", "png", "-"], capture_output=True, check=False)
     if done.returncode or not done.stdout:
         raise RuntimeError(
@@ -126,7 +143,7 @@ def read_frames(path: Path, width: int, *, colour: bool = False) -> Iterator[np.
     height = max(2, round(source_h * width / source_w / 2) * 2)
     pix_fmt, channels = ("rgb24", 3) if colour else ("gray", 1)
     command = [
-        _ffmpeg(),
+        ffmpeg_executable(),
         "-v",
         "error",
         "-nostdin",

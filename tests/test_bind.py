@@ -250,3 +250,12 @@ def test_a_still_gets_faces_left_to_right_for_the_unpinned_speakers_only() -> No
     assert proposal["ben"] == pinned["ben"]
     assert [b.box for b in proposal["ana"]] == [left] and [b.box for b in proposal["cy"]] == [right]
     assert proposal["cy"][0].score is None  # a guess, said so
+
+
+def test_bad_box_specs_and_media_give_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"\[x0, y0, x1, y1\].*\[1, 2, 3\]"):
+        timed_boxes([1, 2, 3])
+    with pytest.raises(ValueError, match="got None"):
+        timed_boxes([{"from": 0.0, "to": 1.0}])
+    with pytest.raises(RuntimeError, match="cannot read a frame of .*missing.mp4"):
+        detect_shots(tmp_path / "missing.mp4")
