@@ -70,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", type=Path, default=None)
     p.add_argument("--no-run", action="store_true", help="only generate the media")
     p.set_defaults(handler=cmd_demo)
+    p = sub.add_parser("plan", help="print the segment plan (no rendering)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--workspace", type=Path, default=None)
+    p.set_defaults(handler=cmd_plan)
+    p = sub.add_parser(
+        "bind", help="check the binding; --propose writes a manifest patch from faces and voices"
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("--workspace", type=Path, default=None)
+    p.add_argument(
+        "--propose", action="store_true", help="propose boxes for speakers the manifest leaves unbound"
+    )
+    p.set_defaults(handler=cmd_bind)
     p = sub.add_parser("schema", help="write manifests/schema.json from the manifest models")
     p.set_defaults(handler=cmd_schema)
     return parser
@@ -132,6 +145,65 @@ def run_episode(manifest: Path, workspace: Path | None, *, wait_s: float = 0.0) 
     finally:
         remove_listener(display)
     print(display.summary(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- plan, bind
+
+
+def _run_until(file: Path, workspace: Path | None, until: str) -> tuple[int, dict | None]:
+    from tasks.manifest import ManifestError, load_manifest
+
+    try:
+        loaded = load_manifest(file)
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_INPUT, None
+    from flows.episode import dub_episode
+
+    try:
+        result = dub_episode(
+            manifest=str(loaded.path), workspace=str(workspace) if workspace else None, until=until
+        )
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        return _fail(
+            f"{until} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ), None
+    return 0, result | {"loaded": loaded}
+
+
+def cmd_plan(args) -> int:
+    code, result = _run_until(args.file, args.workspace, "plan")
+    if result is None:
+        return code
+    from tasks.segment import SegmentPlan, format_plan_table
+    from tasks.workspace import Workspace
+
+    plan = SegmentPlan.from_json(Workspace(args.workspace).path(result["plan"].plan).read_text())
+    print(f"engine: {result['engine']}")
+    print(format_plan_table(plan))
+    return 0
+
+
+def cmd_bind(args) -> int:
+    code, result = _run_until(args.file, args.workspace, "bind")
+    if result is None:
+        return code
+    from tasks.bind import propose_binding
+    from tasks.workspace import Workspace
+
+    ws, m = Workspace(args.workspace), result["loaded"].manifest
+    sheet = ws.episode_dir(m.episode) / "out" / "contact-sheet.png"
+    for warning in result["binding"].warnings:
+        print(f"warning: {warning}")
+    if not args.propose:
+        ws.link(m.episode, "contact-sheet.png", result["binding"].contact_sheet)
+        print(f"binding ok; contact sheet: {sheet}")
+        return 0
+    proposed = sheet.with_name("contact-sheet-proposed.png")
+    pinned = {s.id: (list(s.box) if s.box and isinstance(s.box[0], int) else None) for s in m.speakers}
+    print(propose_binding(ws, result["source"], result["tracks"], pinned, proposed), end="")
+    print(f"# contact sheet of this proposal: {proposed}")
     return 0
 
 

@@ -18,6 +18,7 @@ from prefect.futures import wait
 
 from engine.base import FPS
 from flows.progress import EpisodeProgress, artifact_key
+from tasks.bind import bind_task
 from tasks.deliver import deliver_task
 from tasks.enhance import enhance_task
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
@@ -81,20 +82,25 @@ class StageRunner:
 
 
 @flow(name="dub-episode", log_prints=True)
-def dub_episode(manifest: str, workspace: str | None = None, wait_s: float = 0.0) -> dict:
+def dub_episode(
+    manifest: str, workspace: str | None = None, wait_s: float = 0.0, until: str | None = None
+) -> dict:
+    """Dub one episode. `until="bind"` or `"plan"` stops after that stage (for `dubflow bind` / `dubflow plan`)."""
     loaded = load_manifest(manifest)
     ws = Workspace(workspace)
     with ws.lock(loaded.manifest.episode, wait_s=wait_s):
-        return _run_episode(loaded, ws)
+        return _run_episode(loaded, ws, until)
 
 
-def _run_episode(loaded: LoadedManifest, ws: Workspace) -> dict:
+def _run_episode(loaded: LoadedManifest, ws: Workspace, until: str | None = None) -> dict:
     m, log = loaded.manifest, get_run_logger()
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     runner = StageRunner(ws, m.episode, EpisodeProgress(m.episode, total_steps=8 + 2 * len(m.speakers)))
     record: dict[str, Any] = {"episode": m.episode, "manifest": str(loaded.path), "started": started}
+    if until:  # a look ahead (`dubflow plan`, `dubflow bind`): not a run of the episode, so no record
+        return _stages(loaded, ws, runner, log, until)
     try:
-        summary = _stages(loaded, ws, runner, log)
+        summary = _stages(loaded, ws, runner, log, until)
         runner.progress.finish()
         record |= {"state": "completed", **summary}
         return record
@@ -105,11 +111,10 @@ def _run_episode(loaded: LoadedManifest, ws: Workspace) -> dict:
         raise
     finally:
         record |= {"finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "stages": runner.stages}
-        record.setdefault("segments", [s for s in runner.stages if s["stage"].startswith("render[")])
         ws.append_run(m.episode, record)
 
 
-def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> dict:
+def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, until: str | None) -> dict:
     m = loaded.manifest
     # 1. inputs into the store (content-addressed: a moved or touched file stays cached)
     source = ws.put_file(m.source, move=False)
@@ -131,9 +136,26 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> 
     raw = _raw_tracks(m, ws, runner, vocals)
     timeline = runner.run(timeline_task, "timeline", source, loaded.source_info.kind, [*raw.values()])
     tracks = {sid: runner.run(conform_task, f"conform[{sid}]", blob, timeline) for sid, blob in raw.items()}
-    # 4. bind + 5. segment: boxes from the manifest, a plan cut in common silences
+    # 4. bind: boxes checked against picture and voices, shot cuts, the contact sheet
+    binding = runner.run(
+        bind_task,
+        "bind",
+        source,
+        loaded.source_info.kind == "video",
+        tracks,
+        {s.id: _box_spec(s) for s in m.speakers},
+        m.render.size,
+    )
+    _publish_contact_sheet(ws, runner, m.episode, binding)
+    if until == "bind":
+        return {"tracks": tracks, "source": source, "binding": binding}
+    # 5. segment: a plan cut in common silences, at shot cuts, within the engine's memory
     engine, engine_why = resolve_render_engine(m.render.engine, _models_dir())
-    plan = runner.run(plan_task, "plan", tracks, timeline, _plan_settings(m, engine), _line_specs(m))
+    plan = runner.run(
+        plan_task, "plan", tracks, timeline, _plan_settings(m, engine), _line_specs(m), binding.shot_cuts
+    )
+    if until == "plan":
+        return {"plan": plan, "engine": engine}
     runner.progress.add_steps(len(plan.segments))
     slices = runner.run(cut_audio_task, "cut-audio", tracks, list(plan.segments))
     # 6. render every segment (fanned out), 7. stitch, 8. enhance
@@ -270,6 +292,31 @@ def _plan_settings(m: Manifest, engine: str) -> PlanSettings:
         max_segment_s=None if max_s == "auto" else max_s,
         min_gap_s=m.render.min_gap_s,
     )
+
+
+def _box_spec(speaker):
+    if isinstance(speaker.box, list) and speaker.box and not isinstance(speaker.box[0], int):
+        return [{"from": b.start, "to": b.end, "box": list(b.box)} for b in speaker.box]
+    return speaker.box
+
+
+def _publish_contact_sheet(ws: Workspace, runner: StageRunner, episode: str, binding) -> None:
+    """The contact sheet beside the outputs and as a Prefect image artifact (a data: URI renders in the UI)."""
+    import base64
+
+    runner.extra_outputs["contact-sheet.png"] = binding.contact_sheet
+    runner.notes += list(binding.warnings)
+    try:
+        from prefect.artifacts import create_image_artifact
+
+        data = base64.b64encode(ws.path(binding.contact_sheet).read_bytes()).decode()
+        create_image_artifact(
+            image_url=f"data:image/png;base64,{data}",
+            key=artifact_key(episode, "contact-sheet"),
+            description=f"{episode}: who is bound where, and when each voice speaks",
+        )
+    except Exception as exc:  # noqa: BLE001 - the PNG is on disk either way
+        get_run_logger().warning("contact sheet artifact not published: %s", exc)
 
 
 def _persons(m: Manifest) -> tuple[PersonSpec, ...]:

@@ -22,9 +22,11 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from prefect import task
 
 from engine.base import FPS, Box, EngineSetupError, TimedBoxes
 from tasks.segment import speech_activity
+from tasks.workspace import Blob, Workspace, stage_cache
 
 FaceDetector = Callable[[np.ndarray], list[Box]]  # gray (H, W) uint8 -> face boxes in its pixels
 ANALYSIS_WIDTH = 320  # faces and mouth motion are measured on frames this wide (Haar finds faces >= 24 px)
@@ -677,3 +679,59 @@ def bind_tracks(
     problems = check_binding(boxes, frame_size, activity, shot_cuts=shots, size=size)
     sheet = contact_sheet(source, boxes, activity, out_png, shot_cuts=shots)
     return BindResult(boxes, shots, tuple(problems), sheet)
+
+
+# ---------------------------------------------------------------------------------------------- the Prefect stage
+
+
+@dataclass(frozen=True)
+class BindingRecord:
+    contact_sheet: Blob  # PNG: check the binding before spending GPU time
+    shot_cuts: tuple[int, ...]  # frames where the picture cuts (the planner cuts there too)
+    warnings: tuple[str, ...]  # QC notes (speech without a box, small or overlapping boxes)
+
+
+def bind_stage(
+    ws: Workspace, source: Blob, is_video: bool, tracks: dict[str, Blob], boxes: dict, size: int
+) -> BindingRecord:
+    """Manifest boxes checked against the picture and the voices; shot cuts; the contact sheet."""
+    from tasks.speakers import MIX_RATE, load_track
+
+    path = ws.path(source)
+    activity = {sid: speech_activity(load_track(ws, blob), MIX_RATE) for sid, blob in tracks.items()}
+    cuts = tuple(detect_shots(path)) if is_video else ()
+    binding = {sid: timed_boxes(spec) for sid, spec in boxes.items()}
+    frame_size = video_size(path) if is_video else Image.open(path).size
+    problems = check_binding(binding, frame_size, activity, shot_cuts=cuts, size=size)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:  # geometry is checked at validation; what is left here is a real binding fault
+        raise ValueError("; ".join(f"{p.field}: {p.message}" for p in errors))
+    with ws.scratch() as tmp:
+        sheet = contact_sheet(path, binding, activity, tmp / "contact-sheet.png", shot_cuts=cuts)
+        return BindingRecord(ws.put_file(sheet), cuts, tuple(p.message for p in problems))
+
+
+def geometry_problems(boxes: dict, frame_size: tuple[int, int], size: int) -> list[Problem]:
+    """The checks that need no audio (box size at render scale, overlaps), for manifest validation."""
+    binding = {sid: timed_boxes(spec) for sid, spec in boxes.items() if spec is not None}
+    return check_binding(binding, frame_size, {}, size=size)
+
+
+bind_task = task(
+    bind_stage, name="bind", cache_policy=stage_cache("tasks.bind", "tasks.segment"), persist_result=True
+)
+
+
+def propose_binding(ws: Workspace, source: Blob, tracks: dict[str, Blob], pinned: dict, out_png: Path) -> str:
+    """`dubflow bind --propose`: boxes for unpinned speakers, as a manifest patch (never applied silently),
+    and a contact sheet of the proposal at `out_png`."""
+    from tasks.speakers import MIX_RATE, load_track
+
+    audio = {sid: load_track(ws, blob) for sid, blob in tracks.items()}
+    fixed = {sid: timed_boxes(spec) for sid, spec in pinned.items() if spec is not None}
+    proposal = propose_boxes(ws.path(source), audio, MIX_RATE, pinned=fixed)
+    activity = {sid: speech_activity(a, MIX_RATE) for sid, a in audio.items()}
+    is_video = not is_still(ws.path(source))
+    cuts = detect_shots(ws.path(source)) if is_video else []
+    contact_sheet(ws.path(source), proposal, activity, out_png, shot_cuts=cuts)
+    return manifest_patch(proposal)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,8 @@ def _cross_check(m: Manifest, locate: _Locator, check_media: bool) -> tuple[list
     if check_media:
         source_info = _check_media(m, add)
     _check_speakers(m, add, source_info)
+    if not problems and source_info.width:
+        _check_render_geometry(m, add, source_info)
     _check_lines(m, add)
     _check_audio_plan(m, add)
     problems.sort(key=lambda p: (p.line, p.column))
@@ -353,6 +356,31 @@ def _check_speakers(m: Manifest, add, source: MediaInfo) -> None:
                 ("speakers", i),
                 f"speaker {s.id!r} has no box; with several speakers each needs one (x0, y0, x1, y1)",
             )
+
+
+def _check_render_geometry(m: Manifest, add, source: MediaInfo) -> None:
+    """Boxes too small for the engine's token grid at the render size, or overlapping so much that the
+    engine cannot tell the persons apart (tasks/bind.py owns these rules)."""
+    from tasks.bind import geometry_problems
+
+    boxes = {s.id: _box_spec(s.box) for s in m.speakers}
+    for problem in geometry_problems(boxes, (source.width, source.height), m.render.size):
+        if problem.severity == "error":
+            add(_loc(problem.field), problem.message)
+
+
+def _box_spec(box):
+    if isinstance(box, list) and box and isinstance(box[0], TimedBox):
+        return [{"from": b.start, "to": b.end, "box": b.box} for b in box]
+    return box
+
+
+def _loc(field: str) -> tuple:
+    """'speakers[1].box[0]' -> ('speakers', 1, 'box', 0)."""
+    parts: list = []
+    for name, index in re.findall(r"([A-Za-z_]+)|\[(\d+)\]", field):
+        parts.append(name if name else int(index))
+    return tuple(parts)
 
 
 def _check_box(box: list[int], loc: tuple, add, source: MediaInfo) -> None:

@@ -605,7 +605,12 @@ class EpisodePlan:
 
 
 def plan_episode(
-    ws: Workspace, tracks: dict[str, Blob], timeline, settings: PlanSettings, lines: tuple
+    ws: Workspace,
+    tracks: dict[str, Blob],
+    timeline,
+    settings: PlanSettings,
+    lines: tuple,
+    shot_cuts: tuple = (),
 ) -> EpisodePlan:
     """Speech activity of every conformed track -> a segment plan; line end times from the activity."""
     from tasks.speakers import MIX_RATE, load_track
@@ -621,6 +626,7 @@ def plan_episode(
         min_gap_frames=max(1, round(settings.min_gap_s * FPS)),
         energy=energy,
         n_gpus=settings.n_gpus,
+        shot_cuts=shot_cuts,
         settings=_render_settings(settings),
     )
     specs = tuple(SegmentSpec(s.index, s.start_frame, s.end_frame, s.speakers) for s in plan.segments)
