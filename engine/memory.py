@@ -71,6 +71,8 @@ class RenderSettings:
 
     engine: Literal["multitalk", "infinitetalk", "preview"] = "multitalk"
     size: Literal[480, 720] = 480
+    # 1 or 2: 32 or 64 audio tokens per latent frame, next to ~1,560-3,600 video tokens, so it moves neither
+    # number measurably (MEMORY.md measured 2); kept so estimates are recorded with the job they describe.
     persons: int = 2
     steps: int = 8
     cfg_passes: int = 3  # 3-way CFG; 2 when text_scale == 1; 1 with a distilled LoRA

@@ -135,6 +135,23 @@ def test_no_forced_cut_when_speech_has_pauses_within_reach(episode: dict) -> Non
     assert "forced" not in plan.cut_counts()
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 150), st.integers(4, 30)), min_size=1, max_size=8))
+def test_a_cut_in_a_gap_of_4_frames_or_more_leaves_a_4n_plus_1_segment(lines: list[tuple[int, int]]) -> None:
+    """Two people alternate lines (length, then the gap after it); one person per segment forces a cut in every
+    gap, and each gap is wide enough for the cut to land where the segment before it is 4n+1."""
+    t = 0
+    runs: dict[str, list[tuple[int, int]]] = {"ana": [], "ben": []}
+    for k, (length, gap) in enumerate(lines):
+        runs[("ana", "ben")[k % 2]].append((t, t + length))
+        t += length + gap
+    activity = {name: talk(t, *spans) for name, spans in runs.items()}
+    plan = plan_segments(activity, t, max_frames=t + 8, min_gap_frames=4, max_persons=1)
+    check_rules(plan, activity)
+    assert all(s.num_frames % 4 == 1 for s in plan.segments[:-1])
+    assert not any(s.extra_speakers for s in plan.segments)
+
+
 def test_cuts_in_the_gap_and_keeps_segments_4n_plus_1() -> None:
     total = 400
     activity = {"ana": talk(total, (0, 90), (180, 260)), "ben": talk(total, (110, 170), (300, 395))}
