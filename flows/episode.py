@@ -141,7 +141,6 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         bind_task,
         "bind",
         source,
-        loaded.source_info.kind == "video",
         tracks,
         {s.id: _box_spec(s) for s in m.speakers},
         m.render.size,

@@ -691,24 +691,19 @@ class BindingRecord:
     warnings: tuple[str, ...]  # QC notes (speech without a box, small or overlapping boxes)
 
 
-def bind_stage(
-    ws: Workspace, source: Blob, is_video: bool, tracks: dict[str, Blob], boxes: dict, size: int
-) -> BindingRecord:
-    """Manifest boxes checked against the picture and the voices; shot cuts; the contact sheet."""
+def bind_stage(ws: Workspace, source: Blob, tracks: dict[str, Blob], boxes: dict, size: int) -> BindingRecord:
+    """Workspace form of `bind_tracks`: errors stop the run (geometry is checked at validation, so what is
+    left is a real binding fault); warnings become QC notes."""
     from tasks.speakers import MIX_RATE, load_track
 
-    path = ws.path(source)
     activity = {sid: speech_activity(load_track(ws, blob), MIX_RATE) for sid, blob in tracks.items()}
-    cuts = tuple(detect_shots(path)) if is_video else ()
-    binding = {sid: timed_boxes(spec) for sid, spec in boxes.items()}
-    frame_size = video_size(path) if is_video else Image.open(path).size
-    problems = check_binding(binding, frame_size, activity, shot_cuts=cuts, size=size)
-    errors = [p for p in problems if p.severity == "error"]
-    if errors:  # geometry is checked at validation; what is left here is a real binding fault
-        raise ValueError("; ".join(f"{p.field}: {p.message}" for p in errors))
     with ws.scratch() as tmp:
-        sheet = contact_sheet(path, binding, activity, tmp / "contact-sheet.png", shot_cuts=cuts)
-        return BindingRecord(ws.put_file(sheet), cuts, tuple(p.message for p in problems))
+        result = bind_tracks(ws.path(source), boxes, activity, tmp / "contact-sheet.png", size=size)
+        errors = [p for p in result.problems if p.severity == "error"]
+        if errors:
+            raise ValueError("; ".join(f"{p.field}: {p.message}" for p in errors))
+        sheet = ws.put_file(result.contact_sheet)
+    return BindingRecord(sheet, result.shot_cuts, tuple(p.message for p in result.problems))
 
 
 def geometry_problems(boxes: dict, frame_size: tuple[int, int], size: int) -> list[Problem]:
