@@ -155,7 +155,7 @@ def _run_until(file: Path, workspace: Path | None, until: str) -> tuple[int, dic
     from tasks.manifest import ManifestError, load_manifest
 
     try:
-        loaded = load_manifest(file)
+        loaded = load_manifest(file, require_boxes=until != "bind")
     except ManifestError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT, None
@@ -201,7 +201,7 @@ def cmd_bind(args) -> int:
         print(f"binding ok; contact sheet: {sheet}")
         return 0
     proposed = sheet.with_name("contact-sheet-proposed.png")
-    pinned = {s.id: (list(s.box) if s.box and isinstance(s.box[0], int) else None) for s in m.speakers}
+    pinned = {s.id: s.box_spec() for s in m.speakers}
     print(propose_binding(ws, result["source"], result["tracks"], pinned, proposed), end="")
     print(f"# contact sheet of this proposal: {proposed}")
     return 0

@@ -86,7 +86,7 @@ def dub_episode(
     manifest: str, workspace: str | None = None, wait_s: float = 0.0, until: str | None = None
 ) -> dict:
     """Dub one episode. `until="bind"` or `"plan"` stops after that stage (for `dubflow bind` / `dubflow plan`)."""
-    loaded = load_manifest(manifest)
+    loaded = load_manifest(manifest, require_boxes=until != "bind")
     ws = Workspace(workspace)
     with ws.lock(loaded.manifest.episode, wait_s=wait_s):
         return _run_episode(loaded, ws, until)
@@ -142,7 +142,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         "bind",
         source,
         tracks,
-        {s.id: _box_spec(s) for s in m.speakers},
+        {s.id: s.box_spec() for s in m.speakers},
         m.render.size,
     )
     _publish_contact_sheet(ws, runner, m.episode, binding)
@@ -293,12 +293,6 @@ def _plan_settings(m: Manifest, engine: str) -> PlanSettings:
     )
 
 
-def _box_spec(speaker):
-    if isinstance(speaker.box, list) and speaker.box and not isinstance(speaker.box[0], int):
-        return [{"from": b.start, "to": b.end, "box": list(b.box)} for b in speaker.box]
-    return speaker.box
-
-
 def _publish_contact_sheet(ws: Workspace, runner: StageRunner, episode: str, binding) -> None:
     """The contact sheet beside the outputs and as a Prefect image artifact (a data: URI renders in the UI)."""
     import base64
@@ -319,15 +313,7 @@ def _publish_contact_sheet(ws: Workspace, runner: StageRunner, episode: str, bin
 
 
 def _persons(m: Manifest) -> tuple[PersonSpec, ...]:
-    out = []
-    for s in m.speakers:
-        box = s.box
-        if isinstance(box, list) and box and not isinstance(box[0], int):
-            box = tuple((tb.start, tb.end, tuple(tb.box)) for tb in box)
-        elif box is not None:
-            box = tuple(box)
-        out.append(PersonSpec(s.id, s.name or s.id, box))
-    return tuple(out)
+    return tuple(PersonSpec(s.id, s.name or s.id, s.box_spec()) for s in m.speakers)
 
 
 def _render_all(m, ws: Workspace, runner: StageRunner, plan, slices, source: Blob, engine: str) -> list:

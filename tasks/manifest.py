@@ -39,7 +39,7 @@ class TimedBox(Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     start: Seconds = Field(alias="from")
-    end: Seconds = Field(alias="to")
+    end: Seconds | None = Field(None, alias="to", description="null: until the end of the episode")
     box: BoxList
 
 
@@ -50,6 +50,12 @@ class Speaker(Strict):
     track: Path | None = Field(None, description="this speaker's own dialogue track (skips diarisation)")
     voice_sample: Path | None = Field(None, description="enrolment clip used to name the diarised track")
     voice: str | None = Field(None, description="TTS voice for lines mode")
+
+    def box_spec(self) -> list | None:
+        """The box as plain data: [x0, y0, x1, y1], or [{from, to, box}, ...] in seconds (tasks/bind.py reads it)."""
+        if isinstance(self.box, list) and self.box and isinstance(self.box[0], TimedBox):
+            return [{"from": b.start, "to": b.end, "box": list(b.box)} for b in self.box]
+        return None if self.box is None else list(self.box)
 
 
 class Line(Strict):
@@ -166,7 +172,10 @@ class LoadedManifest:
         return self.path.parent
 
 
-def load_manifest(path: Path | str, *, check_media: bool = True) -> LoadedManifest:
+def load_manifest(
+    path: Path | str, *, check_media: bool = True, require_boxes: bool = True
+) -> LoadedManifest:
+    """Parse, validate and cross-check a manifest; `require_boxes=False` for `dubflow bind --propose`."""
     path = Path(path)
     text = _read_text(path)
     try:
@@ -187,7 +196,7 @@ def load_manifest(path: Path | str, *, check_media: bool = True) -> LoadedManife
             problems += _raw_media_problems(data, path.parent, locate, {(p.line, p.column) for p in problems})
         raise ManifestError(path, sorted(problems, key=lambda p: (p.line, p.column))) from None
     manifest = _resolve_paths(manifest, path.parent)
-    problems, source_info = _cross_check(manifest, locate, check_media)
+    problems, source_info = _cross_check(manifest, locate, check_media, require_boxes)
     if problems:
         raise ManifestError(path, problems)
     return LoadedManifest(path.resolve(), manifest, source_info)
@@ -267,7 +276,9 @@ def _resolve_paths(m: Manifest, base: Path) -> Manifest:
     return m.model_copy(update={"source": fix(m.source), "audio": audio, "speakers": speakers})
 
 
-def _cross_check(m: Manifest, locate: _Locator, check_media: bool) -> tuple[list[Problem], MediaInfo]:
+def _cross_check(
+    m: Manifest, locate: _Locator, check_media: bool, require_boxes: bool = True
+) -> tuple[list[Problem], MediaInfo]:
     problems: list[Problem] = []
 
     def add(loc: tuple, message: str) -> None:
@@ -277,7 +288,7 @@ def _cross_check(m: Manifest, locate: _Locator, check_media: bool) -> tuple[list
     source_info = MediaInfo(m.source, "image")
     if check_media:
         source_info = _check_media(m, add)
-    _check_speakers(m, add, source_info)
+    _check_speakers(m, add, source_info, require_boxes)
     if not problems and source_info.width:
         _check_render_geometry(m, add, source_info)
     _check_lines(m, add)
@@ -338,7 +349,7 @@ def _probe_or_error(path: Path) -> MediaInfo | MediaError:
         return exc
 
 
-def _check_speakers(m: Manifest, add, source: MediaInfo) -> None:
+def _check_speakers(m: Manifest, add, source: MediaInfo, require_boxes: bool = True) -> None:
     seen: dict[str, int] = {}
     for i, s in enumerate(m.speakers):
         if s.id in seen:
@@ -351,10 +362,11 @@ def _check_speakers(m: Manifest, add, source: MediaInfo) -> None:
             _check_box(s.box, ("speakers", i, "box"), add, source)
         elif isinstance(s.box, list):
             _check_timed_boxes(s.box, ("speakers", i, "box"), add, source)
-        elif len(m.speakers) > 1:
+        elif len(m.speakers) > 1 and require_boxes:
             add(
                 ("speakers", i),
-                f"speaker {s.id!r} has no box; with several speakers each needs one (x0, y0, x1, y1)",
+                f"speaker {s.id!r} has no box; with several speakers each needs one (x0, y0, x1, y1), "
+                "or let `dubflow bind FILE --propose` suggest one",
             )
 
 
@@ -363,16 +375,10 @@ def _check_render_geometry(m: Manifest, add, source: MediaInfo) -> None:
     engine cannot tell the persons apart (tasks/bind.py owns these rules)."""
     from tasks.bind import geometry_problems
 
-    boxes = {s.id: _box_spec(s.box) for s in m.speakers}
+    boxes = {s.id: s.box_spec() for s in m.speakers}
     for problem in geometry_problems(boxes, (source.width, source.height), m.render.size):
         if problem.severity == "error":
             add(_loc(problem.field), problem.message)
-
-
-def _box_spec(box):
-    if isinstance(box, list) and box and isinstance(box[0], TimedBox):
-        return [{"from": b.start, "to": b.end, "box": b.box} for b in box]
-    return box
 
 
 def _loc(field: str) -> tuple:
@@ -394,14 +400,15 @@ def _check_box(box: list[int], loc: tuple, add, source: MediaInfo) -> None:
 def _check_timed_boxes(boxes: list[TimedBox], loc: tuple, add, source: MediaInfo) -> None:
     last_end = -math.inf
     for j, tb in enumerate(boxes):
-        if tb.end <= tb.start:
+        end = math.inf if tb.end is None else tb.end
+        if end <= tb.start:
             add((*loc, j, "to"), f"'to' ({tb.end}) must be after 'from' ({tb.start})")
         if tb.start < last_end:
             add(
                 (*loc, j, "from"),
                 f"'from' ({tb.start}) overlaps the previous box, which lasts until {last_end}",
             )
-        last_end = max(last_end, tb.end)
+        last_end = max(last_end, end)
         _check_box(tb.box, (*loc, j, "box"), add, source)
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from prefect import task
 
-from engine.base import AUDIO_RATE, Box, Caption, PersonInput, RenderJob, create_renderer
+from engine.base import AUDIO_RATE, Caption, PersonInput, RenderJob, create_renderer
+from tasks.bind import boxes_for_segment, timed_boxes
 from tasks.media import write_wav
 from tasks.segment import SegmentSpec
 from tasks.speakers import MIX_RATE, SAMPLES_PER_FRAME, load_track
@@ -23,7 +24,7 @@ from tasks.workspace import Blob, Workspace, stage_cache
 class PersonSpec:
     id: str
     name: str
-    box: tuple[int, int, int, int] | tuple[tuple[float, float, tuple[int, int, int, int]], ...] | None
+    box: list | None  # the manifest's spec: [x0, y0, x1, y1] or [{from, to, box}, ...] (seconds)
 
 
 @dataclass(frozen=True)
@@ -102,21 +103,11 @@ def render_segment(
     return Clip(segment.index, video, result.num_frames, options.engine)
 
 
-def _job_box(box, segment: SegmentSpec):
-    """Manifest boxes (seconds on the episode timeline) -> engine boxes (frames on the segment's timeline)."""
-    if box is None:
+def _job_box(spec, segment: SegmentSpec):
+    """A manifest box spec (seconds on the episode) -> the engine's box for this segment (frames in the segment)."""
+    if spec is None:
         return None
-    if isinstance(box[0], int):
-        return Box(*box)
-    timed = []
-    for start_s, end_s, b in box:
-        start, end = (
-            int(round(start_s * 25)) - segment.start_frame,
-            int(round(end_s * 25)) - segment.start_frame,
-        )
-        if end > 0 and start < segment.num_frames:
-            timed.append((max(start, 0), Box(*b)))
-    return tuple(timed) or None
+    return boxes_for_segment(timed_boxes(spec), segment.start_frame, segment.end_frame)
 
 
 def _job_captions(captions, segment: SegmentSpec) -> tuple[Caption, ...]:

@@ -197,3 +197,31 @@ def test_diarised_episode_names_tracks_after_their_enrolment_samples(tmp_path, d
         env = _envelope(*sf.read(got, dtype="float32"))
         n = min(len(env), len(truth[own]))
         assert np.corrcoef(env[:n], truth[own][:n])[0, 1] > np.corrcoef(env[:n], truth[other][:n])[0, 1] + 0.3
+
+
+def test_moving_person_timed_boxes_and_bind_propose(tmp_path, demo_media, capsys):
+    """Timed boxes render through the flow; `bind --propose` fills an unbound speaker with a manifest patch."""
+    for name in ("scene", "ana", "ben"):
+        shutil.copy(demo_media[name], tmp_path / demo_media[name].name)
+    manifest = tmp_path / "moving.yaml"
+    manifest.write_text(
+        "episode: moving\nsource: scene.png\nspeakers:\n"
+        "  - {id: ana, track: ana.wav, box: [{from: 0, to: 4, box: [150, 120, 550, 620]},"
+        " {from: 4, to: null, box: [170, 120, 570, 620]}]}\n"
+        "  - {id: ben, track: ben.wav}\n"
+        "render: {engine: preview, max_segment_s: 5}\noutputs: [mp4]\n"
+    )
+    assert main(["validate", str(manifest)]) == 2  # two speakers, ben unbound: a run needs his box
+    assert "bind FILE --propose" in capsys.readouterr().err
+    assert main(["bind", str(manifest), "--propose", "--workspace", str(tmp_path / "w")]) == 0
+    patch = capsys.readouterr().out
+    assert "- id: ben" in patch and "# ana: pinned in the manifest, kept" in patch
+    box = [int(v) for v in patch.split("box: [")[-1].split("]")[0].split(",")]
+    x0, y0, x1, y1 = box
+    assert 730 <= x0 < x1 <= 1130 and 120 <= y0 < y1 <= 620  # ben's face, inside his half of the scene
+    fixed = manifest.read_text().replace(
+        "{id: ben, track: ben.wav}", f"{{id: ben, track: ben.wav, box: {box}}}"
+    )
+    manifest.write_text(fixed)
+    states = _run(manifest, tmp_path / "w")
+    assert states["_record"]["state"] == "completed" and states["bind"] == "executed"
