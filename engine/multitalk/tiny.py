@@ -179,3 +179,64 @@ def tiny_components(seed: int = 0, cfg: TinyConfig | None = None) -> Any:
     return Components(
         transformer, vae, text_encoder, tiny_tokenizer(), image_encoder, Wav2VecEncoder(wav2vec)
     )
+
+
+def _save_sharded(state: dict[str, torch.Tensor], folder: Any, index_name: str, shards: int = 2) -> None:
+    """Split `state` into `shards` safetensors files + an index json, as the released repos do."""
+    import json
+
+    from safetensors.torch import save_file
+
+    keys = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k].contiguous() for k in keys[i::shards]}
+        save_file(part, str(folder / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+
+
+def write_tiny_checkpoints(root: Any, components: Any, cfg: TinyConfig | None = None) -> Any:
+    """Write `components` under root/<owner>/<repo> in the released layouts; returns root (a models_dir)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from transformers import Wav2Vec2FeatureExtractor
+
+    from engine.multitalk import weights as w
+
+    cfg, root = cfg or tiny_config(), Path(root)
+    state = {k: v.detach() for k, v in components.transformer.state_dict().items()}
+    base = {k: v for k, v in state.items() if not w.is_adapter_key(k)}
+    # original Wan layout: renamed keys, shards + index + config.json
+    original = root / w.BASE_REPO
+    original.mkdir(parents=True, exist_ok=True)
+    _save_sharded({w.diffusers_to_original(k): v for k, v in base.items()}, original, w.ORIGINAL_INDEX)
+    d = cfg.dit
+    original_cfg = dict(
+        model_type="i2v", dim=d.inner_dim, ffn_dim=d.ffn_dim, freq_dim=d.freq_dim, in_dim=d.in_channels,
+        out_dim=d.out_channels, num_heads=d.num_attention_heads, num_layers=d.num_layers, eps=d.eps, text_len=512,
+    )  # fmt: skip
+    (original / "config.json").write_text(json.dumps(original_cfg))
+    # diffusers layout: transformer/ (stock WanTransformer3DModel config) and the encoder folders
+    diffusers = root / w.BASE_DIFFUSERS_REPO
+    (diffusers / "transformer").mkdir(parents=True, exist_ok=True)
+    _save_sharded(base, diffusers / "transformer", Path(w.DIFFUSERS_INDEX).name)
+    transformer_cfg = {"_class_name": "WanTransformer3DModel", **d.diffusers_kwargs()}
+    (diffusers / "transformer" / "config.json").write_text(json.dumps(transformer_cfg))
+    components.text_encoder.save_pretrained(diffusers / "text_encoder")
+    components.tokenizer.save_pretrained(diffusers / "tokenizer")
+    components.image_encoder.save_pretrained(diffusers / "image_encoder")
+    components.vae.save_pretrained(diffusers / "vae")
+    # adapter file with the upstream names, and the wav2vec2 folder
+    adapter = root / w.ADAPTER_REPO
+    adapter.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in state.items() if w.is_adapter_key(k)}, str(adapter / w.ADAPTER_FILE)
+    )
+    wav = root / w.WAV2VEC_REPO
+    components.wav2vec.model.save_pretrained(wav)
+    Wav2Vec2FeatureExtractor(do_normalize=components.wav2vec.do_normalize).save_pretrained(wav)
+    return root
