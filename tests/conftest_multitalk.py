@@ -1,15 +1,19 @@
 """Shared fixtures and synthetic media for the MultiTalk engine tests (tiny random models, CPU).
 
-Imported by the `test_multitalk_*.py` files (`from tests.conftest_multitalk import ...`); fixtures
-imported into a test module are collected by pytest.
+Plain helpers imported by the `test_multitalk_*.py` files; the builders are cached so the tiny
+models are built once per session whichever test module asks first.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
-import pytest
 
 from engine.base import Box, PersonInput, RenderJob
 
@@ -45,23 +49,27 @@ def two_person_job(**kw) -> RenderJob:
     return RenderJob(**{**base, **kw})
 
 
-@pytest.fixture(scope="session")
-def tiny_parts():
+@functools.cache
+def shared_components():
+    """The tiny random components, built once per test session (seed 0)."""
     from engine.multitalk.tiny import tiny_components
 
     return tiny_components(0)
 
 
-@pytest.fixture(scope="session")
-def tiny_pipeline(tiny_parts):
+@functools.cache
+def shared_pipeline():
     from engine.multitalk.pipeline import MultiTalkPipeline
     from engine.multitalk.tiny import tiny_config, tiny_settings
 
-    return MultiTalkPipeline(tiny_parts, tiny_settings(), tiny_config().buckets)
+    return MultiTalkPipeline(shared_components(), tiny_settings(), tiny_config().buckets)
 
 
-@pytest.fixture(scope="session")
-def tiny_models_dir(tiny_parts, tmp_path_factory):
+@functools.cache
+def shared_models_dir() -> Path:
+    """The tiny components written once in the released on-disk layouts (removed at exit)."""
     from engine.multitalk.tiny import write_tiny_checkpoints
 
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("models"), tiny_parts)
+    root = Path(tempfile.mkdtemp(prefix="multitalk models "))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return write_tiny_checkpoints(root, shared_components())

@@ -16,9 +16,12 @@ from engine.multitalk.audio import (
     reflect_pad,
     regroup_latent_windows,
 )
-from tests.conftest_multitalk import noise, tone
+from tests.conftest_multitalk import noise, shared_components, tone
 
-pytest_plugins = ["tests.conftest_multitalk"]  # tiny model fixtures
+
+@pytest.fixture
+def tiny_parts():
+    return shared_components()
 
 
 def test_loudness_reaches_minus_23_lufs_and_leaves_silence_alone():

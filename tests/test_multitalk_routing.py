@@ -18,9 +18,12 @@ from engine.multitalk.attention import (
 from engine.multitalk.conditioning import plan_framing, token_masks
 from engine.multitalk.tiny import TINY_BUCKETS
 from engine.multitalk.transformer import AudioContext
-from tests.conftest_multitalk import LEFT, RIGHT
+from tests.conftest_multitalk import LEFT, RIGHT, shared_components
 
-pytest_plugins = ["tests.conftest_multitalk"]  # tiny model fixtures
+
+@pytest.fixture
+def tiny_parts():
+    return shared_components()
 
 
 def test_rope_1d_matches_the_formula():
