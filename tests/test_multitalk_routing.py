@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -145,9 +146,8 @@ def test_box_tokens_attend_to_their_own_person(monkeypatch):
 def test_perturbing_person_1_audio_moves_box_1_tokens_more(tiny_parts, monkeypatch):
     """End to end through the model's audio step: token masks -> map -> positions -> attention."""
     model = tiny_parts.transformer
-    block = model.blocks[0]
-    routed = _routing_attention(64, 1, 32)  # one 64-dim head: the tiny model's 16-dim heads do not separate
-    monkeypatch.setattr(block, "audio_cross_attn", routed)
+    block = copy.deepcopy(model.blocks[0])  # the shared model stays untouched
+    block.audio_cross_attn = _routing_attention(64, 1, 32)  # one 64-dim head: 16-dim heads do not separate
     masks = token_masks([LEFT, RIGHT], (64, 128), plan_framing(64, 128, TINY_BUCKETS[480]))
     frames, S = 3, 32
 
