@@ -18,6 +18,7 @@ bf16 matmul rate, MFU and peak memory, and the ratio to `gpu_floor.py`'s extrapo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -108,30 +109,40 @@ def dit_flops_per_pass(tokens: int, frame_tokens: int, dim: int, ffn: int, layer
     return layers * per_block
 
 
-def matmul_rate(n: int = 8192, iters: int = 20) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def wall_times(fn, repeats: int, device: str) -> list[float]:
+    """Seconds per call; on CUDA between synchronisations (the step ends with host-side work anyway)."""
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def matmul_rate(device: str, dtype: torch.dtype, n: int) -> float:
+    """TFLOPS of an n^3 matmul, median of 20 (8192^3 bf16 on the GPU)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * n**3 / statistics.median(times) / 1e12
+    return 2 * n**3 / statistics.median(wall_times(lambda: a @ b, 20, device)) / 1e12
 
 
 @torch.no_grad()
-def init_in_place(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Random weights that keep activations finite: normal(0, 1/sqrt(fan_in)), norms 1, small modulation."""
+def init_in_place(model: torch.nn.Module) -> None:
+    """Random weights that keep activations finite: normal(0, 1/sqrt(fan_in)), norms 1, small modulation;
+    the diffusers fp32 modules (and norm_x) kept in fp32 as the loader does."""
     from engine.multitalk.weights import KEEP_FP32
 
     for name, p in model.named_parameters():
-        keep = any(part in KEEP_FP32 for part in name.split("."))
-        if keep and p.dtype != torch.float32:
+        if any(part in KEEP_FP32 for part in name.split(".")):
             p.data = p.data.float()
         if "scale_shift_table" in name:
             p.normal_(0, 0.02)
@@ -143,114 +154,150 @@ def init_in_place(model: torch.nn.Module, dtype: torch.dtype) -> None:
             p.normal_(0, 1 / math.sqrt(p[0].numel()))
 
 
-def build_real_model(dtype: torch.dtype):
+def build_model(cfg, device: str, dtype: torch.dtype):
+    """The MultiTalk DiT built on meta, materialised on `device` and initialised in place (no host copy)."""
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    from engine.multitalk.settings import DiTConfig
     from engine.multitalk.transformer import MultiTalkTransformer3DModel
 
-    cfg = DiTConfig()
     with torch.device("meta"):
         model = MultiTalkTransformer3DModel.from_dit_config(cfg)
-    model = model.to(dtype).to_empty(device="cuda")
-    init_in_place(model, dtype)
-    model.rope = WanRotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len).to("cuda")
-    return model.eval(), cfg
+    for p in model.parameters():  # cast on meta, so the full-size model never exists in fp32
+        p.data = p.data.to(dtype)
+    model = model.to_empty(device=device)
+    init_in_place(model)
+    model.rope = WanRotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len).to(device)
+    return model.eval()
 
 
-def cuda_time(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e) / 1e3)
-    return out
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Latent grid and conditioning sizes of the benchmarked clip."""
+
+    h_lat: int = 448 // 8
+    w_lat: int = 896 // 8
+    t_lat: int = 21
+    frames: int = 81
+    text_dim: int = 4096
+    image_tokens: int = 257
+    image_dim: int = 1280
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.h_lat // 2, self.w_lat // 2
+
+
+def bench_conditioning(model, geo: Geometry, device: str):
+    """Random conditioning of the right shapes; person 1 = left half of the token grid, person 2 = right half."""
+    from engine.multitalk.pipeline import _Conditioning
+
+    gen = torch.Generator(device).manual_seed(0)
+    a = model.adapter_cfg
+    windows = torch.randn(2, geo.frames, a.window, a.audio_layers, a.audio_dim, device=device, generator=gen)
+    gh, gw = geo.grid
+    cols = torch.arange(gh * gw, device=device) % gw
+    masks = torch.stack(
+        [cols < gw // 3, cols >= 2 * gw // 3, (cols >= gw // 3) & (cols < 2 * gw // 3)]
+    ).float()
+    with torch.no_grad():
+        cond = _Conditioning(
+            y=torch.randn(1, 20, geo.t_lat, geo.h_lat, geo.w_lat, device=device, generator=gen),
+            text={
+                k: torch.randn(1, 512, geo.text_dim, device=device, generator=gen)
+                for k in ("prompt", "negative")
+            },
+            image=torch.randn(1, geo.image_tokens, geo.image_dim, device=device, generator=gen),
+            audio_tokens=model.encode_audio_tokens(windows),
+            null_tokens=model.encode_audio_tokens(torch.zeros_like(windows[:1])),
+            token_masks=masks,
+        )
+    latent = torch.randn(1, 16, geo.t_lat, geo.h_lat, geo.w_lat, device=device, generator=gen)
+    return cond, latent
+
+
+def step_flops(cfg, geo: Geometry, passes: int) -> float:
+    """ENGINE.md §6.1 model FLOPs: passes 1-2 carry 2 persons (64 audio tokens, map), pass 3 null audio."""
+    frame_tokens = geo.grid[0] * geo.grid[1]
+    tokens = geo.t_lat * frame_tokens
+    context = 512 + geo.image_tokens
+    c = cfg.adapter.context_tokens
+
+    def one(audio_tokens: int, with_map: bool) -> float:
+        return dit_flops_per_pass(tokens, frame_tokens, cfg.inner_dim, cfg.ffn_dim, cfg.num_layers, audio_tokens,
+                                  context, with_map)  # fmt: skip
+
+    two_person = one(2 * c, True)
+    return two_person if passes == 1 else 2 * two_person + one(c, False)
 
 
 def run_gpu(args: argparse.Namespace) -> dict:
-    from engine.multitalk.pipeline import Components, MultiTalkPipeline, _Conditioning
-    from engine.multitalk.settings import EngineSettings
+    """The real 14B shape on CUDA in bf16; with --check-on-cpu the same code at the tiny shape on the CPU."""
+    from engine.multitalk.pipeline import Components, MultiTalkPipeline
+    from engine.multitalk.settings import DiTConfig, EngineSettings
+    from engine.multitalk.tiny import tiny_config
 
-    dtype = torch.bfloat16
-    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    report["matmul_bf16_tflops"] = rate = matmul_rate()
-    print(f"device {report['device']}; measured bf16 matmul {rate:.0f} TFLOPS (8192^3, median of 20)")
+    if args.check_on_cpu:
+        device, dtype, cfg, n_mm = "cpu", torch.float32, tiny_config().dit, 512
+        geo = Geometry(8, 16, 3, 9, 32, 5, 32)
+    else:
+        device, dtype, cfg, n_mm, geo = "cuda", torch.bfloat16, DiTConfig(), 8192, Geometry()
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (code-path check, tiny shape)"
+    report: dict = {
+        "device": name,
+        "torch": torch.__version__,
+        "tokens": geo.t_lat * geo.grid[0] * geo.grid[1],
+    }
+    report["matmul_tflops"] = rate = matmul_rate(device, dtype, n_mm)
+    print(f"device {name}; measured {dtype} matmul {rate:.1f} TFLOPS ({n_mm}^3, median of 20)")
     start = time.perf_counter()
-    model, cfg = build_real_model(dtype)
-    torch.cuda.synchronize()
+    model = build_model(cfg, device, dtype)
+    sync(device)
     report["build_s"] = time.perf_counter() - start
-    report["weights_gib"] = torch.cuda.memory_allocated() / 2**30
-    h_lat, w_lat, t_lat = 448 // 8, 896 // 8, 21
-    frame_tokens = (h_lat // 2) * (w_lat // 2)
-    tokens = t_lat * frame_tokens
-    gen = torch.Generator("cuda").manual_seed(0)
-    audio_windows = torch.randn(2, 81, 5, 12, 768, device="cuda", generator=gen)
-    masks = torch.zeros(3, frame_tokens, device="cuda")
-    grid_w = w_lat // 2
-    cols = torch.arange(frame_tokens, device="cuda") % grid_w
-    masks[0, cols < grid_w // 2], masks[1, cols >= grid_w // 2] = 1, 1
-    masks[2] = 1 - masks[0] - masks[1]
-    masks[2, :grid_w] = 1  # a background row so the complement is not empty
-    cond = _Conditioning(
-        y=torch.randn(1, 20, t_lat, h_lat, w_lat, device="cuda", generator=gen),
-        text={k: torch.randn(1, 512, 4096, device="cuda", generator=gen) for k in ("prompt", "negative")},
-        image=torch.randn(1, 257, 1280, device="cuda", generator=gen),
-        audio_tokens=model.encode_audio_tokens(audio_windows),
-        null_tokens=model.encode_audio_tokens(torch.zeros_like(audio_windows[:1])),
-        token_masks=masks,
-    )
-    latent = torch.randn(1, 16, t_lat, h_lat, w_lat, device="cuda", generator=gen)
-    pipe = MultiTalkPipeline(
-        Components(model, None, None, None, None, None), EngineSettings(device="cuda", dtype="bf16")
-    )
-    passes3, passes1 = ("cond", "drop_text", "uncond"), ("cond",)
-    steps = {
-        "3pass_batched": lambda: pipe._predict(latent, 900.0, passes3, cond, True),
-        "3pass_sequential": lambda: pipe._predict(latent, 900.0, passes3, cond, False),
-        "1pass": lambda: pipe._predict(latent, 900.0, passes1, cond, True),
+    if device == "cuda":
+        report["weights_gib"] = torch.cuda.memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    cond, latent = bench_conditioning(model, geo, device)
+    settings = EngineSettings(device=device, dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+    pipe = MultiTalkPipeline(Components(model, None, None, None, None, None), settings)
+    three, one = ("cond", "drop_text", "uncond"), ("cond",)
+    variants = {
+        "3pass_batched": (three, True),
+        "3pass_sequential": (three, False),
+        "1pass": (one, True),
     }
-    flops_p2 = dit_flops_per_pass(tokens, frame_tokens, cfg.inner_dim, cfg.ffn_dim, cfg.num_layers, 64)
-    flops_null = dit_flops_per_pass(
-        tokens, frame_tokens, cfg.inner_dim, cfg.ffn_dim, cfg.num_layers, 32, with_map=False
-    )
-    flops = {
-        "3pass_batched": 2 * flops_p2 + flops_null,
-        "3pass_sequential": 2 * flops_p2 + flops_null,
-        "1pass": flops_p2,
-    }
-    torch.cuda.reset_peak_memory_stats()
-    for name, fn in steps.items():
+    for variant, (passes, batched) in variants.items():
         if time.perf_counter() - START > args.budget_s:
-            print(f"{name}: skipped (time budget)")
+            print(f"{variant}: skipped (time budget)")
             continue
-        fn()  # warm-up
-        times = cuda_time(fn, args.repeats)
-        velocity, _ = fn()
+
+        def step(passes=passes, batched=batched):
+            return pipe._predict(latent, 900.0, passes, cond, batched)
+
+        velocity, _ = step()  # warm-up
         finite = all(torch.isfinite(v).all().item() for v in velocity.values())
-        s = statistics.median(times)
-        mfu = flops[name] / s / (rate * 1e12)
-        report[name] = {"s_per_step": s, "times": times, "pflop_per_step": flops[name] / 1e15, "mfu_measured": mfu,
-                        "mfu_datasheet": flops[name] / s / (H100_SXM_BF16_DENSE_TFLOPS * 1e12), "finite": finite}  # fmt: skip
-        print(f"{name:17} {s:7.2f} s/step  {flops[name] / 1e15:5.2f} PFLOP  {flops[name] / s / 1e12:6.0f} TFLOPS"
-              f"  MFU {100 * mfu:5.1f} % of measured, {100 * report[name]['mfu_datasheet']:5.1f} % of 989 T"
-              f"  finite={finite}")  # fmt: skip
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    report["peak_allocated_gib"] = peak
-    print(f"peak allocated {peak:.2f} GiB (weights {report['weights_gib']:.2f} GiB); MEMORY.md batch-3 figure "
-          f"{MEMORY_MD_BATCH3_PEAK_GIB} GiB for the 40 blocks alone")  # fmt: skip
-    if "3pass_batched" in report:
-        step = min(report["3pass_batched"]["s_per_step"], report["3pass_sequential"]["s_per_step"])
+        seconds = statistics.median(wall_times(step, args.repeats, device))
+        flops = step_flops(cfg, geo, len(passes))
+        mfu = flops / seconds / (rate * 1e12)
+        report[variant] = {"s_per_step": seconds, "pflop_per_step": flops / 1e15, "mfu_vs_measured": mfu,
+                           "mfu_vs_datasheet": flops / seconds / (H100_SXM_BF16_DENSE_TFLOPS * 1e12),
+                           "finite": finite}  # fmt: skip
+        print(f"{variant:17} {seconds:8.3f} s/step  {flops / 1e15:7.4f} PFLOP  {flops / seconds / 1e12:7.1f} TFLOPS"
+              f"  MFU {100 * mfu:5.1f} % of measured matmul  finite={finite}")  # fmt: skip
+    if device == "cuda":
+        report["peak_allocated_gib"] = peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"peak allocated {peak:.2f} GiB (weights {report['weights_gib']:.2f} GiB); MEMORY.md batch-3 peak "
+              f"{MEMORY_MD_BATCH3_PEAK_GIB} GiB for the 40 blocks alone; MFU vs 989 T datasheet in the JSON")  # fmt: skip
+    timed = [report[v]["s_per_step"] for v in ("3pass_batched", "3pass_sequential") if v in report]
+    if timed and device == "cuda":
+        step_s = min(timed)
         print(
-            f"vs published A100 35 s/step: {A100_PUBLISHED_S_PER_STEP / step:.2f}x faster; goal <= 12 s/step"
+            f"3-pass step {step_s:.2f} s; published A100 35 s/step -> {A100_PUBLISHED_S_PER_STEP / step_s:.2f}x; goal <= 12 s"
         )
         if args.floor_json and Path(args.floor_json).is_file():
             floor = json.loads(Path(args.floor_json).read_text())["extrapolation"]["step_3cfg_best_s"]
-            report["floor_step_s"], report["ratio_to_floor"] = floor, step / floor
+            report["floor_step_s"], report["ratio_to_floor"] = floor, step_s / floor
             print(
-                f"gpu_floor.py extrapolated step {floor:.2f} s (480x832); ours / floor = {step / floor:.2f}"
+                f"gpu_floor.py extrapolated 3-pass step {floor:.2f} s (480x832 grid); ours / floor = {step_s / floor:.2f}"
             )
     return report
 
@@ -266,13 +313,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="CPU: denoising steps of the tiny render")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
+    parser.add_argument(
+        "--check-on-cpu", action="store_true", help="run the --gpu code path at the tiny shape"
+    )
     parser.add_argument("--floor-json", default=None, help="gpu_floor.json of the same GPU run")
     parser.add_argument("--budget-s", type=float, default=420.0, help="GPU: skip timings past this wall time")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for engine_bench.json")
     args = parser.parse_args()
-    if args.gpu and not torch.cuda.is_available():
-        sys.exit("--gpu needs a CUDA device; none is visible")
-    report = run_gpu(args) if args.gpu else run_cpu(args)
+    if args.gpu and not args.check_on_cpu and not torch.cuda.is_available():
+        sys.exit(
+            "--gpu needs a CUDA device; none is visible (--check-on-cpu runs the code path at the tiny shape)"
+        )
+    report = run_gpu(args) if args.gpu or args.check_on_cpu else run_cpu(args)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "engine_bench.json").write_text(json.dumps(report, indent=1, default=str))

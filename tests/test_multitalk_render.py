@@ -136,3 +136,21 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_three_persons_only_with_the_experimental_switch():
+    from engine.multitalk.pipeline import MultiTalkPipeline
+
+    third = Box(40, 0, 90, 64)
+    persons = (
+        PersonInput(tone(), Box(0, 0, 40, 64)),
+        PersonInput(noise(), third),
+        PersonInput(tone(), RIGHT),
+    )
+    job = two_person_job(persons=persons, num_frames=5)
+    with pytest.raises(JobError, match="experimental_persons"):
+        shared_pipeline().render(job)
+    base = shared_pipeline()
+    settings = dataclasses.replace(base.settings, experimental_persons=True)
+    out = MultiTalkPipeline(base.c, settings, base.buckets).render(job)
+    assert tuple(out.frames.shape) == (5, 64, 128, 3)

@@ -166,3 +166,12 @@ def test_perturbing_person_1_audio_moves_box_1_tokens_more(tiny_parts, monkeypat
     delta = (out2 - out).norm(dim=-1).view(frames, S)
     assert delta[:, masks[0].bool()].mean() > 5 * delta[:, masks[1].bool()].mean()
     assert attn_mod.person_token_positions is person_token_positions  # the real position code ran
+
+
+def test_person_ranges_stay_clear_of_the_background_position():
+    from engine.multitalk.settings import BACKGROUND_POSITION, person_centres, person_ranges
+
+    assert person_ranges(2) == [(0.0, 4.0), (20.0, 24.0)] and person_centres(2) == [2.0, 22.0]
+    ranges = person_ranges(4)  # experimental: [40, 44], [60, 64]
+    assert all(not lo <= BACKGROUND_POSITION <= hi for lo, hi in ranges)
+    assert all(ranges[i][1] < ranges[i + 1][0] for i in range(3))

@@ -119,12 +119,10 @@ class EngineSettings:
     device: str = "cuda"
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     base_layout: Literal["auto", "original", "diffusers"] = "auto"
-    attention: Literal["auto", "sdpa"] = "auto"
     cfg_batch: Literal["auto", "on", "off"] = "auto"
     map_chunk: int = 4096  # query tokens per reference-map chunk (bounds map memory)
     experimental_persons: bool = False  # allow > 2 persons (untrained ranges, §3.10)
     normalize_loudness: bool = True
-    deterministic: bool = False
     wav2vec_device: str = "cpu"  # upstream runs wav2vec2 on the CPU in fp32
 
     def torch_dtype(self) -> Any:
