@@ -7,10 +7,12 @@ models are built once per session whichever test module asks first.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,6 @@ import torch
 from engine.base import Box, PersonInput, RenderJob
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Tiny tensors: one thread is ~10x faster than two on a shared 2-core machine (measured 0.4 s vs 4.8 s
-# per tiny render under load), and never slower here.
-torch.set_num_threads(1)
 
 PICTURE_SHAPE = (64, 128, 3)  # h/w = 0.5 -> the tiny (64, 128) bucket, token grid 4 x 8
 LEFT, RIGHT = Box(0, 0, 64, 64), Box(64, 0, 128, 64)
@@ -53,6 +52,18 @@ def two_person_job(**kw) -> RenderJob:
         source=picture(), persons=persons, prompt="two people speak", frame_num=9, num_frames=9, steps=2
     )
     return RenderJob(**{**base, **kw})
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: one thread is ~10x faster than two on a shared 2-core machine (measured 0.4 s vs
+    4.8 s per tiny render under load). Restores the previous count for the rest of the session."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @functools.cache

@@ -16,7 +16,13 @@ from engine.multitalk.audio import (
     reflect_pad,
     regroup_latent_windows,
 )
-from tests.conftest_multitalk import noise, shared_components, tone
+from tests.conftest_multitalk import noise, one_torch_thread, shared_components, tone
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture

@@ -19,7 +19,13 @@ from engine.multitalk.attention import (
 from engine.multitalk.conditioning import plan_framing, token_masks
 from engine.multitalk.tiny import TINY_BUCKETS
 from engine.multitalk.transformer import AudioContext
-from tests.conftest_multitalk import LEFT, RIGHT, shared_components
+from tests.conftest_multitalk import LEFT, RIGHT, one_torch_thread, shared_components
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture
