@@ -137,7 +137,7 @@ def test_bad_jobs_raise_one_line_job_errors(changes, message):
 
 def test_import_is_light():
     code = (
-        "import sys, engine.multitalk, engine.multitalk.renderer, engine.multitalk.settings;"
+        "import sys, engine.multitalk, engine.multitalk.renderer, engine.multitalk.pipeline, engine.multitalk.weights;"
         "heavy = [m for m in ('diffusers', 'transformers', 'flash_attn', 'xformers', 'torchao', 'prefect')"
         " if m in sys.modules]; print(heavy)"
     )

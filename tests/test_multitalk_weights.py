@@ -180,3 +180,25 @@ def test_files_are_found_in_the_hugging_face_cache(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     located = w.locate(w.WEIGHT_SPECS["adapter"], models_dir=tmp_path / "empty")
     assert located.folder == repo / "snapshots" / commit and located.missing == []
+
+
+def test_bf16_load_keeps_the_fp32_modules_and_renders():
+    """The GPU dtype path on the CPU: bf16 weights, fp32 modulation tables and affine norms."""
+    from engine.multitalk.pipeline import MultiTalkPipeline
+    from engine.multitalk.tiny import tiny_config
+    from tests.conftest_multitalk import two_person_job
+
+    settings = tiny_settings(models_dir=shared_models_dir(), dtype="bf16")
+    pipe = MultiTalkPipeline(w.load_components(settings), settings, tiny_config().buckets)
+    dtypes = {n: p.dtype for n, p in pipe.c.transformer.named_parameters()}
+    assert dtypes["blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    assert dtypes["blocks.0.audio_cross_attn.kv_linear.weight"] == torch.bfloat16
+    for name in (
+        "blocks.0.scale_shift_table",
+        "blocks.0.norm2.weight",
+        "blocks.1.norm_x.bias",
+        "scale_shift_table",
+    ):
+        assert dtypes[name] == torch.float32, name
+    frames = pipe.render(two_person_job(num_frames=5)).frames
+    assert tuple(frames.shape) == (5, 64, 128, 3) and frames.float().std() > 0

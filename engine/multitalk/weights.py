@@ -291,7 +291,7 @@ def stream_into(
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 name = rename(key)
-                if name is None and key.split(".")[-2] in IGNORED_DIFFUSERS_KEYS:
+                if name is None and any(part in IGNORED_DIFFUSERS_KEYS for part in key.split(".")):
                     report.ignored.append(key)
                 elif name is None or name not in expected:
                     report.unexpected.append(f"{path.name}:{key}")
