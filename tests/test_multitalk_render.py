@@ -161,3 +161,28 @@ def test_three_persons_only_with_the_experimental_switch():
     settings = dataclasses.replace(base.settings, experimental_persons=True)
     out = MultiTalkPipeline(base.c, settings, base.buckets).render(job)
     assert tuple(out.frames.shape) == (5, 64, 128, 3)
+
+
+def test_cuda_oom_becomes_out_of_memory_with_job_figures(monkeypatch):
+    import torch
+
+    from engine.base import OutOfMemory
+
+    pipe = shared_pipeline()
+
+    def boom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(pipe, "_render", boom)
+    with pytest.raises(OutOfMemory) as err:
+        pipe.render(two_person_job(num_frames=7))
+    assert (err.value.frames, err.value.persons, err.value.size) == (7, 2, 480)
+
+
+@pytest.mark.parametrize("total", [1, 8, 9, 10, 17, 18, 81, 82, 200])
+@pytest.mark.parametrize("frame_num", [9, 81])
+def test_split_job_covers_exactly_the_requested_frames(total, frame_num):
+    job = two_person_job(num_frames=total, frame_num=frame_num)
+    clips = split_job(job, frame_num)
+    assert sum(c.num_frames for c in clips) == total
+    assert all(1 <= c.num_frames <= frame_num for c in clips)

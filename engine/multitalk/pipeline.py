@@ -6,9 +6,8 @@ are part 2. Plain torch; no Prefect.
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +38,6 @@ from engine.multitalk.guidance import APGState, combine_apg, combine_cfg, guidan
 from engine.multitalk.schedule import euler_step, make_schedule
 from engine.multitalk.settings import BUCKETS, TEXT_LEN, EngineSettings, latent_frames
 from engine.multitalk.validation import ResolvedJob, resolve_job
-
-log = logging.getLogger(__name__)
 
 # Transient DiT memory per sample at 480p, 81 frames (MEMORY.md: 4.8 GiB beyond weights for batch 1),
 # scaled by tokens; used to decide whether the guidance passes fit in one batch.
@@ -260,7 +257,8 @@ def _no_progress(stage: str, completed: int, total: int, **info: Any) -> None:
 
 
 @contextmanager
-def _timed(timings: dict[str, float], name: str, sync: Callable[[], None] | None = None) -> Iterator[None]:
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the block's wall time (after a CUDA sync, when CUDA is in use) to timings[name]."""
     start = time.perf_counter()
     yield
     if torch.cuda.is_available() and torch.cuda.is_initialized():
