@@ -186,3 +186,13 @@ def test_split_job_covers_exactly_the_requested_frames(total, frame_num):
     clips = split_job(job, frame_num)
     assert sum(c.num_frames for c in clips) == total
     assert all(1 <= c.num_frames <= frame_num for c in clips)
+
+
+def test_renderers_with_equal_settings_share_one_loaded_pipeline():
+    from engine.multitalk.renderer import load_pipeline
+
+    load_pipeline.cache_clear()
+    first, second = MultiTalkRenderer(tiny=True), MultiTalkRenderer(tiny=True)
+    assert first.pipeline is second.pipeline
+    assert MultiTalkRenderer(tiny=True, map_chunk=128).pipeline is not first.pipeline
+    load_pipeline.cache_clear()

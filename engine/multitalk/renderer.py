@@ -9,6 +9,7 @@ context is part 2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -107,6 +108,19 @@ def split_job(job: RenderJob, frame_num: int) -> list[RenderJob]:
     return clips
 
 
+@functools.lru_cache(maxsize=1)
+def load_pipeline(settings: EngineSettings, tiny: bool = False) -> Any:
+    """The pipeline for these settings, kept loaded: flows build one renderer per segment, and reloading
+    38 GB of weights per segment would dominate. One pipeline at a time (GPU memory)."""
+    from engine.multitalk.pipeline import MultiTalkPipeline
+
+    if tiny:
+        from engine.multitalk.tiny import tiny_components, tiny_config
+
+        return MultiTalkPipeline(tiny_components(0), settings, tiny_config().buckets)
+    return MultiTalkPipeline.from_settings(settings)
+
+
 class MultiTalkRenderer:
     """Renderer protocol implementation; the pipeline is loaded on first use."""
 
@@ -136,14 +150,7 @@ class MultiTalkRenderer:
     @property
     def pipeline(self) -> Any:
         if self._pipeline is None:
-            from engine.multitalk.pipeline import MultiTalkPipeline
-
-            if self.tiny:
-                from engine.multitalk.tiny import tiny_components, tiny_config
-
-                self._pipeline = MultiTalkPipeline(tiny_components(0), self.settings, tiny_config().buckets)
-            else:
-                self._pipeline = MultiTalkPipeline.from_settings(self.settings)
+            self._pipeline = load_pipeline(self.settings, self.tiny)
         return self._pipeline
 
     def adapt(self, job: RenderJob) -> RenderJob:
