@@ -102,10 +102,13 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         audio_context_tokens: int = 32,
         audio_output_dim: int = 768,
     ) -> None:
+        # keywords, not positions: diffusers' argument order may change between releases
         super().__init__(
-            patch_size, num_attention_heads, attention_head_dim, in_channels, out_channels, text_dim, freq_dim,
-            ffn_dim, num_layers, cross_attn_norm, qk_norm, eps, image_dim, added_kv_proj_dim, rope_max_seq_len,
-            pos_embed_seq_len,
+            patch_size=patch_size, num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
+            in_channels=in_channels, out_channels=out_channels, text_dim=text_dim, freq_dim=freq_dim,
+            ffn_dim=ffn_dim, num_layers=num_layers, cross_attn_norm=cross_attn_norm, qk_norm=qk_norm, eps=eps,
+            image_dim=image_dim, added_kv_proj_dim=added_kv_proj_dim, rope_max_seq_len=rope_max_seq_len,
+            pos_embed_seq_len=pos_embed_seq_len,
         )  # fmt: skip
         self.adapter_cfg = AdapterConfig(
             audio_layers, audio_dim, audio_window, vae_scale, audio_intermediate_dim, audio_context_tokens,
