@@ -176,3 +176,33 @@ def test_noise_is_drawn_on_the_cpu_from_the_seed():
     r = resolve_job(two_person_job(seed=3), pipe.buckets)
     n1, n2 = pipe._noise(r, (1, 16, 3, 8, 16)), pipe._noise(r, (1, 16, 3, 8, 16))
     assert torch.equal(n1, n2) and n1.device.type == "cpu" and n1.dtype == torch.float32
+
+
+def test_dit_without_audio_equals_stock_diffusers_wan():
+    """With the audio projections zeroed, our block loop reproduces diffusers' WanTransformer3DModel."""
+    import copy
+
+    from diffusers import WanTransformer3DModel
+
+    from engine.multitalk.tiny import tiny_config
+    from engine.multitalk.transformer import AudioContext
+    from engine.multitalk.weights import is_adapter_key
+
+    ours = copy.deepcopy(shared_components().transformer)
+    with torch.no_grad():
+        for block in ours.blocks:
+            block.audio_cross_attn.proj.weight.zero_()
+            block.audio_cross_attn.proj.bias.zero_()
+    stock = WanTransformer3DModel(**tiny_config().dit.diffusers_kwargs()).eval()
+    base = {k: v for k, v in ours.state_dict().items() if not is_adapter_key(k)}
+    stock.load_state_dict(base, strict=True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 36, 3, 8, 16, generator=gen)
+    t = torch.tensor([900.0, 250.0])
+    text, image = torch.randn(2, 512, 32, generator=gen), torch.randn(2, 5, 32, generator=gen)
+    tokens = [torch.randn(3, 4, 32, generator=gen) for _ in range(2)]
+    with torch.no_grad():
+        expected = stock(x, t, text, image, return_dict=False)[0]
+        got = ours(x, t, text, image, AudioContext(tokens, 4))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert expected.abs().mean() > 1e-3  # not a vacuous comparison

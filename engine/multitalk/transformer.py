@@ -227,7 +227,8 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         batch, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
         grid = (frames // p_t, height // p_h, width // p_w)
-        rope = self.rope(hidden_states)
+        # diffusers keeps the RoPE tables in float64; fp32 avoids float64 (B, L, H, D) temporaries
+        rope = tuple(table.float() for table in self.rope(hidden_states))  # 2 x (1, L, 1, D)
         x = self.patch_embedding(hidden_states.to(self.patch_embedding.weight)).flatten(2).transpose(1, 2)
         x = x.contiguous()  # (B, L, d)
         temb, timestep_proj, text, image = self.condition_embedder(
