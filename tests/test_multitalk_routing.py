@@ -181,3 +181,22 @@ def test_person_ranges_stay_clear_of_the_background_position():
     ranges = person_ranges(4)  # experimental: [40, 44], [60, 64]
     assert all(not lo <= BACKGROUND_POSITION <= hi for lo, hi in ranges)
     assert all(ranges[i][1] < ranges[i + 1][0] for i in range(3))
+
+
+def test_single_person_audio_attention_matches_a_per_frame_reference():
+    """Frame k attends only to frame k's tokens; kv_linear rows [:dim] are K, [dim:] are V; no RoPE."""
+    torch.manual_seed(1)
+    dim, heads, audio_dim, frames, S, A = 32, 2, 8, 3, 5, 4
+    layer = AudioCrossAttention(dim, audio_dim, heads)
+    x, audio = torch.randn(1, frames * S, dim), torch.randn(1, frames, A, audio_dim)
+    with torch.no_grad():
+        out = layer(x, audio, frames)
+        rows = []
+        for f in range(frames):
+            q = layer.q_linear(x[0, f * S : (f + 1) * S]).view(S, heads, -1)
+            kv = layer.kv_linear(audio[0, f])
+            k, v = kv[:, :dim].view(A, heads, -1), kv[:, dim:].view(A, heads, -1)
+            w = torch.softmax(torch.einsum("shd,ahd->hsa", q, k) / math.sqrt(dim // heads), dim=-1)
+            rows.append(torch.einsum("hsa,ahd->shd", w, v).reshape(S, dim))
+        expected = layer.proj(torch.cat(rows))[None]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
