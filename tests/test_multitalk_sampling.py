@@ -206,3 +206,41 @@ def test_dit_without_audio_equals_stock_diffusers_wan():
         got = ours(x, t, text, image, AudioContext(tokens, 4))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert expected.abs().mean() > 1e-3  # not a vacuous comparison
+
+
+class _PassStub(torch.nn.Module):
+    """Velocity = mean of the text rows + 10 x person count: tells which inputs each pass received."""
+
+    def __init__(self):
+        super().__init__()
+        from engine.multitalk.tiny import tiny_config
+
+        self.adapter_cfg, self.map_chunk = tiny_config().dit.adapter, 4096
+
+    def forward(self, x, t, text, image, audio):
+        per_sample = text.float().mean(dim=(1, 2)) + 10.0 * torch.tensor(audio.persons, dtype=torch.float32)
+        return per_sample.view(-1, 1, 1, 1, 1).expand(x.shape[0], 16, *x.shape[2:])
+
+
+@pytest.mark.parametrize("cfg_batch", ["on", "off"])
+@pytest.mark.parametrize(("text_scale", "audio_scale", "velocity"), [(5.0, 4.0, 43.0), (1.0, 2.0, 31.0)])
+def test_each_pass_gets_its_text_and_audio(cfg_batch, text_scale, audio_scale, velocity):
+    """cond = prompt + 2 persons (1 + 20), drop_text = negative + 2 persons (3 + 20), uncond = negative + null
+    audio (3 + 10), drop_audio = prompt + null (1 + 10); 3-pass: 13 - 2 s_t + 10 s_a; 2-pass: 11 + 10 s_a."""
+    from engine.multitalk.pipeline import _Conditioning
+    from engine.multitalk.validation import resolve_job
+
+    pipe = _pipeline(cfg_batch, _PassStub())
+    cond = _Conditioning(
+        y=torch.zeros(1, 20, 3, 8, 16),
+        text={"prompt": torch.ones(1, 512, 32), "negative": 3 * torch.ones(1, 512, 32)},
+        image=torch.zeros(1, 5, 32),
+        audio_tokens=torch.zeros(3, 8, 32),
+        null_tokens=torch.zeros(3, 4, 32),
+        token_masks=None,
+    )
+    job = two_person_job(text_scale=text_scale, audio_scale=audio_scale, steps=3)
+    r = resolve_job(job, pipe.buckets)
+    latent, _ = pipe._denoise(r, cond, lambda *a, **k: None)
+    start = pipe._noise(r, (1, 16, 3, 8, 16))
+    torch.testing.assert_close(latent, start - velocity)  # sigma runs from 1 to 0
