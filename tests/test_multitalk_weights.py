@@ -142,7 +142,11 @@ def test_unexpected_or_overriding_keys_are_rejected(tmp_path):
 def test_check_weights_and_report(tmp_path):
     root = _copy_models(tmp_path)
     (root / w.WAV2VEC_REPO / "model.safetensors").unlink()
+    parts = {"encoders", "adapter", "wav2vec"}
+    assert {s.component for s in w.check_weights(root)} == {"base-diffusers", *parts}
+    shutil.rmtree(root / w.BASE_DIFFUSERS_REPO / "transformer")
     statuses = w.check_weights(root, sha256=True)
+    assert {s.component for s in statuses} == {"base", *parts}
     missing = [s for s in statuses if not s.present]
     assert [(s.repo_id, s.filename) for s in missing] == [(w.WAV2VEC_REPO, "model.safetensors")]
     adapter = next(s for s in statuses if s.filename == w.ADAPTER_FILE)

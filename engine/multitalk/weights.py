@@ -484,9 +484,15 @@ def _sha256(path: Path) -> str:
 
 
 def check_weights(
-    models_dir: Path | None, components: Iterable[str] = DEFAULT_COMPONENTS, sha256: bool = False
+    models_dir: Path | None, components: Iterable[str] | None = None, sha256: bool = False
 ) -> list[WeightStatus]:
-    """Presence and size (optionally sha256) of every required file, per component."""
+    """Presence and size (optionally sha256) of every required file, per component.
+
+    By default the DiT is checked in the layout that is present (diffusers first, as the loader does),
+    else in the original layout, plus encoders, adapter and wav2vec2."""
+    if components is None:
+        diffusers_dit = locate(WEIGHT_SPECS["base-diffusers"], models_dir).folder is not None
+        components = ("base-diffusers" if diffusers_dit else "base", *DEFAULT_COMPONENTS[1:])
     statuses = []
     for name in components:
         loc = locate(WEIGHT_SPECS[name], models_dir)
