@@ -83,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
         "--propose", action="store_true", help="propose boxes for speakers the manifest leaves unbound"
     )
     p.set_defaults(handler=cmd_bind)
+    p = sub.add_parser("models", help="MultiTalk weights: check presence/checksums, or download them")
+    p.add_argument("action", choices=["check", "download"])
+    p.add_argument(
+        "--models-dir", type=Path, default=None, help="default $DUBFLOW_MODELS_DIR; else the HF cache"
+    )
+    p.add_argument("--sha256", action="store_true", help="check: also hash every file (slow for 70 GB)")
+    p.add_argument("--components", default=None, help="comma-separated (default: all the engine needs)")
+    p.set_defaults(handler=cmd_models)
     p = sub.add_parser("schema", help="write manifests/schema.json from the manifest models")
     p.set_defaults(handler=cmd_schema)
     return parser
@@ -298,6 +306,33 @@ def cmd_demo(args) -> int:
         print(f"demo media ready: {manifest}")
         return 0
     return run_episode(manifest, args.workspace)
+
+
+def cmd_models(args) -> int:
+    from engine.multitalk.weights import WEIGHT_SPECS, check_weights, download_weights, format_weight_report
+
+    models_dir = args.models_dir or (
+        Path(os.environ["DUBFLOW_MODELS_DIR"]) if os.environ.get("DUBFLOW_MODELS_DIR") else None
+    )
+    components = args.components.split(",") if args.components else None
+    unknown = [c for c in components or [] if c not in WEIGHT_SPECS]
+    if unknown:
+        return _fail(
+            f"unknown component(s) {', '.join(unknown)}; known: {', '.join(WEIGHT_SPECS)}", EXIT_BAD_INPUT
+        )
+    if args.action == "download":
+        if models_dir is None:
+            return _fail("download needs --models-dir or $DUBFLOW_MODELS_DIR", EXIT_BAD_INPUT)
+        os.environ["HF_HUB_OFFLINE"] = "0"  # the one command that is meant to reach the hub
+        try:
+            folders = download_weights(models_dir, *([components] if components else []))
+        except OSError as exc:  # network, disk, auth: one line, the partial download resumes next time
+            return _fail(f"download failed (re-run to resume): {exc}")
+        print("\n".join(f"downloaded {f}" for f in folders))
+        return 0
+    statuses = check_weights(models_dir, components, sha256=args.sha256)
+    print(format_weight_report(statuses))
+    return 0 if all(s.present for s in statuses) else EXIT_FAILED
 
 
 def cmd_schema(args) -> int:

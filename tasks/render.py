@@ -81,7 +81,7 @@ def render_segment(
         PersonInput(
             sf.read(str(ws.path(audio[p.id])), dtype="float32")[0], _job_box(p.box, segment), p.name or p.id
         )
-        for p in persons
+        for p in engine_persons(persons, segment, options.engine)
     )
     with ws.scratch() as tmp:
         job = RenderJob(
@@ -103,6 +103,17 @@ def render_segment(
     return Clip(segment.index, video, result.num_frames, options.engine)
 
 
+def engine_persons(
+    persons: tuple[PersonSpec, ...], segment: SegmentSpec, engine: str
+) -> tuple[PersonSpec, ...]:
+    """Who the engine animates: the preview shows everyone; MultiTalk binds the segment's speakers (at most
+    its person limit, chosen by the planner), or the first person, silent, when nobody speaks."""
+    if engine == "preview":
+        return persons
+    chosen = tuple(p for p in persons if p.id in segment.speakers)
+    return chosen or persons[:1]
+
+
 def _job_box(spec, segment: SegmentSpec):
     """A manifest box spec (seconds on the episode) -> the engine's box for this segment (frames in the segment)."""
     if spec is None:
@@ -122,12 +133,26 @@ def _job_captions(captions, segment: SegmentSpec) -> tuple[Caption, ...]:
     return tuple(out)
 
 
+_ENGINE_FILES = (
+    "audio",
+    "attention",
+    "conditioning",
+    "guidance",
+    "pipeline",
+    "renderer",
+    "schedule",
+    "settings",
+    "transformer",
+    "weights",
+)
 _MODULES = (
     "tasks.render",
     "tasks.speakers",
+    "tasks.bind",
     "engine.base",
     "engine.preview",
-)  # + the engine used, via options
+    *(f"engine.multitalk.{name}" for name in _ENGINE_FILES),
+)
 cut_audio_task = task(
     cut_segment_audio, name="cut-audio", cache_policy=stage_cache(*_MODULES), persist_result=True
 )
