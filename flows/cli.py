@@ -253,6 +253,10 @@ def status_record(run: dict) -> dict:
         {"stage": f"render[{run['episode']}#{i:02d}]", "segment": i, "state": "failed"}
         for i in sorted(failed - known)
     ]
+    segments += [  # planned, but the run ended before rendering them
+        {"stage": f"render[{run['episode']}#{i:02d}]", "segment": i, "state": "pending"}
+        for i in sorted(set(run.get("planned_segments", [])) - known - failed)
+    ]
     return {
         "episode": run["episode"],
         "state": run.get("state"),

@@ -50,6 +50,7 @@ class StageRunner:
     stages: list[dict] = field(default_factory=list)
     extra_outputs: dict[str, Blob] = field(default_factory=dict)  # published beside the deliverables
     notes: list[str] = field(default_factory=list)  # warnings carried into qc.json
+    planned: list[int] = field(default_factory=list)  # segment indices of the plan (status: pending ones)
 
     def bind(self, tsk, name: str | None = None):
         options: dict[str, Any] = {"result_storage": self.ws.results_dir}
@@ -110,7 +111,11 @@ def _run_episode(loaded: LoadedManifest, ws: Workspace, until: str | None = None
             record["failed_segments"] = sorted(exc.failed)
         raise
     finally:
-        record |= {"finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "stages": runner.stages}
+        record |= {
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "stages": runner.stages,
+            "planned_segments": runner.planned,
+        }
         ws.append_run(m.episode, record)
 
 
@@ -156,6 +161,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     if until == "plan":
         return {"plan": plan, "engine": engine}
     runner.progress.add_steps(len(plan.segments))
+    runner.planned = [seg.index for seg in plan.segments]
     slices = runner.run(cut_audio_task, "cut-audio", tracks, list(plan.segments))
     # 6. render every segment (fanned out), 7. stitch, 8. enhance
     log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))

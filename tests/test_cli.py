@@ -30,3 +30,27 @@ def test_doctor_reports_tools_and_auto_choices(capsys):
     assert report["stages"]["separate"]["auto"] in {"dsp", "demucs"}
     assert report["stages"]["render"]["auto"] in {"preview", "multitalk"}
     assert report["gpus"] == []  # CI and development machines have none
+
+
+def test_status_record_marks_failed_and_pending_segments():
+    from flows.cli import status_record
+
+    run = {
+        "episode": "ep",
+        "state": "failed",
+        "planned_segments": [0, 1, 2, 3],
+        "failed_segments": [1],
+        "stages": [
+            {"stage": "plan", "state": "cached"},
+            {"stage": "render[ep#00]", "state": "executed", "outputs": ["store/aa/x.mp4"]},
+            {"stage": "render[ep#02]", "state": "cached", "outputs": ["store/bb/y.mp4"]},
+        ],
+    }
+    status = status_record(run)
+    assert [(s["segment"], s["state"]) for s in status["segments"]] == [
+        (0, "executed"),
+        (1, "failed"),
+        (2, "cached"),
+        (3, "pending"),
+    ]
+    assert [s["stage"] for s in status["stages"]] == ["plan"]
