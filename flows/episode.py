@@ -172,8 +172,12 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         runner.run(stitch_task, "stitch", clips, timeline.total_frames),
         m.enhance.backend,
     )
-    # 9. remix, 10. deliver
-    dialogue_stems = [*tracks.values()]
+    # 9. remix, 10. deliver. Diarised tracks share overlapped speech, so their sum would double it:
+    # the dialogue stem is then the separated vocals themselves.
+    diarised = vocals is not None and len(m.speakers) > 1 and not all(s.track for s in m.speakers)
+    dialogue_stems = (
+        [runner.run(conform_task, "conform[dialogue]", vocals, timeline)] if diarised else [*tracks.values()]
+    )
     target = MixTarget(m.mix.loudness_lufs, m.mix.true_peak_dbtp, m.mix.bed_gain_db)
     mix = runner.run(remix_task, "remix", dialogue_stems, bed, timeline, target)
     transcript = _transcript(m, runner, mix.dialogue, log)
