@@ -74,7 +74,7 @@ class EmbeddedSettings:
     window_s: float = 1.6  # resemblyzer's own partial-utterance length
     hop_s: float = 0.2
     min_window_s: float = 0.4
-    prune: float = 0.2  # each window keeps its most similar 20 % in the affinity graph
+    prune: float = 0.3  # each window keeps its most similar 30 % in the affinity graph
     same_voice_similarity: float = (
         0.95  # centroids closer than this are one voice, whatever the manifest says
     )
@@ -83,6 +83,9 @@ class EmbeddedSettings:
     max_speakers: int = 8
     max_cluster_windows: int = 1500
     neighbour_overlap: float = 0.5  # windows sharing more than this fraction are not compared
+    join_gap_s: float = (
+        0.3  # speech regions closer than this are windowed as one (short speakers get more windows)
+    )
 
 
 # --------------------------------------------------------------------------- backend choice
@@ -246,7 +249,7 @@ class EmbeddedDiariser:
         """Windows of `window_s` every `hop_s` inside each region -> spans (n, 2) s, embeddings (n, 256)."""
         s = self.settings
         spans = []
-        for start, end in regions:
+        for start, end in _join_close(regions, s.join_gap_s):
             if end - start < s.min_window_s:
                 continue
             if end - start <= s.window_s:
@@ -285,6 +288,16 @@ class EmbeddedDiariser:
             best = np.asarray(keys)[np.argmax(region, axis=1)]
             labels[lo:hi] = median_filter(best, size=min(width, max(1, (hi - lo) | 1)), mode="nearest")
         return labels
+
+
+def _join_close(regions: list[tuple[float, float]], gap_s: float) -> list[tuple[float, float]]:
+    joined: list[tuple[float, float]] = []
+    for start, end in regions:
+        if joined and start - joined[-1][1] < gap_s:
+            joined[-1] = (joined[-1][0], end)
+        else:
+            joined.append((start, end))
+    return joined
 
 
 def embed_segments(wav16: np.ndarray, spans: Sequence[tuple[float, float]]) -> np.ndarray:
@@ -389,19 +402,18 @@ def _absorb_small_clusters(emb: np.ndarray, labels: np.ndarray, s: EmbeddedSetti
 
 
 def _merge_same_voices(emb: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Merge the most alike pair of clusters while their centroids are closer than `threshold`."""
     labels = labels.copy()
-    while True:
-        cent = _centroids(emb, labels)
-        keys = sorted(cent)
-        best, pair = threshold, None
-        for i, a in enumerate(keys):
-            for b in keys[i + 1 :]:
-                sim = float(cent[a] @ cent[b])
-                if sim > best:
-                    best, pair = sim, (a, b)
-        if pair is None:
-            return _relabel(labels)
-        labels[labels == pair[1]] = pair[0]
+    while (pair := _most_alike(emb, labels)) is not None and pair[0] > threshold:
+        labels[labels == pair[2]] = pair[1]
+    return _relabel(labels)
+
+
+def _most_alike(emb: np.ndarray, labels: np.ndarray) -> tuple[float, int, int] | None:
+    cent = _centroids(emb, labels)
+    keys = sorted(cent)
+    pairs = [(float(cent[a] @ cent[b]), a, b) for i, a in enumerate(keys) for b in keys[i + 1 :]]
+    return max(pairs, key=lambda p: (p[0], -p[1], -p[2])) if pairs else None
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:

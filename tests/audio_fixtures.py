@@ -75,8 +75,15 @@ def _piper_voice():
 
 @functools.lru_cache(maxsize=256)
 def _piper(text: str) -> np.ndarray:
+    from piper import SynthesisConfig
+
     voice = _piper_voice()
-    chunks = [np.asarray(c.audio_float_array, dtype=np.float32) for c in voice.synthesize(text)]
+    quiet = SynthesisConfig(
+        noise_scale=0.0, noise_w_scale=0.0
+    )  # VITS samples noise: zero it to be reproducible
+    chunks = [
+        np.asarray(c.audio_float_array, dtype=np.float32) for c in voice.synthesize(text, syn_config=quiet)
+    ]
     return _resample(np.concatenate(chunks), voice.config.sample_rate)
 
 
