@@ -141,7 +141,7 @@ def diarise(
     if not turns:
         raise AudioError(f"{vocals}: no speech found; check that this is the dialogue track")
     mapping, naming_notes = name_clusters(
-        turns, speakers, order=order, pinned=pinned, embed=voice, wav16=wav16
+        turns, speakers, order=order, pinned=pinned, centroids=voice.centroids if voice else None, wav16=wav16
     )
     notes += naming_notes
     for note in notes:
@@ -224,7 +224,7 @@ class EmbeddedDiariser:
         frames = self.assign_frames(len(wav16), regions, spans, emb, centroids)
         turns = frames_to_turns(frames)
         order = _first_appearance(turns)
-        self.centroids = {f"SPK{order.index(k)}": c for k, c in centroids.items()}
+        self.centroids = {f"SPK{order.index(k)}": c for k, c in centroids.items() if k in order}
         _report(progress, 3, "clustering")
         return sorted((Turn(t.start, t.end, f"SPK{order.index(int(t.label))}") for t in turns), key=_turn_key)
 
@@ -468,7 +468,7 @@ def name_clusters(
     order: str,
     pinned: dict[str, str] | None,
     wav16: np.ndarray,
-    embed: EmbeddedDiariser | None = None,
+    centroids: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, str], list[str]]:
     """cluster label -> speaker id: pinned entries, then enrolment (Hungarian), then the order rule."""
     from scipy.optimize import linear_sum_assignment
@@ -481,7 +481,9 @@ def name_clusters(
     free_clusters = [c for c in clusters if c not in mapping]
     free_speakers = [s for s in speakers if s.id not in mapping.values()]
     enrolled = [s for s in free_speakers if s.voice_sample is not None]
-    centroids = cluster_centroids(turns, wav16) if free_clusters else {}
+    if free_clusters and not set(clusters) <= set(centroids or {}):
+        centroids = cluster_centroids(turns, wav16)  # pyannote labels: embed each cluster's own turns
+    centroids = centroids or {}
     if enrolled and free_clusters:
         samples = np.stack([embed_clip(Path(s.voice_sample)) for s in enrolled])
         sim = np.stack([centroids[c] for c in free_clusters]) @ samples.T  # (clusters, enrolled)
