@@ -35,12 +35,6 @@ ProgressHook = Callable[..., None]  # progress(stage, completed, total, **info)
 BACKENDS = ("auto", "dsp", "demucs")
 DSP_VERSION = "repet-sim+sustained-median/2"
 SEPARATE_EXTRA = "pip install -e '.[separate]'"
-# demucs model name -> (signatures, the torch-hub checkpoint file of the first signature)
-DEMUCS_CHECKPOINTS = {
-    "htdemucs": "955717e8-8726e21a.th",
-    "htdemucs_ft": "f7e0c4bc-ba3fe64a.th",
-    "htdemucs_6s": "5c90dfd2-34c22ccb.th",
-}
 
 
 class AudioError(ValueError):
@@ -169,9 +163,10 @@ def find_demucs_weights(model: str, models_dir: Path | None) -> Path | None:
         for candidate in found:
             if candidate.is_file():
                 return candidate
-    ckpt = DEMUCS_CHECKPOINTS.get(model)
-    if ckpt and (_torch_hub_checkpoints() / ckpt).is_file():
-        return _torch_hub_checkpoints() / ckpt
+    files = demucs_checkpoint_files(model)
+    hub = _torch_hub_checkpoints()
+    if files and all((hub / f).is_file() for f in files):
+        return hub / files[0]
     hf_dir = _hf_hub_cache()
     for snapshot in sorted(hf_dir.glob("models--adefossez--*/snapshots/*")):
         if (snapshot / f"{model}.yaml").is_file():
@@ -179,13 +174,25 @@ def find_demucs_weights(model: str, models_dir: Path | None) -> Path | None:
     return None
 
 
+def demucs_checkpoint_files(model: str) -> list[str]:
+    """Checkpoint file names of a named model, from demucs' own remote index (empty if unknown)."""
+    try:
+        from demucs.pretrained import REMOTE_ROOT
+    except ImportError:
+        return []
+    bag = REMOTE_ROOT / f"{model}.yaml"
+    if not bag.is_file():
+        return []
+    import yaml
+
+    signatures = yaml.safe_load(bag.read_text()).get("models", [])
+    known = (REMOTE_ROOT / "files.txt").read_text().split()
+    return [next((f for f in known if f.startswith(f"{sig}-")), f"{sig}.th") for sig in signatures]
+
+
 def demucs_weights_hint(model: str, models_dir: Path | None) -> str:
-    ckpt = DEMUCS_CHECKPOINTS.get(model, "<signature>.th")
-    where = (
-        f"{models_dir}/{model}.yaml + {models_dir}/{ckpt}"
-        if models_dir
-        else f"{_torch_hub_checkpoints()}/{ckpt}"
-    )
+    ckpt = " + ".join(demucs_checkpoint_files(model)) or "<signature>.th"
+    where = f"{models_dir} (with {model}.yaml)" if models_dir else str(_torch_hub_checkpoints())
     return f"place {ckpt} at {where} (or in the HF cache under models--adefossez--HTDemucs)"
 
 

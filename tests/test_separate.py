@@ -119,3 +119,16 @@ def test_demucs_loads_tiny_model_from_repo_folder_and_auto_picks_it(tmp_path):
     info = sf.info(result.vocals)
     assert (info.samplerate, info.channels, info.frames) == (22_050, 1, 3 * 22_050)
     assert len(result.revision) == 16
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_demucs_loads_tiny_model_from_the_torch_hub_cache(tmp_path):
+    pytest.importorskip("demucs")
+    repo = save_tiny_htdemucs(tmp_path / "scratch")
+    hub = tmp_path / "torch" / "hub" / "checkpoints"  # TORCH_HOME is tmp_path/torch (autouse fixture)
+    hub.mkdir(parents=True)
+    (repo / "955717e8.th").rename(hub / "955717e8-8726e21a.th")
+    assert resolve_separate_backend("auto", "htdemucs", None)[0] == "demucs"
+    src = write_wav(tmp_path / "in.wav", np.stack([music(2.0, rate=44_100)] * 2), rate=44_100)
+    result = separate(src, tmp_path / "out", backend="demucs")
+    assert sf.info(result.vocals).channels == 2 and result.model == "htdemucs"
