@@ -154,6 +154,32 @@ def diarise(
     )
 
 
+def use_given_tracks(tracks: dict[str, Path], out_dir: Path) -> Diarisation:
+    """The manifest gives one track per speaker: skip diarisation, check the tracks share one timeline,
+    and write the RTTM from each track's own speech (for subtitles and QC)."""
+    if not tracks:
+        raise ValueError("use_given_tracks needs at least one speaker track")
+    turns, timeline = [], None
+    for speaker, path in sorted(tracks.items()):
+        audio, rate = read_audio(Path(path))
+        if timeline is not None and timeline != (rate, audio.shape[1]):
+            raise AudioError(
+                f"{path}: speaker tracks must share one sample rate and length; got {rate} Hz x {audio.shape[1]} "
+                f"samples, the first track has {timeline[0]} Hz x {timeline[1]}"
+            )
+        timeline = (rate, audio.shape[1])
+        regions = EmbeddedDiariser(EmbeddedSettings()).speech_regions(to_16k(audio.mean(axis=0), rate))
+        turns += [Turn(round(a, 3), round(b, 3), speaker) for a, b in regions]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rttm = write_rttm(out_dir / "diarisation.rttm", merge_turns(turns), "given")
+    mapping = {s: s for s in sorted(tracks)}
+    silent = tuple(
+        f"speaker {s}: its track has no speech" for s in sorted(tracks) if s not in {t.label for t in turns}
+    )
+    return Diarisation(rttm=rttm, tracks=dict(tracks), mapping=mapping, backend="given", warnings=silent)
+
+
 def check_speakers(
     speakers: Sequence[SpeakerRef], order: str, pinned: dict[str, str] | None
 ) -> list[SpeakerRef]:

@@ -20,6 +20,7 @@ from tasks.diarise import (
     gate,
     read_rttm,
     resolve_diarise_backend,
+    use_given_tracks,
 )
 from tests.audio_fixtures import RATE, conversation, enrolment, have_espeak, mix_at, music, write_wav
 
@@ -195,3 +196,18 @@ def test_pyannote_missing_weights_error_never_shows_the_token(tmp_path, monkeypa
     with pytest.raises(MissingWeightsError):
         diarise(src, [SpeakerRef("ana")], tmp_path / "o", backend="pyannote", models_dir=tmp_path / "models")
     assert calls["source"] == str(local / "config.yaml")
+
+
+def test_given_tracks_skip_diarisation_and_get_an_rttm(media, tmp_path):
+    two = sf.read(media["two"], dtype="float32")[0]
+    turns = media["two_turns"]
+    tracks = {}
+    for who in ("ana", "ben"):
+        g = gate([(t.start, t.end) for t in turns if t.speaker == who], len(two), RATE)
+        tracks[who] = write_wav(tmp_path / f"{who}.wav", two * g)
+    result = use_given_tracks(tracks, tmp_path / "out")
+    assert result.backend == "given" and result.mapping == {"ana": "ana", "ben": "ben"}
+    assert min(assigned_share(result.rttm, turns).values()) > 0.9
+    short = write_wav(tmp_path / "short.wav", two[: RATE * 2])
+    with pytest.raises(AudioError, match="share one sample rate and length"):
+        use_given_tracks({"ana": tracks["ana"], "ben": short}, tmp_path / "out")
