@@ -122,7 +122,7 @@ def diarise(
     settings: EmbeddedSettings | None = None,
 ) -> Diarisation:
     """Diarise `vocals`, name the clusters after `speakers`, write RTTM, mapping.json and one track each."""
-    speakers = check_speakers(speakers, order, pinned)
+    speakers = check_speakers(speakers, order, pinned, num_speakers)
     chosen, why = resolve_diarise_backend(backend)
     log.info("diarise %s: backend %s (%s)", vocals, chosen, why)
     audio, rate = read_audio(Path(vocals))
@@ -181,7 +181,7 @@ def use_given_tracks(tracks: dict[str, Path], out_dir: Path) -> Diarisation:
 
 
 def check_speakers(
-    speakers: Sequence[SpeakerRef], order: str, pinned: dict[str, str] | None
+    speakers: Sequence[SpeakerRef], order: str, pinned: dict[str, str] | None, num_speakers: int | None = None
 ) -> list[SpeakerRef]:
     ids = [s.id for s in speakers]
     if not ids:
@@ -190,6 +190,10 @@ def check_speakers(
         raise ValueError(f"speaker ids must be unique, got {ids}")
     if order not in ORDERS:
         raise ValueError(f"speaker order {order!r} is unknown; use one of {', '.join(ORDERS)}")
+    if num_speakers is not None and not 1 <= num_speakers <= EmbeddedSettings().max_speakers:
+        raise ValueError(
+            f"num_speakers={num_speakers} must be between 1 and {EmbeddedSettings().max_speakers}"
+        )
     unknown = sorted(set((pinned or {}).values()) - set(ids))
     if unknown:
         raise ValueError(f"pinned mapping names unknown speakers {unknown}; manifest speakers are {ids}")

@@ -115,6 +115,15 @@ def test_one_voice_where_the_manifest_says_two_is_named_correctly_and_logged(med
     assert np.abs(sf.read(result.tracks["ben"])[0]).max() == 0.0
 
 
+def test_one_voice_without_samples_is_never_silently_split(tmp_path):
+    solo, _ = conversation([("ana", 0), ("ana", 1), ("ana", 2)])
+    src = write_wav(tmp_path / "solo.wav", solo)
+    result = diarise(
+        src, [SpeakerRef("ana"), SpeakerRef("ben")], tmp_path / "o", backend="embedded", num_speakers=2
+    )
+    assert any("sound alike" in w or "no voice found" in w for w in result.warnings), result.warnings
+
+
 @pytest.mark.parametrize(("rate", "channels"), [(8_000, 1), (96_000, 2)])
 def test_other_rates_and_channels_keep_the_input_timeline(media, tmp_path, rate, channels):
     from scipy.signal import resample_poly
@@ -142,6 +151,8 @@ def test_bad_input_gives_clear_errors(media, tmp_path):
         diarise(tmp_path / "broken.wav", refs, tmp_path / "o", backend="embedded")
     with pytest.raises(ValueError, match="unknown speakers"):
         diarise(media["two"], refs, tmp_path / "o", backend="embedded", pinned={"SPK0": "zed"})
+    with pytest.raises(ValueError, match="num_speakers=0"):
+        diarise(media["two"], refs, tmp_path / "o", backend="embedded", num_speakers=0)
     with pytest.raises(AudioError, match="voice_sample"):
         diarise(media["two"], [SpeakerRef("ana", tmp_path / "none.wav")], tmp_path / "o", backend="embedded")
 
