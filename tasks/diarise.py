@@ -97,6 +97,9 @@ def resolve_diarise_backend(backend: str) -> tuple[str, str]:
         raise ValueError(f"diarise backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend, f"{backend} requested"
+    os.environ.setdefault(
+        "PYANNOTE_METRICS_ENABLED", "false"
+    )  # telemetry is on by default: off before import
     try:
         import pyannote.audio  # noqa: F401
     except Exception as exc:  # a broken torchaudio raises OSError, not ImportError
@@ -120,6 +123,7 @@ def diarise(
     pipeline: str = "community-1",
     models_dir: Path | None = None,
     settings: EmbeddedSettings | None = None,
+    device: str = "cpu",
 ) -> Diarisation:
     """Diarise `vocals`, name the clusters after `speakers`, write RTTM, mapping.json and one track each."""
     speakers = check_speakers(speakers, order, pinned, num_speakers)
@@ -133,7 +137,7 @@ def diarise(
     mono = audio.mean(axis=0)
     wav16 = to_16k(mono, rate)
     if chosen == "pyannote":
-        turns = diarise_pyannote(wav16, num_speakers, pipeline=pipeline, models_dir=models_dir)
+        turns = diarise_pyannote(wav16, num_speakers, pipeline=pipeline, models_dir=models_dir, device=device)
         voice = None
     else:
         voice = EmbeddedDiariser(settings or EmbeddedSettings())
@@ -742,11 +746,13 @@ def diarise_pyannote(
     *,
     pipeline: str = "community-1",
     models_dir: Path | None = None,
+    device: str = "cpu",
 ) -> list[Turn]:
     """pyannote.audio's diarization pipeline; cluster labels renamed SPK0.. by first appearance."""
     import torch
 
     pipe = load_pyannote_pipeline(pipeline, models_dir)
+    pipe.to(torch.device(device))
     kwargs = {"num_speakers": num_speakers} if num_speakers else {}
     with torch.inference_mode():
         output = pipe({"waveform": torch.from_numpy(wav16)[None], "sample_rate": RATE}, **kwargs)
@@ -786,7 +792,10 @@ def load_pyannote_pipeline(pipeline: str, models_dir: Path | None):
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     where = f"{models_dir}/<name>/config.yaml" if models_dir else "the HF cache (HF_HOME)"
     try:
-        pipe = Pipeline.from_pretrained(source, token=token)
+        try:
+            pipe = Pipeline.from_pretrained(source, token=token)
+        except TypeError:  # pyannote.audio 3.x calls it use_auth_token
+            pipe = Pipeline.from_pretrained(source, use_auth_token=token)
     except OSError as exc:  # the token never appears in this message
         raise MissingWeightsError(
             f"pyannote pipeline {source!r} not found ({type(exc).__name__}): place its snapshot in {where}; "

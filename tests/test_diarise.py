@@ -222,3 +222,56 @@ def test_given_tracks_skip_diarisation_and_get_an_rttm(media, tmp_path):
     short = write_wav(tmp_path / "short.wav", two[: RATE * 2])
     with pytest.raises(AudioError, match="share one sample rate and length"):
         use_given_tracks({"ana": tracks["ana"], "ben": short}, tmp_path / "out")
+
+
+def fake_pyannote(monkeypatch, turns, calls):
+    """pyannote.audio stand-in with its real call shapes: Pipeline.from_pretrained -> pipeline(file, **kw)."""
+
+    class Segment(types.SimpleNamespace):
+        pass
+
+    class Annotation:
+        def itertracks(self, yield_label=False):
+            for i, (start, end, label) in enumerate(turns):
+                yield Segment(start=start, end=end), i, label
+
+    class Pipeline:
+        @staticmethod
+        def from_pretrained(source, token=None):
+            calls["source"] = source
+            return Pipeline()
+
+        def to(self, device):
+            calls["device"] = str(device)
+            return self
+
+        def __call__(self, file, **kwargs):
+            calls["kwargs"], calls["sample_rate"] = kwargs, file["sample_rate"]
+            return types.SimpleNamespace(speaker_diarization=Annotation())
+
+    fake = types.ModuleType("pyannote.audio")
+    fake.Pipeline = Pipeline
+    monkeypatch.setitem(sys.modules, "pyannote", types.ModuleType("pyannote"))
+    monkeypatch.setitem(sys.modules, "pyannote.audio", fake)
+
+
+def test_pyannote_turns_are_named_by_enrolment_and_overlaps_reach_both_tracks(media, tmp_path, monkeypatch):
+    truth = media["two_turns"]  # ben, ana, ben, ana; pyannote's labels come in its own arbitrary order
+    label = {"ben": "SPEAKER_01", "ana": "SPEAKER_00"}
+    turns = [(t.start, t.end, label[t.speaker]) for t in truth]
+    turns.append((truth[0].end - 0.6, truth[1].start, "SPEAKER_00"))  # ana starts 0.6 s before ben ends
+    calls = {}
+    fake_pyannote(monkeypatch, turns, calls)
+    refs = [media["refs"]["ana"], media["refs"]["ben"]]
+    result = diarise(media["two"], refs, tmp_path, backend="pyannote", num_speakers=2, pipeline="3.1")
+    assert calls == {
+        "source": "pyannote/speaker-diarization-3.1",
+        "device": "cpu",
+        "kwargs": {"num_speakers": 2},
+        "sample_rate": RATE,
+    }
+    assert result.backend == "pyannote" and result.mapping == {"SPK0": "ben", "SPK1": "ana"}
+    overlap = slice(int((truth[0].end - 0.5) * RATE), int((truth[0].end - 0.1) * RATE))
+    ana, ben = (sf.read(result.tracks[s], dtype="float32")[0][overlap] for s in ("ana", "ben"))
+    np.testing.assert_array_equal(ana, ben)
+    assert np.abs(ben).max() > 0.05  # real speech, given to both speakers
