@@ -9,6 +9,8 @@ import types
 import numpy as np
 import pytest
 import soundfile as sf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.base import EngineSetupError, MissingWeightsError
 from tasks.diarise import (
@@ -166,6 +168,17 @@ def test_der_scoring_matches_hand_counts():
     assert diarisation_error_rate(ref, hyp) == pytest.approx(4.75 / 19.0, abs=0.002)
     overlap = [*ref, Turn(4.0, 6.0, "b")]  # overlapped speech counts twice; missing it is a miss
     assert diarisation_error_rate(overlap, ref, collar=0.0) == pytest.approx(2.0 / 22.0, abs=0.01)
+
+
+@settings(deadline=None, max_examples=50)
+@given(
+    st.lists(st.tuples(st.floats(0, 50), st.floats(0.3, 5), st.sampled_from("abc")), min_size=1, max_size=8)
+)
+def test_der_is_zero_for_any_relabelling_and_one_for_nothing(rows):
+    ref = [Turn(round(a, 2), round(a + d, 2), who) for a, d, who in rows]
+    renamed = [Turn(t.start, t.end, {"a": "z", "b": "y", "c": "x"}[t.label]) for t in ref]
+    assert diarisation_error_rate(ref, renamed, collar=0.0) == 0.0
+    assert diarisation_error_rate(ref, [], collar=0.0) == 1.0
 
 
 def test_gate_has_short_fades_outside_the_turn():
