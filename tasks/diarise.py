@@ -97,9 +97,8 @@ def resolve_diarise_backend(backend: str) -> tuple[str, str]:
         raise ValueError(f"diarise backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend, f"{backend} requested"
-    os.environ.setdefault(
-        "PYANNOTE_METRICS_ENABLED", "false"
-    )  # telemetry is on by default: off before import
+    # pyannote's telemetry is on by default: turn it off before the first import
+    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
     try:
         import pyannote.audio  # noqa: F401
     except Exception as exc:  # a broken torchaudio raises OSError, not ImportError
@@ -314,11 +313,11 @@ class EmbeddedDiariser:
         for a, b in regions:
             lo, hi = int(a / FRAME_S), min(n_frames, int(np.ceil(b / FRAME_S)))
             region = scores[lo:hi] / np.maximum(counts[lo:hi, None], 1)
-            covered = counts[lo:hi] > 0
-            if not covered.any():  # a too-short region: nearest window decides
-                centre = (a + b) / 2
-                nearest = int(np.argmin(np.abs(spans.mean(axis=1) - centre)))
-                region[:] = window_scores[nearest]
+            uncovered = np.flatnonzero(counts[lo:hi] == 0)  # too short for a window: the nearest decides
+            if uncovered.size:
+                times = (lo + uncovered + 0.5) * FRAME_S
+                nearest = np.argmin(np.abs(spans.mean(axis=1)[None, :] - times[:, None]), axis=1)
+                region[uncovered] = window_scores[nearest]
             best = np.asarray(keys)[np.argmax(region, axis=1)]
             labels[lo:hi] = median_filter(best, size=min(width, max(1, (hi - lo) | 1)), mode="nearest")
         return labels
