@@ -131,13 +131,16 @@ def enrolment(speaker: str) -> np.ndarray:
 
 
 def music(seconds: float, rate: int = RATE, seed: int = 0) -> np.ndarray:
-    """A repeating two-bar cue at 120 bpm: held chords, a bass line and hi-hat noise bursts."""
+    """A repeating four-bar cue: held chords, a bass line and hi-hat noise bursts; the seed picks the
+    tempo (90-140 bpm), the key and the chord order."""
     rng = np.random.default_rng(seed)
     n = int(seconds * rate)
     t = np.arange(n) / rate
     out = np.zeros(n, dtype=np.float64)
     chords = [(220.0, 277.2, 329.6), (196.0, 246.9, 293.7), (174.6, 220.0, 261.6), (196.0, 246.9, 311.1)]
-    beat = 0.5
+    key = 2 ** (int(rng.integers(-5, 6)) / 12)
+    chords = [tuple(f * key for f in chords[i]) for i in rng.permutation(len(chords))]
+    beat = 60.0 / float(rng.uniform(90, 140))
     for k in range(int(np.ceil(seconds / (4 * beat)))):
         lo, hi = int(k * 4 * beat * rate), min(n, int((k + 1) * 4 * beat * rate))
         seg = t[lo:hi] - t[lo]
