@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,6 +57,7 @@ class Diarisation:
     mapping: dict[str, str]
     backend: str
     warnings: tuple[str, ...] = ()
+    model: str = ""  # e.g. "silero-vad==6.2.3 + resemblyzer==0.1.4", or the pyannote pipeline
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,29 @@ def diarise(
     named = sorted(
         (Turn(t.start, t.end, mapping[t.label]) for t in turns), key=lambda t: (t.start, t.end, t.label)
     )
-    return write_outputs(
-        named, mono, rate, speakers, mapping, chosen, Path(out_dir), Path(vocals).stem, notes
-    )
+    record = {
+        "backend": chosen,
+        "model": PYANNOTE_PIPELINES.get(pipeline, pipeline)
+        if chosen == "pyannote"
+        else embedded_model_name(),
+        "settings": asdict(voice.settings) if voice else {"pipeline": pipeline, "num_speakers": num_speakers},
+        "mapping": mapping,
+        "speakers": [s.id for s in speakers],
+        "warnings": notes,
+    }
+    return write_outputs(named, mono, rate, Path(out_dir), Path(vocals).stem, record)
+
+
+def embedded_model_name() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pinned(package: str) -> str:
+        try:
+            return f"{package}=={version(package)}"
+        except PackageNotFoundError:
+            return package
+
+    return f"{pinned('silero-vad')} + {pinned('resemblyzer')}"
 
 
 def use_given_tracks(tracks: dict[str, Path], out_dir: Path) -> Diarisation:
@@ -617,26 +638,25 @@ def cluster_centroids(turns: list[Turn], wav16: np.ndarray) -> dict[str, np.ndar
 
 
 def write_outputs(
-    turns: list[Turn],
-    mono: np.ndarray,
-    rate: int,
-    speakers: Sequence[SpeakerRef],
-    mapping: dict[str, str],
-    backend: str,
-    out_dir: Path,
-    uri: str,
-    notes: list[str],
+    turns: list[Turn], mono: np.ndarray, rate: int, out_dir: Path, uri: str, record: dict
 ) -> Diarisation:
+    """RTTM, one gated track per speaker in `record["speakers"]`, and `record` itself as mapping.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     merged = merge_turns(turns)
     rttm = write_rttm(out_dir / "diarisation.rttm", merged, uri)
     tracks = {}
-    for ref in speakers:
-        gain = gate([(t.start, t.end) for t in merged if t.label == ref.id], len(mono), rate)
-        tracks[ref.id] = write_audio(out_dir / f"{ref.id}.wav", (mono * gain).astype(np.float32), rate)
-    record = {"backend": backend, "mapping": mapping, "speakers": [s.id for s in speakers], "warnings": notes}
+    for speaker in record["speakers"]:
+        gain = gate([(t.start, t.end) for t in merged if t.label == speaker], len(mono), rate)
+        tracks[speaker] = write_audio(out_dir / f"{speaker}.wav", (mono * gain).astype(np.float32), rate)
     _write_text(out_dir / "mapping.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return Diarisation(rttm=rttm, tracks=tracks, mapping=mapping, backend=backend, warnings=tuple(notes))
+    return Diarisation(
+        rttm=rttm,
+        tracks=tracks,
+        mapping=record["mapping"],
+        backend=record["backend"],
+        warnings=tuple(record["warnings"]),
+        model=record["model"],
+    )
 
 
 def merge_turns(turns: list[Turn], gap_s: float = 0.0) -> list[Turn]:

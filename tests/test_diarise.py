@@ -75,6 +75,8 @@ def test_two_voices_named_by_enrolment_not_by_order(media, tmp_path):
     assert all(len(a) == sf.info(media["two"]).frames for a in audio.values())
     saved = json.loads((tmp_path / "mapping.json").read_text())
     assert saved["mapping"] == result.mapping and saved["backend"] == "embedded"
+    assert saved["model"] == result.model and result.model.startswith("silero-vad==")
+    assert saved["settings"]["vad_threshold"] == 0.6
 
 
 def test_same_input_gives_byte_identical_outputs(media, tmp_path):
