@@ -65,7 +65,9 @@ def test_dsp_is_deterministic_and_blockwise(tmp_path):
     rng = np.random.default_rng(1)
     audio = (0.1 * rng.standard_normal(RATE * 9)).astype(np.float32) + music(9.0) * 0.5
     src = write_wav(tmp_path / "in.wav", audio)
-    a = separate(src, tmp_path / "a", backend="dsp", block_s=4.0)
+    calls = []
+    a = separate(src, tmp_path / "a", backend="dsp", block_s=4.0, progress=lambda *args: calls.append(args))
+    assert calls == [("separate", 1, 3), ("separate", 2, 3), ("separate", 3, 3)]
     b = separate(src, tmp_path / "b", backend="dsp", block_s=4.0)
     assert a.vocals.read_bytes() == b.vocals.read_bytes()
     assert np.all(np.isfinite(sf.read(a.vocals)[0]))
