@@ -429,6 +429,14 @@ def _repeating_estimate(mag: np.ndarray, rate: int, n_fft: int, frames_per_s: fl
 
 def demucs_vocals(mix: np.ndarray, *, net, rate: int, device: str = "cpu") -> np.ndarray:
     """Vocals of one block (channels, n) by demucs' `apply_model` (its own overlapping segments inside)."""
+    width = net.audio_channels
+    if mix.shape[0] > width:  # e.g. 5.1: each channel pair (or the last single channel) on its own
+        return np.concatenate(
+            [
+                demucs_vocals(mix[c : c + width], net=net, rate=rate, device=device)
+                for c in range(0, mix.shape[0], width)
+            ]
+        )
     import torch
     from demucs.apply import apply_model
     from demucs.audio import convert_audio

@@ -138,11 +138,14 @@ def test_demucs_loads_tiny_model_from_repo_folder_and_auto_picks_it(tmp_path):
     pytest.importorskip("demucs")
     repo = save_tiny_htdemucs(tmp_path / "models" / "demucs")
     assert resolve_separate_backend("auto", "htdemucs", repo)[0] == "demucs"
-    src = write_wav(tmp_path / "in.wav", music(3.0, rate=22_050, seed=2), rate=22_050)
+    three_channels = np.stack([music(3.0, rate=22_050, seed=k) for k in range(3)])  # > the model's 2
+    src = write_wav(tmp_path / "in.wav", three_channels, rate=22_050)
     result = separate(src, tmp_path / "out", backend="auto", models_dir=repo)
     assert isinstance(result, Separation) and (result.backend, result.model) == ("demucs", "htdemucs")
     info = sf.info(result.vocals)
-    assert (info.samplerate, info.channels, info.frames) == (22_050, 1, 3 * 22_050)
+    assert (info.samplerate, info.channels, info.frames) == (22_050, 3, 3 * 22_050)
+    bed = sf.read(result.instrumental, dtype="float32")[0] + sf.read(result.vocals, dtype="float32")[0]
+    np.testing.assert_allclose(bed, three_channels.T, atol=1e-5)
     assert len(result.revision) == 16
 
 
