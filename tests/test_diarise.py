@@ -24,11 +24,13 @@ from tasks.diarise import (
     resolve_diarise_backend,
     use_given_tracks,
 )
-from tests.audio_fixtures import RATE, conversation, enrolment, have_espeak, mix_at, music, write_wav
+from tests.audio_fixtures import RATE, conversation, enrolment, have_voices, mix_at, music, write_wav
 
 pytestmark = pytest.mark.skipif(
-    not have_espeak(), reason="espeak-ng is not installed (apt-get install espeak-ng)"
+    not have_voices(), reason="needs apt espeak-ng and pip install -e '.[tts-offline]' for the test voices"
 )
+pytest.importorskip("silero_vad", reason="pip install -e '.[vad]'")
+pytest.importorskip("resemblyzer", reason="pip install -e '.[vad]'")
 
 
 @pytest.fixture(scope="module")

