@@ -7,6 +7,7 @@ came from the cache and what failed in the workspace's runs.jsonl.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.futures import wait
+from prefect.futures import as_completed
 
 from engine.base import FPS
+from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
 from flows.progress import EpisodeProgress, artifact_key
+from flows.workers import render_slot
 from tasks.deliver import deliver_task
 from tasks.enhance import enhance_task
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
@@ -47,6 +50,7 @@ class StageRunner:
     episode: str
     progress: EpisodeProgress
     stages: list[dict] = field(default_factory=list)
+    force_segments: frozenset[int] = frozenset()  # re-render these even when cached (`rerun --segments`)
 
     def bind(self, tsk, name: str | None = None):
         options: dict[str, Any] = {"result_storage": self.ws.results_dir}
@@ -79,17 +83,20 @@ class StageRunner:
 
 
 @flow(name="dub-episode", log_prints=True)
-def dub_episode(manifest: str, workspace: str | None = None, wait_s: float = 0.0) -> dict:
+def dub_episode(
+    manifest: str, workspace: str | None = None, wait_s: float = 0.0, force_segments: list[int] | None = None
+) -> dict:
     loaded = load_manifest(manifest)
     ws = Workspace(workspace)
     with ws.lock(loaded.manifest.episode, wait_s=wait_s):
-        return _run_episode(loaded, ws)
+        return _run_episode(loaded, ws, frozenset(force_segments or ()))
 
 
-def _run_episode(loaded: LoadedManifest, ws: Workspace) -> dict:
+def _run_episode(loaded: LoadedManifest, ws: Workspace, force: frozenset[int] = frozenset()) -> dict:
     m, log = loaded.manifest, get_run_logger()
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    runner = StageRunner(ws, m.episode, EpisodeProgress(m.episode, total_steps=8 + 2 * len(m.speakers)))
+    progress = EpisodeProgress(m.episode, total_steps=8 + 2 * len(m.speakers))
+    runner = StageRunner(ws, m.episode, progress, force_segments=force)
     record: dict[str, Any] = {"episode": m.episode, "manifest": str(loaded.path), "started": started}
     try:
         summary = _stages(loaded, ws, runner, log)
@@ -161,6 +168,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> 
         m.mix.model_dump(),
     )
     outputs = _publish(ws, m.episode, delivery, plan)
+    publish_qc_table(m.episode, ws, delivery.qc)
     return {
         "outputs": outputs,
         "qc_verdict": delivery.verdict,
@@ -250,7 +258,8 @@ def _persons(m: Manifest) -> tuple[PersonSpec, ...]:
 
 
 def _render_all(m, ws: Workspace, runner: StageRunner, plan, slices, source: Blob, engine: str) -> list:
-    options = RenderOptions(
+    """Submit every segment, largest first, to the render workers; settle each as it finishes."""
+    base = RenderOptions(
         engine,
         m.render.size,
         m.render.steps,
@@ -259,21 +268,38 @@ def _render_all(m, ws: Workspace, runner: StageRunner, plan, slices, source: Blo
         m.render.text_scale,
         m.render.audio_scale,
     )
-    persons, calls = _persons(m), []
-    for seg, audio in zip(plan.segments, slices, strict=True):
+    persons, calls = _persons(m), {}  # id(future) -> (future, label, args)
+    jobs = sorted(zip(plan.segments, slices, strict=True), key=lambda job: -job[0].num_frames)
+    for seg, audio in jobs:
         label = f"render[{m.episode}#{seg.index:02d}]"
-        args = (seg, source, audio, persons, plan.captions_for(seg), options)
-        calls.append((label, args, runner.bind(render_task, label).submit(ws, *args)))
-    wait([future for _, _, future in calls])
+        args = (seg, source, audio, persons, plan.captions_for(seg), _segment_options(base, m, seg.index))
+        tsk = runner.bind(render_task, label)
+        if seg.index in runner.force_segments:
+            tsk = tsk.with_options(refresh_cache=True)
+        with render_slot(seg.num_frames):
+            future = tsk.submit(ws, *args)
+        calls[id(future)] = (future, label, args)
     clips, failed = [], {}
-    for label, args, future in calls:
+    for future in as_completed([f for f, _, _ in calls.values()]):
+        _, label, args = calls[id(future)]
+        future.wait()  # done, but its final state is only fetched by wait()
         try:
             clips.append(runner.settle(render_task, label, args, future.state))
         except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others' results
             failed[args[0].index] = f"{type(exc).__name__}: {exc}"
+        runner.stages[-1] |= segment_facts(args[0], future)
+    publish_segment_table(m.episode, runner.stages)
     if failed:
         raise SegmentsFailed(m.episode, failed)
-    return clips
+    return sorted(clips, key=lambda c: c.segment)
+
+
+def _segment_options(base: RenderOptions, m: Manifest, index: int) -> RenderOptions:
+    """The manifest's per-segment overrides (render.overrides: {7: {seed: 11}}) on top of its render settings."""
+    override = m.render.overrides.get(index)
+    if override is None:
+        return base
+    return dataclasses.replace(base, **override.model_dump(exclude_none=True))
 
 
 def _provenance(m: Manifest, ws: Workspace, source: Blob, raw: dict, backend: str, engine: str, plan) -> dict:
