@@ -8,6 +8,7 @@ worker's loaded model is visible to every task that lands on it (PREFECT.md 7A, 
 Environment:
   DUBFLOW_WORKER_ENGINE     engine to load eagerly when a Dask worker starts (the preload)
   DUBFLOW_WORKER_GPUS       GPU slots on this host; each worker claims one with a file lock
+  DUBFLOW_WORKER_KIND       "gpu", or "cpu" for CPU workers that take slots the same way
   DUBFLOW_GPU_LOCK_DIR      where the slot locks live (default: the system temp dir)
   DUBFLOW_ENGINE_OVERRIDES  "name=module:attr,..." builds another factory in place of an engine
 """
@@ -69,7 +70,8 @@ def loaded_engines() -> list[str]:
 def worker_label() -> str:
     """Who renders here: `host/gpuN` on a claimed slot, else `host/pid`."""
     host = socket.gethostname().split(".")[0]
-    return f"{host}/gpu{_gpu}" if _gpu is not None else f"{host}/pid{os.getpid()}"
+    kind = os.environ.get("DUBFLOW_WORKER_KIND", "gpu")
+    return f"{host}/{kind}{_gpu}" if _gpu is not None else f"{host}/pid{os.getpid()}"
 
 
 def claim_gpu(n_gpus: int, lock_dir: Path | None = None, timeout_s: float = 60.0) -> str:

@@ -151,7 +151,7 @@ def start_workers(
     path.parent.mkdir(parents=True, exist_ok=True)
     log = path.with_suffix(".log")
     address = f"tcp://127.0.0.1:{port}"
-    env = _worker_env(engine, gpus, path.parent)
+    env = _worker_env(engine, n, "gpu" if gpus else "cpu", path.parent)
     with open(log, "ab") as out:
         scheduler = _spawn(
             ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], env, out
@@ -207,12 +207,13 @@ def workers_status(workspace: str | Path | None = None) -> dict[str, Any]:
     return {"address": address, "workers": workers}
 
 
-def _worker_env(engine: str, gpus: int, workspace: Path) -> dict[str, str]:
+def _worker_env(engine: str, slots: int, kind: str, workspace: Path) -> dict[str, str]:
     env = dict(os.environ)
     # the checkout first, so workers run exactly this code (task source is part of every cache key)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env["DUBFLOW_WORKER_ENGINE"] = engine
-    env["DUBFLOW_WORKER_GPUS"] = str(gpus)
+    env["DUBFLOW_WORKER_GPUS"] = str(slots)  # each worker claims one slot (its GPU) with a file lock
+    env["DUBFLOW_WORKER_KIND"] = kind
     env.setdefault("DUBFLOW_GPU_LOCK_DIR", str(workspace / "gpu-locks"))
     env.pop("CUDA_VISIBLE_DEVICES", None)  # each worker pins its own slot (gpu_state.claim_gpu)
     return env
