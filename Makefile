@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= cpu-all,bind,dev
+EXTRAS ?= cpu-all,bind,dev,ops
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system demo test lint format schema bench clean server server-stop deploy worker workers

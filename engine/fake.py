@@ -3,9 +3,9 @@
 Loading "the model" sleeps DUBFLOW_FAKE_LOAD_S and appends a line to DUBFLOW_FAKE_LOADS
 (so a bench can count loads across processes). Rendering sleeps DUBFLOW_FAKE_S_PER_FRAME
 per frame and writes a tiny black clip of exactly the job's frames (so stitch works).
-DUBFLOW_FAKE_FAULTS names a JSON file {"fail_frames": [F, ...], "oom_frames": [...]}: a
-job whose frame span covers F raises a plain error (or OutOfMemory); edit the file to
-clear the fault. Register it as the `preview` engine with
+DUBFLOW_FAKE_FAULTS names a JSON file {"fail_frames": [F, ...], "oom_frames": [...],
+"seeds": [S, ...]}: a job whose frame span covers F (and whose seed is in `seeds`, when
+given) raises a plain error (or OutOfMemory); edit the file to clear the fault. Register it as the `preview` engine with
 DUBFLOW_ENGINE_OVERRIDES=preview=engine.fake:SlowRenderer.
 """
 
@@ -42,7 +42,7 @@ class SlowRenderer:
     def render(self, job: RenderJob, *, progress=None) -> RenderResult:
         started = time.perf_counter()
         frames = job.resolved_num_frames()
-        _check_faults(job.source_start_frame, frames)
+        _check_faults(job.source_start_frame, frames, job.seed)
         time.sleep(frames * _env_float("DUBFLOW_FAKE_S_PER_FRAME", 0.0))
         output = Path(job.output) if job.output else Path(tempfile.mkstemp(suffix=".mp4")[1])
         if os.environ.get("DUBFLOW_FAKE_WRITE", "1") != "0":
@@ -52,11 +52,13 @@ class SlowRenderer:
         )
 
 
-def _check_faults(start: int, frames: int) -> None:
+def _check_faults(start: int, frames: int, seed: int) -> None:
     path = os.environ.get("DUBFLOW_FAKE_FAULTS")
     if not path or not Path(path).exists():
         return
     faults = json.loads(Path(path).read_text() or "{}")
+    if "seeds" in faults and seed not in faults["seeds"]:
+        return
     covered = range(start, start + frames)
     if any(f in covered for f in faults.get("oom_frames", [])):
         raise OutOfMemory(f"injected out-of-memory at frames {start}..{start + frames}", frames=frames)
