@@ -134,12 +134,22 @@ def run_episode(manifest: Path, workspace: Path | None, *, wait_s: float = 0.0) 
     return _with_display(call)
 
 
+def _quiet_console() -> None:
+    """Prefect's console handler prints failed tasks' tracebacks; the user gets one line, the UI keeps the logs."""
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    if "prefect" in sys.modules:  # configured already: apply it again (it reads the environment)
+        from prefect.logging.configuration import setup_logging
+
+        setup_logging()
+
+
 def _with_display(call) -> int:
     from flows.display import RunDisplay
     from flows.progress import add_listener, remove_listener
 
     display = RunDisplay()
     add_listener(display)
+    _quiet_console()
     try:
         from tasks.workspace import EpisodeBusy
 

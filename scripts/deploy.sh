@@ -12,3 +12,6 @@ for pool in dub-cpu dub-gpu; do
     "$PYTHON" -m prefect work-pool create "$pool" --type process >/dev/null
 done
 "$PYTHON" -m prefect --no-prompt deploy --all
+if [ -n "${DUBFLOW_ALERT_WEBHOOK:-}" ]; then
+  "$PYTHON" -m flows.alerts --webhook "$DUBFLOW_ALERT_WEBHOOK"
+fi
