@@ -10,6 +10,7 @@ PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command
 PIDFILE="$DIR/prefect-server.pid"
 export PREFECT_HOME="${PREFECT_HOME:-$DIR/prefect-home}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT=false
+export PREFECT_UI_API_URL="http://127.0.0.1:$PORT/api"   # the UI's browser side calls this, not :4200
 
 healthy() {
   "$PYTHON" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/api/health', timeout=2)" 2>/dev/null

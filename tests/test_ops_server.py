@@ -149,3 +149,51 @@ def test_rerun_completes_against_the_server_with_artifacts_and_named_task_runs(s
     rows = json.loads(table[0]["data"])
     assert {"start", "end", "speakers", "worker", "seconds", "state"} <= set(rows[0])
     assert {r["state"] for r in rows} == {"executed", "cached"}  # only the failed segment rendered again
+
+
+def _browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the ops extra")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("chromium and chromium-driver are not installed (.ci/run installs them)")
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1400,1000")
+    options.binary_location = chromium
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def _wait_for(browser, predicate, timeout_s: float = 40) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate(browser.page_source):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_flow_run_page_shows_the_artifacts_in_headless_chromium(server, episode_runs):
+    from selenium.webdriver.common.by import By
+
+    runs = _api(server, "flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 10})
+    episode = next(r for r in runs if r["state_name"] == "Completed" and r["parent_task_run_id"])
+    shots = REPO / "artifacts" / "ui"
+    shots.mkdir(parents=True, exist_ok=True)
+    browser = _browser()
+    try:
+        browser.get(f"{server}/runs/flow-run/{episode['id']}")
+        assert _wait_for(browser, lambda html: "Artifacts" in html and episode["name"] in html)
+        tabs = browser.find_elements(By.XPATH, "//*[normalize-space(.)='Artifacts']")
+        tabs[-1].click()  # the innermost element that reads "Artifacts": the tab
+        found = _wait_for(
+            browser, lambda html: all(k in html for k in ("srv-segments", "srv-qc", "srv-progress"))
+        )
+        browser.save_screenshot(str(shots / "flow-run-artifacts.png"))
+    finally:
+        browser.quit()
+    assert found, "the Artifacts tab does not list srv-segments, srv-qc and srv-progress"
+    assert (shots / "flow-run-artifacts.png").stat().st_size > 10_000
