@@ -71,6 +71,8 @@ class RenderSettings:
 
     engine: Literal["multitalk", "infinitetalk", "preview"] = "multitalk"
     size: Literal[480, 720] = 480
+    # 1 or 2: 32 or 64 audio tokens per latent frame, next to ~1,560-3,600 video tokens, so it moves neither
+    # number measurably (MEMORY.md measured 2); kept so estimates are recorded with the job they describe.
     persons: int = 2
     steps: int = 8
     cfg_passes: int = 3  # 3-way CFG; 2 when text_scale == 1; 1 with a distilled LoRA
@@ -82,7 +84,7 @@ class RenderSettings:
     vae_tiled: bool = False
     compile: bool = False
     frame_num: int = 81  # chunk length F, 4n+1
-    motion_frames: int = 25  # M: 25 for multitalk, 9 for infinitetalk
+    motion_frames: int | None = None  # M; None: the mode's default, 25 (multitalk) or 9 (infinitetalk)
     keep_frames: Literal["stream", "host_fp32", "host_uint8"] = "stream"  # host_fp32 = the reference
 
     def __post_init__(self) -> None:
@@ -90,10 +92,17 @@ class RenderSettings:
             raise ValueError(
                 f"frame_num={self.frame_num} must be 4n+1 (the VAE maps 1+4n frames to 1+n latents)"
             )
-        if not 1 <= self.motion_frames < self.frame_num:
-            raise ValueError(f"motion_frames={self.motion_frames} must be in [1, frame_num={self.frame_num})")
+        if not 1 <= self.motion < self.frame_num:
+            raise ValueError(f"motion_frames={self.motion} must be in [1, frame_num={self.frame_num})")
         if self.size not in TOKENS_PER_LATENT_FRAME:
             raise ValueError(f"size={self.size} must be one of {sorted(TOKENS_PER_LATENT_FRAME)}")
+
+    @property
+    def motion(self) -> int:
+        """Context frames carried from one chunk to the next (ENGINE.md §5.1)."""
+        if self.motion_frames is not None:
+            return self.motion_frames
+        return 9 if self.engine == "infinitetalk" else 25
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ class MemoryEstimate:
 
 def chunk_count(frames: int, settings: RenderSettings) -> int:
     """K chunks of F frames advancing by F - M (ENGINE.md §5.1); a short segment still renders one full chunk."""
-    step = settings.frame_num - settings.motion_frames
+    step = settings.frame_num - settings.motion
     return 1 if frames <= settings.frame_num else 1 + math.ceil((frames - settings.frame_num) / step)
 
 
@@ -137,7 +146,7 @@ def _kept_frame_bytes(frames: int, settings: RenderSettings) -> int:
         return 2 * frames * FRAME_BYTES_FP32[settings.size]  # x2: the final torch.cat copies them
     if settings.keep_frames == "host_uint8":
         return frames * FRAME_BYTES_UINT8[settings.size]
-    return settings.motion_frames * FRAME_BYTES_FP32[settings.size]
+    return settings.motion * FRAME_BYTES_FP32[settings.size]
 
 
 def estimate_peak(frames: int, settings: RenderSettings) -> MemoryEstimate:

@@ -83,6 +83,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", type=Path, default=None)
     p.add_argument("--no-run", action="store_true", help="only generate the media")
     p.set_defaults(handler=cmd_demo)
+    p = sub.add_parser("plan", help="print the segment plan (no rendering)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--workspace", type=Path, default=None)
+    p.set_defaults(handler=cmd_plan)
+    p = sub.add_parser(
+        "bind", help="check the binding; --propose writes a manifest patch from faces and voices"
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("--workspace", type=Path, default=None)
+    p.add_argument(
+        "--propose", action="store_true", help="propose boxes for speakers the manifest leaves unbound"
+    )
+    p.set_defaults(handler=cmd_bind)
+    p = sub.add_parser("models", help="MultiTalk weights: check presence/checksums, or download them")
+    p.add_argument("action", choices=["check", "download"])
+    p.add_argument(
+        "--models-dir", type=Path, default=None, help="default $DUBFLOW_MODELS_DIR; else the HF cache"
+    )
+    p.add_argument("--sha256", action="store_true", help="check: also hash every file (slow for 70 GB)")
+    p.add_argument("--components", default=None, help="comma-separated (default: all the engine needs)")
+    p.set_defaults(handler=cmd_models)
     p = sub.add_parser("schema", help="write manifests/schema.json from the manifest models")
     p.set_defaults(handler=cmd_schema)
     return parser
@@ -234,6 +255,65 @@ def _format_workers(status: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- plan, bind
+
+
+def _run_until(file: Path, workspace: Path | None, until: str) -> tuple[int, dict | None]:
+    from tasks.manifest import ManifestError, load_manifest
+
+    try:
+        loaded = load_manifest(file, require_boxes=until != "bind")
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_INPUT, None
+    from flows.episode import dub_episode
+
+    try:
+        result = dub_episode(
+            manifest=str(loaded.path), workspace=str(workspace) if workspace else None, until=until
+        )
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        return _fail(
+            f"{until} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ), None
+    return 0, result | {"loaded": loaded}
+
+
+def cmd_plan(args) -> int:
+    code, result = _run_until(args.file, args.workspace, "plan")
+    if result is None:
+        return code
+    from tasks.segment import SegmentPlan, format_plan_table
+    from tasks.workspace import Workspace
+
+    plan = SegmentPlan.from_json(Workspace(args.workspace).path(result["plan"].plan).read_text())
+    print(f"engine: {result['engine']}")
+    print(format_plan_table(plan))
+    return 0
+
+
+def cmd_bind(args) -> int:
+    code, result = _run_until(args.file, args.workspace, "bind")
+    if result is None:
+        return code
+    from tasks.bind import propose_binding
+    from tasks.workspace import Workspace
+
+    ws, m = Workspace(args.workspace), result["loaded"].manifest
+    sheet = ws.episode_dir(m.episode) / "out" / "contact-sheet.png"
+    for warning in result["binding"].warnings:
+        print(f"warning: {warning}")
+    if not args.propose:
+        ws.link(m.episode, "contact-sheet.png", result["binding"].contact_sheet)
+        print(f"binding ok; contact sheet: {sheet}")
+        return 0
+    proposed = sheet.with_name("contact-sheet-proposed.png")
+    pinned = {s.id: s.box_spec() for s in m.speakers}
+    print(propose_binding(ws, result["source"], result["tracks"], pinned, proposed), end="")
+    print(f"# contact sheet of this proposal: {proposed}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- status
 
 
@@ -272,6 +352,10 @@ def status_record(run: dict) -> dict:
         {"stage": f"render[{run['episode']}#{i:02d}]", "segment": i, "state": "failed"}
         for i in sorted(failed - known)
     ]
+    segments += [  # planned, but the run ended before rendering them
+        {"stage": f"render[{run['episode']}#{i:02d}]", "segment": i, "state": "pending"}
+        for i in sorted(set(run.get("planned_segments", [])) - known - failed)
+    ]
     return {
         "episode": run["episode"],
         "state": run.get("state"),
@@ -285,12 +369,15 @@ def status_record(run: dict) -> dict:
 
 
 def _episode_name(file: Path) -> str | None:
-    from tasks.manifest import ManifestError, load_manifest
+    """The episode name alone: status must work even when media moved or the manifest no longer validates."""
+    from tasks.yamlmarks import YamlProblem, load_marked
 
     try:
-        return load_manifest(file, check_media=False).manifest.episode
-    except ManifestError:
+        data, _ = load_marked(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, YamlProblem):
         return None
+    episode = data.get("episode") if isinstance(data, dict) else None
+    return episode if isinstance(episode, str) and episode and "/" not in episode else None
 
 
 # ---------------------------------------------------------------------------------------------- doctor, demo, schema
@@ -322,6 +409,33 @@ def cmd_demo(args) -> int:
         print(f"demo media ready: {manifest}")
         return 0
     return run_episode(manifest, args.workspace)
+
+
+def cmd_models(args) -> int:
+    from engine.multitalk.weights import WEIGHT_SPECS, check_weights, download_weights, format_weight_report
+
+    models_dir = args.models_dir or (
+        Path(os.environ["DUBFLOW_MODELS_DIR"]) if os.environ.get("DUBFLOW_MODELS_DIR") else None
+    )
+    components = args.components.split(",") if args.components else None
+    unknown = [c for c in components or [] if c not in WEIGHT_SPECS]
+    if unknown:
+        return _fail(
+            f"unknown component(s) {', '.join(unknown)}; known: {', '.join(WEIGHT_SPECS)}", EXIT_BAD_INPUT
+        )
+    if args.action == "download":
+        if models_dir is None:
+            return _fail("download needs --models-dir or $DUBFLOW_MODELS_DIR", EXIT_BAD_INPUT)
+        os.environ["HF_HUB_OFFLINE"] = "0"  # the one command that is meant to reach the hub
+        try:
+            folders = download_weights(models_dir, *([components] if components else []))
+        except OSError as exc:  # network, disk, auth: one line, the partial download resumes next time
+            return _fail(f"download failed (re-run to resume): {exc}")
+        print("\n".join(f"downloaded {f}" for f in folders))
+        return 0
+    statuses = check_weights(models_dir, components, sha256=args.sha256)
+    print(format_weight_report(statuses))
+    return 0 if all(s.present for s in statuses) else EXIT_FAILED
 
 
 def cmd_schema(args) -> int:

@@ -21,6 +21,7 @@ from engine.base import FPS
 from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
 from flows.progress import EpisodeProgress, artifact_key
 from flows.workers import render_slot
+from tasks.bind import bind_task
 from tasks.deliver import deliver_task
 from tasks.enhance import enhance_task
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
@@ -50,6 +51,9 @@ class StageRunner:
     episode: str
     progress: EpisodeProgress
     stages: list[dict] = field(default_factory=list)
+    extra_outputs: dict[str, Blob] = field(default_factory=dict)  # published beside the deliverables
+    notes: list[str] = field(default_factory=list)  # warnings carried into qc.json
+    planned: list[int] = field(default_factory=list)  # segment indices of the plan (status: pending ones)
     force_segments: frozenset[int] = frozenset()  # re-render these even when cached (`rerun --segments`)
 
     def bind(self, tsk, name: str | None = None):
@@ -84,22 +88,33 @@ class StageRunner:
 
 @flow(name="dub-episode", log_prints=True)
 def dub_episode(
-    manifest: str, workspace: str | None = None, wait_s: float = 0.0, force_segments: list[int] | None = None
+    manifest: str,
+    workspace: str | None = None,
+    wait_s: float = 0.0,
+    until: str | None = None,
+    force_segments: list[int] | None = None,
 ) -> dict:
-    loaded = load_manifest(manifest)
+    """Dub one episode. `until="bind"` or `"plan"` stops after that stage (for `dubflow bind` / `dubflow plan`);
+    `force_segments` re-renders those segments even when cached (`dubflow rerun --segments`)."""
+    loaded = load_manifest(manifest, require_boxes=until != "bind")
     ws = Workspace(workspace)
     with ws.lock(loaded.manifest.episode, wait_s=wait_s):
-        return _run_episode(loaded, ws, frozenset(force_segments or ()))
+        return _run_episode(loaded, ws, until, frozenset(force_segments or ()))
 
 
-def _run_episode(loaded: LoadedManifest, ws: Workspace, force: frozenset[int] = frozenset()) -> dict:
+def _run_episode(
+    loaded: LoadedManifest, ws: Workspace, until: str | None = None, force: frozenset[int] = frozenset()
+) -> dict:
     m, log = loaded.manifest, get_run_logger()
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     progress = EpisodeProgress(m.episode, total_steps=8 + 2 * len(m.speakers))
     runner = StageRunner(ws, m.episode, progress, force_segments=force)
     record: dict[str, Any] = {"episode": m.episode, "manifest": str(loaded.path), "started": started}
+    if until:  # a look ahead (`dubflow plan`, `dubflow bind`): not a run of the episode, so no record
+        return _stages(loaded, ws, runner, log, until)
     try:
-        summary = _stages(loaded, ws, runner, log)
+        summary = _stages(loaded, ws, runner, log, until)
+        runner.progress.finish()
         record |= {"state": "completed", **summary}
         return record
     except Exception as exc:
@@ -108,12 +123,15 @@ def _run_episode(loaded: LoadedManifest, ws: Workspace, force: frozenset[int] = 
             record["failed_segments"] = sorted(exc.failed)
         raise
     finally:
-        record |= {"finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "stages": runner.stages}
-        record.setdefault("segments", [s for s in runner.stages if s["stage"].startswith("render[")])
+        record |= {
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "stages": runner.stages,
+            "planned_segments": runner.planned,
+        }
         ws.append_run(m.episode, record)
 
 
-def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> dict:
+def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, until: str | None) -> dict:
     m = loaded.manifest
     # 1. inputs into the store (content-addressed: a moved or touched file stays cached)
     source = ws.put_file(m.source, move=False)
@@ -135,10 +153,27 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> 
     raw = _raw_tracks(m, ws, runner, vocals)
     timeline = runner.run(timeline_task, "timeline", source, loaded.source_info.kind, [*raw.values()])
     tracks = {sid: runner.run(conform_task, f"conform[{sid}]", blob, timeline) for sid, blob in raw.items()}
-    # 4. bind + 5. segment: boxes from the manifest, a plan cut in common silences
+    # 4. bind: boxes checked against picture and voices, shot cuts, the contact sheet
+    binding = runner.run(
+        bind_task,
+        "bind",
+        source,
+        tracks,
+        {s.id: s.box_spec() for s in m.speakers},
+        m.render.size,
+    )
+    _publish_contact_sheet(ws, runner, m.episode, binding)
+    if until == "bind":
+        return {"tracks": tracks, "source": source, "binding": binding}
+    # 5. segment: a plan cut in common silences, at shot cuts, within the engine's memory
     engine, engine_why = resolve_render_engine(m.render.engine, _models_dir())
-    plan = runner.run(plan_task, "plan", tracks, timeline, _plan_settings(m, engine), _line_specs(m))
+    plan = runner.run(
+        plan_task, "plan", tracks, timeline, _plan_settings(m, engine), _line_specs(m), binding.shot_cuts
+    )
+    if until == "plan":
+        return {"plan": plan, "engine": engine}
     runner.progress.add_steps(len(plan.segments))
+    runner.planned = [seg.index for seg in plan.segments]
     slices = runner.run(cut_audio_task, "cut-audio", tracks, list(plan.segments))
     # 6. render every segment (fanned out), 7. stitch, 8. enhance
     log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))
@@ -149,25 +184,37 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> 
         runner.run(stitch_task, "stitch", clips, timeline.total_frames),
         m.enhance.backend,
     )
-    # 9. remix, 10. deliver
-    dialogue_stems = [*tracks.values()]
+    # 9. remix, 10. deliver. Diarised tracks share overlapped speech, so their sum would double it:
+    # the dialogue stem is then the separated vocals themselves.
+    diarised = vocals is not None and len(m.speakers) > 1 and not all(s.track for s in m.speakers)
+    dialogue_stems = (
+        [runner.run(conform_task, "conform[dialogue]", vocals, timeline)] if diarised else [*tracks.values()]
+    )
     target = MixTarget(m.mix.loudness_lufs, m.mix.true_peak_dbtp, m.mix.bed_gain_db)
     mix = runner.run(remix_task, "remix", dialogue_stems, bed, timeline, target)
+    transcript = _transcript(m, runner, mix.dialogue, log)
+    captions = plan.captions or (transcript.captions if transcript else ())
     provenance = _provenance(m, ws, source, raw, backend, engine, plan)
-    qc_extra = {"segments": len(plan.segments), "forced_cuts": plan.forced_cuts, "engine": engine}
+    qc_extra = {
+        "segments": len(plan.segments),
+        "forced_cuts": plan.forced_cuts,
+        "engine": engine,
+        "word_error_rate": transcript.wer if transcript else None,
+        "notes": runner.notes,
+    }
     delivery = runner.run(
         deliver_task,
         "deliver",
         picture,
         mix,
         timeline,
-        plan.captions,
+        captions,
         tuple(m.outputs),
         qc_extra,
         provenance,
         m.mix.model_dump(),
     )
-    outputs = _publish(ws, m.episode, delivery, plan)
+    outputs = _publish(ws, m.episode, delivery, plan, runner.extra_outputs)
     publish_qc_table(m.episode, ws, delivery.qc)
     return {
         "outputs": outputs,
@@ -176,6 +223,25 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log) -> 
         "frames": timeline.total_frames,
         "seconds": timeline.total_frames / FPS,
     }
+
+
+def _transcript(m: Manifest, runner: StageRunner, dialogue: Blob, log):
+    """Word-timed transcript for subtitles (no script lines) and the QC word error rate (script lines)."""
+    if "srt" not in m.outputs and not m.lines:
+        return None
+    from tasks.transcribe import embedded_model_path, resolve_transcribe_backend, transcribe_task
+
+    backend, why = resolve_transcribe_backend("auto")
+    try:
+        if backend == "faster-whisper":
+            embedded_model_path()  # raises when the asr extra is missing
+    except Exception as exc:  # noqa: BLE001 - transcription is optional: say why and go on
+        runner.notes.append(f"no transcript: {exc}")
+        log.warning("transcribe skipped: %s", exc)
+        return None
+    log.info("transcribe: %s (%s)", backend, why)
+    script = " ".join(line.text for line in m.lines)
+    return runner.run(transcribe_task, "transcribe", dialogue, m.language, backend, script)
 
 
 def _bed(m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner, backend: str, dub_instr):
@@ -209,9 +275,14 @@ def _raw_tracks(m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob | 
 
 
 def _diarised(m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob) -> dict[str, Blob]:
-    from tasks.diarise import diarise_task
+    from tasks.diarise import diarise_task, resolve_diarise_backend
 
-    result = runner.run(diarise_task, "diarise", vocals, _speaker_refs(m, ws), m.diarise.model_dump())
+    backend, why = resolve_diarise_backend(m.diarise.backend)
+    get_run_logger().info("diarise: %s (%s)", backend, why)
+    settings = m.diarise.model_dump() | {"backend": backend}
+    result = runner.run(diarise_task, "diarise", vocals, _speaker_refs(m, ws), settings)
+    runner.extra_outputs |= {"diarisation.rttm": result.rttm, "speaker-mapping.json": result.mapping}
+    runner.notes += list(result.warnings)
     return result.tracks
 
 
@@ -245,16 +316,27 @@ def _plan_settings(m: Manifest, engine: str) -> PlanSettings:
     )
 
 
+def _publish_contact_sheet(ws: Workspace, runner: StageRunner, episode: str, binding) -> None:
+    """The contact sheet beside the outputs and as a Prefect image artifact (a data: URI renders in the UI)."""
+    import base64
+
+    runner.extra_outputs["contact-sheet.png"] = binding.contact_sheet
+    runner.notes += list(binding.warnings)
+    try:
+        from prefect.artifacts import create_image_artifact
+
+        data = base64.b64encode(ws.path(binding.contact_sheet).read_bytes()).decode()
+        create_image_artifact(
+            image_url=f"data:image/png;base64,{data}",
+            key=artifact_key(episode, "contact-sheet"),
+            description=f"{episode}: who is bound where, and when each voice speaks",
+        )
+    except Exception as exc:  # noqa: BLE001 - the PNG is on disk either way
+        get_run_logger().warning("contact sheet artifact not published: %s", exc)
+
+
 def _persons(m: Manifest) -> tuple[PersonSpec, ...]:
-    out = []
-    for s in m.speakers:
-        box = s.box
-        if isinstance(box, list) and box and not isinstance(box[0], int):
-            box = tuple((tb.start, tb.end, tuple(tb.box)) for tb in box)
-        elif box is not None:
-            box = tuple(box)
-        out.append(PersonSpec(s.id, s.name or s.id, box))
-    return tuple(out)
+    return tuple(PersonSpec(s.id, s.name or s.id, s.box_spec()) for s in m.speakers)
 
 
 def _render_all(m, ws: Workspace, runner: StageRunner, plan, slices, source: Blob, engine: str) -> list:
@@ -322,9 +404,9 @@ def _provenance(m: Manifest, ws: Workspace, source: Blob, raw: dict, backend: st
     }
 
 
-def _publish(ws: Workspace, episode: str, delivery, plan) -> dict[str, str]:
+def _publish(ws: Workspace, episode: str, delivery, plan, extra: dict[str, Blob]) -> dict[str, str]:
     """Readable links under episodes/<episode>/out/, and a link artifact to the finished mp4."""
-    named = {"qc.json": delivery.qc, "provenance.json": delivery.provenance, "plan.json": plan.plan}
+    named = {"qc.json": delivery.qc, "provenance.json": delivery.provenance, "plan.json": plan.plan, **extra}
     if delivery.mp4:
         named[f"{episode}.mp4"] = delivery.mp4
     if delivery.srt:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
 
 Listener = Callable[..., None]
+ARTIFACT_INTERVAL_S = (
+    0.5  # each update is an API call: a cached re-run would spend more time reporting than working
+)
 _listeners: list[Listener] = []
 _lock = threading.Lock()
 
@@ -35,6 +39,7 @@ class EpisodeProgress:
     def __init__(self, episode: str, total_steps: int):
         self.episode, self.total, self.done = episode, max(total_steps, 1), 0
         self._artifact = None
+        self._last_update = 0.0
         self._lock = threading.Lock()
         try:
             from prefect.artifacts import create_progress_artifact
@@ -57,11 +62,20 @@ class EpisodeProgress:
         with self._lock:
             self.done += 1
             fraction = min(self.done / self.total, 1.0)
-        if self._artifact is not None:
-            from prefect.artifacts import update_progress_artifact
-
-            update_progress_artifact(artifact_id=self._artifact, progress=round(100 * fraction, 1))
+        self._update_artifact(fraction)
         self._emit("step", name=name, state=state, done=self.done, total=self.total)
+
+    def finish(self) -> None:
+        self._update_artifact(1.0, force=True)
+
+    def _update_artifact(self, fraction: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._artifact is None or (not force and now - self._last_update < ARTIFACT_INTERVAL_S):
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        self._last_update = now
+        update_progress_artifact(artifact_id=self._artifact, progress=round(100 * fraction, 1))
 
     def _emit(self, event: str, **info) -> None:
         with _lock:

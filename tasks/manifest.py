@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -37,7 +39,7 @@ class TimedBox(Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     start: Seconds = Field(alias="from")
-    end: Seconds = Field(alias="to")
+    end: Seconds | None = Field(None, alias="to", description="null: until the end of the episode")
     box: BoxList
 
 
@@ -48,6 +50,12 @@ class Speaker(Strict):
     track: Path | None = Field(None, description="this speaker's own dialogue track (skips diarisation)")
     voice_sample: Path | None = Field(None, description="enrolment clip used to name the diarised track")
     voice: str | None = Field(None, description="TTS voice for lines mode")
+
+    def box_spec(self) -> list | None:
+        """The box as plain data: [x0, y0, x1, y1], or [{from, to, box}, ...] in seconds (tasks/bind.py reads it)."""
+        if isinstance(self.box, list) and self.box and isinstance(self.box[0], TimedBox):
+            return [{"from": b.start, "to": b.end, "box": list(b.box)} for b in self.box]
+        return None if self.box is None else list(self.box)
 
 
 class Line(Strict):
@@ -174,7 +182,10 @@ class LoadedManifest:
         return self.path.parent
 
 
-def load_manifest(path: Path | str, *, check_media: bool = True) -> LoadedManifest:
+def load_manifest(
+    path: Path | str, *, check_media: bool = True, require_boxes: bool = True
+) -> LoadedManifest:
+    """Parse, validate and cross-check a manifest; `require_boxes=False` for `dubflow bind --propose`."""
     path = Path(path)
     text = _read_text(path)
     try:
@@ -190,9 +201,12 @@ def load_manifest(path: Path | str, *, check_media: bool = True) -> LoadedManife
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
-        raise ManifestError(path, [_from_pydantic(err, locate) for err in exc.errors()]) from None
+        problems = [_from_pydantic(err, locate) for err in exc.errors()]
+        if check_media:  # the models failed, but missing media are worth reporting in the same pass
+            problems += _raw_media_problems(data, path.parent, locate, {(p.line, p.column) for p in problems})
+        raise ManifestError(path, sorted(problems, key=lambda p: (p.line, p.column))) from None
     manifest = _resolve_paths(manifest, path.parent)
-    problems, source_info = _cross_check(manifest, locate, check_media)
+    problems, source_info = _cross_check(manifest, locate, check_media, require_boxes)
     if problems:
         raise ManifestError(path, problems)
     return LoadedManifest(path.resolve(), manifest, source_info)
@@ -272,7 +286,9 @@ def _resolve_paths(m: Manifest, base: Path) -> Manifest:
     return m.model_copy(update={"source": fix(m.source), "audio": audio, "speakers": speakers})
 
 
-def _cross_check(m: Manifest, locate: _Locator, check_media: bool) -> tuple[list[Problem], MediaInfo]:
+def _cross_check(
+    m: Manifest, locate: _Locator, check_media: bool, require_boxes: bool = True
+) -> tuple[list[Problem], MediaInfo]:
     problems: list[Problem] = []
 
     def add(loc: tuple, message: str) -> None:
@@ -282,7 +298,9 @@ def _cross_check(m: Manifest, locate: _Locator, check_media: bool) -> tuple[list
     source_info = MediaInfo(m.source, "image")
     if check_media:
         source_info = _check_media(m, add)
-    _check_speakers(m, add, source_info)
+    _check_speakers(m, add, source_info, require_boxes)
+    if not problems and source_info.width:
+        _check_render_geometry(m, add, source_info)
     _check_lines(m, add)
     _check_audio_plan(m, add)
     problems.sort(key=lambda p: (p.line, p.column))
@@ -304,19 +322,44 @@ def _check_media(m: Manifest, add) -> MediaInfo:
     ]
     for i, s in enumerate(m.speakers):
         media += [(("speakers", i, "track"), s.track), (("speakers", i, "voice_sample"), s.voice_sample)]
-    for loc, p in media:
-        if p is None:
-            continue
-        try:
-            info = probe(p)
-            if not info.has_audio:
-                add(loc, f"{p.name} has no sound stream; give an audio file")
-        except MediaError as exc:
-            add(loc, f"{exc}; fix the path (relative to the manifest)")
+    media = [(loc, p) for loc, p in media if p is not None]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # each probe is an ffprobe process: overlap them
+        results = list(pool.map(_probe_or_error, [p for _, p in media]))
+    for (loc, p), info in zip(media, results, strict=True):
+        if isinstance(info, MediaError):
+            add(loc, f"{info}; fix the path (relative to the manifest)")
+        elif not info.has_audio:
+            add(loc, f"{p.name} has no sound stream; give an audio file")
     return source_info
 
 
-def _check_speakers(m: Manifest, add, source: MediaInfo) -> None:
+def _raw_media_problems(data: dict, base: Path, locate: _Locator, taken: set) -> list[Problem]:
+    """Missing or unreadable media named in a manifest whose models did not validate."""
+    found: list[tuple[tuple, object]] = [(("source",), data.get("source"))]
+    audio = data.get("audio") if isinstance(data.get("audio"), dict) else {}
+    found += [(("audio", k), audio.get(k)) for k in ("dialogue", "original", "music_and_effects")]
+    speakers = data.get("speakers") if isinstance(data.get("speakers"), list) else []
+    for i, sp in enumerate(sp for sp in speakers if isinstance(sp, dict)):
+        found += [(("speakers", i, k), sp.get(k)) for k in ("track", "voice_sample")]
+    problems = []
+    for loc, value in found:
+        if not isinstance(value, str):
+            continue
+        info = _probe_or_error(base / value)
+        mark = locate.at(loc)
+        if isinstance(info, MediaError) and (mark.line, mark.column) not in taken:
+            problems.append(Problem(mark.line, mark.column, _field_name(loc), f"{info}; fix the path"))
+    return problems
+
+
+def _probe_or_error(path: Path) -> MediaInfo | MediaError:
+    try:
+        return probe(path)
+    except MediaError as exc:
+        return exc
+
+
+def _check_speakers(m: Manifest, add, source: MediaInfo, require_boxes: bool = True) -> None:
     seen: dict[str, int] = {}
     for i, s in enumerate(m.speakers):
         if s.id in seen:
@@ -329,11 +372,31 @@ def _check_speakers(m: Manifest, add, source: MediaInfo) -> None:
             _check_box(s.box, ("speakers", i, "box"), add, source)
         elif isinstance(s.box, list):
             _check_timed_boxes(s.box, ("speakers", i, "box"), add, source)
-        elif len(m.speakers) > 1:
+        elif len(m.speakers) > 1 and require_boxes:
             add(
                 ("speakers", i),
-                f"speaker {s.id!r} has no box; with several speakers each needs one (x0, y0, x1, y1)",
+                f"speaker {s.id!r} has no box; with several speakers each needs one (x0, y0, x1, y1), "
+                "or let `dubflow bind FILE --propose` suggest one",
             )
+
+
+def _check_render_geometry(m: Manifest, add, source: MediaInfo) -> None:
+    """Boxes too small for the engine's token grid at the render size, or overlapping so much that the
+    engine cannot tell the persons apart (tasks/bind.py owns these rules)."""
+    from tasks.bind import geometry_problems
+
+    boxes = {s.id: s.box_spec() for s in m.speakers}
+    for problem in geometry_problems(boxes, (source.width, source.height), m.render.size):
+        if problem.severity == "error":
+            add(_loc(problem.field), problem.message)
+
+
+def _loc(field: str) -> tuple:
+    """'speakers[1].box[0]' -> ('speakers', 1, 'box', 0)."""
+    parts: list = []
+    for name, index in re.findall(r"([A-Za-z_]+)|\[(\d+)\]", field):
+        parts.append(name if name else int(index))
+    return tuple(parts)
 
 
 def _check_box(box: list[int], loc: tuple, add, source: MediaInfo) -> None:
@@ -347,14 +410,15 @@ def _check_box(box: list[int], loc: tuple, add, source: MediaInfo) -> None:
 def _check_timed_boxes(boxes: list[TimedBox], loc: tuple, add, source: MediaInfo) -> None:
     last_end = -math.inf
     for j, tb in enumerate(boxes):
-        if tb.end <= tb.start:
+        end = math.inf if tb.end is None else tb.end
+        if end <= tb.start:
             add((*loc, j, "to"), f"'to' ({tb.end}) must be after 'from' ({tb.start})")
         if tb.start < last_end:
             add(
                 (*loc, j, "from"),
                 f"'from' ({tb.start}) overlaps the previous box, which lasts until {last_end}",
             )
-        last_end = max(last_end, tb.end)
+        last_end = max(last_end, end)
         _check_box(tb.box, (*loc, j, "box"), add, source)
 
 

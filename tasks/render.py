@@ -13,7 +13,8 @@ import numpy as np
 from prefect import task
 
 from engine import gpu_state
-from engine.base import AUDIO_RATE, Box, Caption, PersonInput, RenderJob
+from engine.base import AUDIO_RATE, Caption, PersonInput, RenderJob
+from tasks.bind import boxes_for_segment, timed_boxes
 from tasks.media import write_wav
 from tasks.segment import SegmentSpec
 from tasks.speakers import MIX_RATE, SAMPLES_PER_FRAME, load_track
@@ -24,7 +25,7 @@ from tasks.workspace import Blob, Workspace, stage_cache
 class PersonSpec:
     id: str
     name: str
-    box: tuple[int, int, int, int] | tuple[tuple[float, float, tuple[int, int, int, int]], ...] | None
+    box: list | None  # the manifest's spec: [x0, y0, x1, y1] or [{from, to, box}, ...] (seconds)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def render_segment(
         PersonInput(
             sf.read(str(ws.path(audio[p.id])), dtype="float32")[0], _job_box(p.box, segment), p.name or p.id
         )
-        for p in persons
+        for p in engine_persons(persons, segment, options.engine)
     )
     with ws.scratch() as tmp:
         job = RenderJob(
@@ -103,21 +104,22 @@ def render_segment(
     return Clip(segment.index, video, result.num_frames, options.engine)
 
 
-def _job_box(box, segment: SegmentSpec):
-    """Manifest boxes (seconds on the episode timeline) -> engine boxes (frames on the segment's timeline)."""
-    if box is None:
+def engine_persons(
+    persons: tuple[PersonSpec, ...], segment: SegmentSpec, engine: str
+) -> tuple[PersonSpec, ...]:
+    """Who the engine animates: the preview shows everyone; MultiTalk binds the segment's speakers (at most
+    its person limit, chosen by the planner), or the first person, silent, when nobody speaks."""
+    if engine == "preview":
+        return persons
+    chosen = tuple(p for p in persons if p.id in segment.speakers)
+    return chosen or persons[:1]
+
+
+def _job_box(spec, segment: SegmentSpec):
+    """A manifest box spec (seconds on the episode) -> the engine's box for this segment (frames in the segment)."""
+    if spec is None:
         return None
-    if isinstance(box[0], int):
-        return Box(*box)
-    timed = []
-    for start_s, end_s, b in box:
-        start, end = (
-            int(round(start_s * 25)) - segment.start_frame,
-            int(round(end_s * 25)) - segment.start_frame,
-        )
-        if end > 0 and start < segment.num_frames:
-            timed.append((max(start, 0), Box(*b)))
-    return tuple(timed) or None
+    return boxes_for_segment(timed_boxes(spec), segment.start_frame, segment.end_frame)
 
 
 def _job_captions(captions, segment: SegmentSpec) -> tuple[Caption, ...]:
@@ -132,12 +134,26 @@ def _job_captions(captions, segment: SegmentSpec) -> tuple[Caption, ...]:
     return tuple(out)
 
 
+_ENGINE_FILES = (
+    "audio",
+    "attention",
+    "conditioning",
+    "guidance",
+    "pipeline",
+    "renderer",
+    "schedule",
+    "settings",
+    "transformer",
+    "weights",
+)
 _MODULES = (
     "tasks.render",
     "tasks.speakers",
+    "tasks.bind",
     "engine.base",
     "engine.preview",
-)  # + the engine used, via options
+    *(f"engine.multitalk.{name}" for name in _ENGINE_FILES),
+)
 cut_audio_task = task(
     cut_segment_audio, name="cut-audio", cache_policy=stage_cache(*_MODULES), persist_result=True
 )

@@ -5,8 +5,9 @@ of preference (the planner pays a penalty for each kind below "silence" and neve
 
 - ``silence``: every speaker is silent for at least ``min_gap_frames`` around c;
 - ``shot``: a shot cut (always cut there: the picture changes, so does the engine's reference frame);
-- ``turn``: no speaker's speech runs across c, but the pause is shorter than the gap (a hand-over between
-  speakers); used only to keep a segment within the engine's person limit or to avoid a forced cut;
+- ``pause``: every speaker is silent on both sides of c, but for less than the gap;
+- ``turn``: no speaker's speech runs across c, but someone speaks right before or after it (a hand-over);
+  pauses and turns are used only to keep a segment within the engine's person limit or to avoid a forced cut;
 - ``forced``: inside speech, at the quietest frame, only when nothing else allows a segment under the length limit.
 
 The engine renders clips of 4n+1 frames (ENGINE.md §5.1), so inside a gap the cut is placed where the segment
@@ -32,11 +33,13 @@ from engine.base import FPS, OutOfMemory
 from engine.memory import GiB, RenderSettings, estimate_peak, estimate_seconds, max_frames_that_fit
 from tasks.workspace import Blob, Workspace, stage_cache
 
-CUT_KINDS = ("end", "silence", "shot", "turn", "forced")
+CUT_KINDS = ("end", "silence", "shot", "pause", "turn", "forced")
 # Penalties in "seconds of render time": a worse cut kind always loses to any amount of render time.
-_PENALTY = {"end": 0.0, "silence": 0.0, "shot": 0.0, "turn": 1e5, "forced": 1e9}
-# A segment with more speakers than the engine binds: worse than a turn cut, better than a forced one.
+_PENALTY = {"end": 0.0, "silence": 0.0, "shot": 0.0, "pause": 1e5, "turn": 2e5, "forced": 1e9}
+# A segment with more speakers than the engine binds: worse than a pause or turn cut, better than a forced one.
 _CROWD_PENALTY = 1e7
+# A forced cut per speaker it splits and for its loudness (_forced_cost): above padding, below a pause.
+_QUIET_WEIGHT = 1e4
 _PAD_PENALTY = 1e3  # a non-final segment that is not 4n+1 frames (the engine renders extra frames and trims)
 
 
@@ -189,10 +192,14 @@ class _Tracks:
         return self.loudness.sum(0)
 
 
-def _on_grid(values: np.ndarray, total_frames: int, dtype: type) -> np.ndarray:
-    out = np.zeros(total_frames, dtype)
-    clipped = np.asarray(values)[:total_frames]
-    out[: len(clipped)] = clipped
+def _on_grid(
+    series: Mapping[str, np.ndarray], names: Sequence[str], total_frames: int, dtype: type
+) -> np.ndarray:
+    """(speakers, total_frames): each series cut or zero-padded to the episode's frame count."""
+    out = np.zeros((len(names), total_frames), dtype)
+    for row, name in enumerate(names):
+        values = np.asarray(series[name])[:total_frames]
+        out[row, : len(values)] = values
     return out
 
 
@@ -200,11 +207,10 @@ def _tracks(
     activity: Mapping[str, np.ndarray], total_frames: int, energy: Mapping[str, np.ndarray] | None
 ) -> _Tracks:
     names = tuple(activity)
-    active = np.array([_on_grid(activity[n], total_frames, bool) for n in names]).reshape(len(names), -1)
+    active = _on_grid(activity, names, total_frames, bool)
     if energy is None:
         return _Tracks(names, active, active.astype(float), False)
-    loud = np.array([_on_grid(energy[n], total_frames, float) for n in names]).reshape(len(names), -1)
-    return _Tracks(names, active, loud, True)
+    return _Tracks(names, active, _on_grid(energy, names, total_frames, float), True)
 
 
 # ---------------------------------------------------------------------------------------------- cut candidates
@@ -218,9 +224,11 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 def _spread(first: int, last: int, window: int) -> list[int]:
     """Cut positions in [first, last]: per window of at most `window` positions, 4 consecutive ones around its
-    centre (4 residues mod 4, so a 4n+1 segment can end there whatever its start)."""
+    centre (4 residues mod 4, so a 4n+1 segment can end there whatever its start); all of them for small windows."""
     count = last - first + 1
-    pieces = max(1, math.ceil(count / window))
+    if window <= 4:
+        return list(range(first, last + 1))
+    pieces = max(1, min(math.ceil(count / window), count // 4))  # every piece keeps its 4 residues
     out: list[int] = []
     for k in range(pieces):
         lo, hi = first + k * count // pieces, first + (k + 1) * count // pieces - 1
@@ -230,15 +238,18 @@ def _spread(first: int, last: int, window: int) -> list[int]:
 
 
 def _pause_cuts(tracks: _Tracks, lo: int, hi: int, min_gap: int, window: int) -> dict[int, str]:
-    """Cuts in [lo, hi)'s interior where no speaker's speech runs across: 'silence' or, for short pauses, 'turn'."""
+    """Cuts in [lo, hi)'s interior where no speaker's speech runs across: silences, pauses and turns."""
     active = tracks.active[:, lo:hi]
     silent = ~active.any(0)
     cuts: dict[int, str] = {}
     for g0, g1 in _runs(silent):
-        kind = "silence" if g1 - g0 >= min_gap else "turn"
-        first, last = max(lo + g0, lo + 1), min(lo + g1, hi - 1)
+        kind, inset = ("silence", 0) if g1 - g0 >= min_gap else ("pause", 1) if g1 - g0 >= 2 else ("turn", 0)
+        first, last = max(lo + g0 + inset, lo + 1), min(lo + g1 - inset, hi - 1)  # a pause: silent both sides
         for c in _spread(first, last, window) if first <= last else []:
             cuts[c] = kind
+        for c in (lo + g0, lo + g1):  # the run's edges: speech on one side, so at best a turn
+            if lo < c < hi:
+                cuts.setdefault(c, "turn")
     # Hand-overs: speech on both sides of c, but nobody's run crosses c (one stops as the other starts).
     spans = (active[:, :-1] & active[:, 1:]).any(0)
     talk = active.any(0)
@@ -247,35 +258,28 @@ def _pause_cuts(tracks: _Tracks, lo: int, hi: int, min_gap: int, window: int) ->
     return cuts
 
 
-def _quietest(tracks: _Tracks, first: int, last: int) -> int:
-    """The frame boundary c in [first, last] with the least speech energy around it, nearest the window centre."""
-    c = np.arange(first, last + 1)
+def _forced_cost(tracks: _Tracks, positions: np.ndarray) -> np.ndarray:
+    """How bad a forced cut at each position is: speakers whose speech it splits, plus its loudness in [0, 1)."""
     loud = tracks.combined_loudness
-    spanning = (tracks.active[:, c - 1] & tracks.active[:, c]).sum(0)
-    centre = (first + last) / 2
-    order = np.lexsort((np.abs(c - centre), loud[c - 1] + loud[c], spanning))
-    return int(c[order[0]])
+    spanning = (tracks.active[:, positions - 1] & tracks.active[:, positions]).sum(0)
+    around = loud[positions - 1] + loud[positions]
+    return spanning + around / (2 * loud.max() + 1e-9)
 
 
-def _forced_cuts(tracks: _Tracks, bounds: Sequence[int], max_frames: int) -> dict[int, str]:
-    """Between consecutive cut positions further apart than `max_frames`, one quietest frame per half-limit
-    window, so that every stretch can be cut under the limit."""
-    window = max(1, max_frames // 2)
+def _forced_cuts(bounds: Sequence[int], max_frames: int) -> dict[int, str]:
+    """Every position between consecutive cut positions further apart than `max_frames`: the planner then needs
+    the fewest forced cuts and, among those, takes the quietest frames (_forced_cost)."""
     cuts: dict[int, str] = {}
     for x, y in zip(bounds, bounds[1:], strict=False):
-        if y - x <= max_frames:
-            continue
-        pieces = math.ceil((y - x - 1) / window)
-        for k in range(pieces):
-            first = x + 1 + k * (y - x - 1) // pieces
-            last = x + (k + 1) * (y - x - 1) // pieces
-            cuts[_quietest(tracks, first, last)] = "forced"
+        if y - x > max_frames:
+            cuts.update(dict.fromkeys(range(x + 1, y), "forced"))
     return cuts
 
 
 def _candidates(tracks: _Tracks, lo: int, hi: int, min_gap: int, cap: int) -> dict[int, str]:
-    cuts = _pause_cuts(tracks, lo, hi, min_gap, max(4, cap // 2))
-    cuts.update(_forced_cuts(tracks, [lo, *sorted(cuts), hi], cap))
+    # Long silences get a group of cuts every eighth of the limit, so pieces can stay close to it.
+    cuts = _pause_cuts(tracks, lo, hi, min_gap, cap // 8)
+    cuts.update(_forced_cuts([lo, *sorted(cuts), hi], cap))
     return cuts
 
 
@@ -290,13 +294,15 @@ def _best_cuts(
     cap: int,
     seconds: np.ndarray,
     max_persons: int,
-) -> list[int] | None:
-    """Cheapest chain of cuts from lo to hi with every piece at most `cap` frames (None if there is none).
+) -> list[int]:
+    """Cheapest chain of cuts from lo to hi with every piece at most `cap` frames.
 
     Cost of a piece = estimated render seconds + penalties (worse cut kind, over the person limit, not 4n+1).
     """
     pos = np.array([lo, *sorted(cuts), hi])
     penalty = np.array([0.0] + [_PENALTY[cuts[c]] for c in sorted(cuts)] + [0.0])
+    forced = np.flatnonzero(penalty == _PENALTY["forced"])
+    penalty[forced] += _QUIET_WEIGHT * _forced_cost(tracks, pos[forced])
     at_nodes = tracks.counts[:, pos]  # (speakers, nodes)
     cost = np.full(len(pos), np.inf)
     cost[0], back = 0.0, np.full(len(pos), -1)
@@ -310,8 +316,8 @@ def _best_cuts(
         total = cost[i0:j] + piece + penalty[j]
         k = int(np.argmin(total))
         cost[j], back[j] = total[k], i0 + k
-    if not np.isfinite(cost[-1]):
-        return None
+    if not np.isfinite(cost[-1]):  # forced cuts make every stretch feasible: this is a planner bug
+        raise RuntimeError(f"no chain of cuts under {cap} frames in [{lo}, {hi}); please report this episode")
     chain, j = [], len(pos) - 1
     while j > 0:
         chain.append(int(pos[j]))
@@ -353,14 +359,13 @@ def _segment(
     )
 
 
-def _plan_with_cap(tracks: _Tracks, frame: SegmentPlan, cap: int, seconds: np.ndarray) -> SegmentPlan | None:
+def _plan(tracks: _Tracks, frame: SegmentPlan, seconds: np.ndarray) -> SegmentPlan:
+    """`frame` (an empty plan with the settings) filled with the cheapest segments, shot by shot."""
     bounds = [0, *frame.shot_cuts, frame.total_frames]
     ends: list[tuple[int, str]] = []
     for lo, hi in zip(bounds, bounds[1:], strict=False):
-        cuts = _candidates(tracks, lo, hi, frame.min_gap_frames, cap)
-        chain = _best_cuts(tracks, lo, hi, cuts, cap, seconds, frame.max_persons)
-        if chain is None:
-            return None
+        cuts = _candidates(tracks, lo, hi, frame.min_gap_frames, frame.max_frames)
+        chain = _best_cuts(tracks, lo, hi, cuts, frame.max_frames, seconds, frame.max_persons)
         ends += [(c, cuts.get(c, "shot" if c < frame.total_frames else "end")) for c in chain]
     starts = [0] + [end for end, _ in ends[:-1]]
     segments = tuple(
@@ -368,13 +373,6 @@ def _plan_with_cap(tracks: _Tracks, frame: SegmentPlan, cap: int, seconds: np.nd
         for i, (start, (end, kind)) in enumerate(zip(starts, ends, strict=True))
     )
     return replace(frame, segments=segments)
-
-
-def _plan_key(plan: SegmentPlan) -> tuple[int, int, int]:
-    """What a faster plan may never buy: fewer forced cuts, crowded segments and turn cuts come first."""
-    cuts = plan.cut_counts()
-    crowded = sum(1 for s in plan.segments if s.extra_speakers)
-    return cuts.get("forced", 0), crowded, cuts.get("turn", 0)
 
 
 def plan_segments(
@@ -405,9 +403,7 @@ def plan_segments(
     shots = tuple(sorted({int(c) for c in shot_cuts if 0 < c < total_frames}))
     frame = SegmentPlan((), total_frames, max_frames, min_gap_frames, max_persons, n_gpus, shots, settings)
     seconds = np.array([0.0] + [estimate_seconds(n, settings) for n in range(1, max_frames + 1)])
-    plan = _plan_with_cap(tracks, frame, max_frames, seconds)
-    if plan is None:  # forced cuts make every stretch feasible at the full limit: this is a planner bug
-        raise RuntimeError(f"no segment plan under {max_frames} frames; please report this manifest")
+    plan = _plan(tracks, frame, seconds)
     return _balance(plan, tracks) if n_gpus > 1 else plan
 
 
@@ -440,8 +436,9 @@ def _split(
 ) -> SegmentPlan | None:
     """`plan` with `old` cut in two at its best inner cut of one of `kinds` (None if it has none).
 
-    Best = the best cut kind (silence, then turn, then the quietest frame), then one that keeps the first half
-    4n+1, then nearest the middle so both halves shrink. The halves get new ids and `split_from=old.index`.
+    Best = the best cut kind (silence, pause, turn, then forced), in the middle half of the segment, the quietest
+    for a forced cut, keeping the first half 4n+1, nearest the middle. The halves get new ids and
+    `split_from=old.index`.
     """
     if old.num_frames < 2:
         return None
@@ -449,8 +446,16 @@ def _split(
     allowed = [c for c in cuts if cuts[c] in kinds]
     if not allowed:
         return None
-    middle = (old.start_frame + old.end_frame) / 2
-    cut = min(allowed, key=lambda c: (_PENALTY[cuts[c]], (c - old.start_frame) % 4 != 1, abs(c - middle), c))
+    middle, quarter = (old.start_frame + old.end_frame) / 2, old.num_frames / 4
+    quiet = dict(zip(allowed, _forced_cost(tracks, np.array(allowed)), strict=True))
+
+    def badness(c: int) -> tuple:
+        kind = cuts[c]
+        off_middle = abs(c - middle) > quarter  # both halves must shrink for the retry to help
+        noise = quiet[c] if kind == "forced" else 0.0
+        return _PENALTY[kind], off_middle, noise, (c - old.start_frame) % 4 != 1, abs(c - middle), c
+
+    cut = min(allowed, key=badness)
     next_id = max(s.index for s in plan.segments) + 1
     last = old.end_frame == plan.total_frames
     halves = (
@@ -523,7 +528,9 @@ def _timecode(frame: int) -> str:
 
 def format_plan_table(plan: SegmentPlan) -> str:
     """The plan as a text table for `dubflow plan FILE`, with totals, makespan and every rule that was bent."""
-    header = f"{'seg':>4} {'start':>8} {'end':>8} {'frames':>6} {'speakers':<20} {'cut':<7} {'GPU GiB':>7} "
+    header = (
+        f"{'seg':>4} {'start':>8} {'end':>8} {'frames':>6} {'speakers':<20} {'end cut':<7} {'GPU GiB':>7} "
+    )
     header += f"{'host GiB':>8} {'est s':>7}  flags"
     rows = [header, "-" * len(header)]
     for s in plan.segments:
@@ -550,7 +557,7 @@ def _plan_summary(plan: SegmentPlan) -> list[str]:
         if s.end_cut == "forced":
             lines.append(
                 f"WARNING segment {s.index} ends in a forced cut inside speech at {_timecode(s.end_frame)}: no "
-                f"pause of {plan.min_gap_frames} frames within {plan.max_frames} frames"
+                f"silence, pause or turn between speakers within the {plan.max_frames}-frame limit"
             )
         if s.extra_speakers:
             lines.append(
@@ -598,7 +605,12 @@ class EpisodePlan:
 
 
 def plan_episode(
-    ws: Workspace, tracks: dict[str, Blob], timeline, settings: PlanSettings, lines: tuple
+    ws: Workspace,
+    tracks: dict[str, Blob],
+    timeline,
+    settings: PlanSettings,
+    lines: tuple,
+    shot_cuts: tuple = (),
 ) -> EpisodePlan:
     """Speech activity of every conformed track -> a segment plan; line end times from the activity."""
     from tasks.speakers import MIX_RATE, load_track
@@ -614,6 +626,7 @@ def plan_episode(
         min_gap_frames=max(1, round(settings.min_gap_s * FPS)),
         energy=energy,
         n_gpus=settings.n_gpus,
+        shot_cuts=shot_cuts,
         settings=_render_settings(settings),
     )
     specs = tuple(SegmentSpec(s.index, s.start_frame, s.end_frame, s.speakers) for s in plan.segments)

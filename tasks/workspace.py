@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
-import inspect
+import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -210,9 +209,11 @@ def canonical(value: Any) -> Any:
 def code_version(*modules: str) -> str:
     """Hash of the source files of the given modules: a stage re-runs when its code changes."""
     digest = hashlib.sha256()
-    for name in modules:
-        module = sys.modules.get(name) or __import__(name, fromlist=["_"])
-        digest.update(Path(inspect.getsourcefile(module)).read_bytes())
+    for name in modules:  # found, not imported: hashing an engine must not load torch into the flow
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(f"stage code module {name!r} not found")
+        digest.update(Path(spec.origin).read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -158,3 +158,70 @@ def test_status_json_reports_stages_and_segments(first_run, capsys):
     assert {s["state"] for s in status["stages"]} <= {"executed", "cached"}
     assert [s["segment"] for s in status["segments"]] == list(range(len(status["segments"])))
     assert all(s["outputs"] for s in status["segments"])
+
+
+def _envelope(audio: np.ndarray, rate: int) -> np.ndarray:
+    hop = rate // 25
+    n = len(audio) // hop
+    return np.sqrt(np.mean(audio[: n * hop].reshape(n, hop) ** 2, axis=1))
+
+
+def test_diarised_episode_names_tracks_after_their_enrolment_samples(tmp_path, demo_media):
+    from tasks.tts import speak
+
+    for name in ("scene", "ana", "ben", "dialogue"):
+        shutil.copy(demo_media[name], tmp_path / demo_media[name].name)
+    for speaker, voice in (("ana", "en-us+f3"), ("ben", "en-us+m3")):  # the demo's voices, other words
+        sample = speak(
+            "This is my voice, recorded for the enrolment of the dub.", voice, 16000, out_dir=tmp_path
+        )
+        sf.write(tmp_path / f"{speaker}-sample.wav", sample, 16000)
+    speakers = "\n".join(
+        f"  - {{id: {s}, box: {list(b)}, voice_sample: {s}-sample.wav}}" for s, b in reversed(BOXES.items())
+    )  # ben first: the mapping must not follow manifest order by luck
+    manifest = tmp_path / "diarised.yaml"
+    manifest.write_text(
+        f"episode: diar\nsource: scene.png\naudio: {{dialogue: dialogue.wav}}\nspeakers:\n{speakers}\n"
+        "separate: {backend: dsp}\nrender: {engine: preview, max_segment_s: 5}\noutputs: [mp4, qc]\n"
+    )
+    states = _run(manifest, tmp_path / "work")
+    record = states["_record"]
+    assert states["diarise"] == "executed" and record["state"] == "completed"
+    assert Path(record["outputs"]["speaker-mapping.json"]).exists()
+    diarise = [s for s in record["stages"] if s["stage"] == "diarise"][0]
+    ben_track, ana_track = (
+        tmp_path / "work" / rel for rel in diarise["outputs"][:2]
+    )  # manifest order: ben, ana
+    truth = {s: _envelope(*sf.read(tmp_path / f"{s}.wav", dtype="float32")) for s in ("ana", "ben")}
+    for got, own, other in ((ana_track, "ana", "ben"), (ben_track, "ben", "ana")):
+        env = _envelope(*sf.read(got, dtype="float32"))
+        n = min(len(env), len(truth[own]))
+        assert np.corrcoef(env[:n], truth[own][:n])[0, 1] > np.corrcoef(env[:n], truth[other][:n])[0, 1] + 0.3
+
+
+def test_moving_person_timed_boxes_and_bind_propose(tmp_path, demo_media, capsys):
+    """Timed boxes render through the flow; `bind --propose` fills an unbound speaker with a manifest patch."""
+    for name in ("scene", "ana", "ben"):
+        shutil.copy(demo_media[name], tmp_path / demo_media[name].name)
+    manifest = tmp_path / "moving.yaml"
+    manifest.write_text(
+        "episode: moving\nsource: scene.png\nspeakers:\n"
+        "  - {id: ana, track: ana.wav, box: [{from: 0, to: 4, box: [150, 120, 550, 620]},"
+        " {from: 4, to: null, box: [170, 120, 570, 620]}]}\n"
+        "  - {id: ben, track: ben.wav}\n"
+        "render: {engine: preview, max_segment_s: 5}\noutputs: [mp4]\n"
+    )
+    assert main(["validate", str(manifest)]) == 2  # two speakers, ben unbound: a run needs his box
+    assert "bind FILE --propose" in capsys.readouterr().err
+    assert main(["bind", str(manifest), "--propose", "--workspace", str(tmp_path / "w")]) == 0
+    patch = capsys.readouterr().out
+    assert "- id: ben" in patch and "# ana: pinned in the manifest, kept" in patch
+    box = [int(v) for v in patch.split("box: [")[-1].split("]")[0].split(",")]
+    x0, y0, x1, y1 = box
+    assert 730 <= x0 < x1 <= 1130 and 120 <= y0 < y1 <= 620  # ben's face, inside his half of the scene
+    fixed = manifest.read_text().replace(
+        "{id: ben, track: ben.wav}", f"{{id: ben, track: ben.wav, box: {box}}}"
+    )
+    manifest.write_text(fixed)
+    states = _run(manifest, tmp_path / "w")
+    assert states["_record"]["state"] == "completed" and states["bind"] == "executed"

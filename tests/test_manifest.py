@@ -76,6 +76,8 @@ BAD = [
     ("inverted box", GOOD.replace("[330, 10, 630, 350]", "[630, 10, 330, 350]"), 8, "inverted"),
     ("box outside frame", GOOD.replace("[330, 10, 630, 350]", "[330, 10, 700, 350]"), 8, "outside"),
     ("box of three numbers", GOOD.replace("[330, 10, 630, 350]", "[330, 10, 630]"), 8, "at least 4"),
+    ("box too small for the token grid", GOOD.replace("[10, 10, 300, 350]", "[10, 10, 15, 15]"), 5, "token"),
+    ("boxes on top of each other", GOOD.replace("[330, 10, 630, 350]", "[20, 20, 290, 340]"), 8, "overlap"),
     ("duplicate speaker id", GOOD.replace("id: ben", "id: ana"), 7, "already used"),
     (
         "line of unknown speaker",

@@ -1,0 +1,200 @@
+"""`multitalk` renderer: adapts a `RenderJob` to the pipeline and writes the clip atomically.
+
+Jobs longer than one clip (`num_frames > frame_num`) are rendered, in this part of the engine, as
+consecutive independent clips from the same picture (`long_video="naive"`: visible seams every
+`frame_num` frames, no motion context) or refused (`long_video="error"`). Streaming with motion
+context is part 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from engine.base import (
+    AUDIO_RATE,
+    FPS,
+    EngineSetupError,
+    JobError,
+    MissingWeightsError,
+    PersonInput,
+    ProgressHook,
+    RenderJob,
+    RenderResult,
+)
+from engine.multitalk.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+SAMPLES_PER_FRAME = AUDIO_RATE // FPS  # 640
+
+
+def available(models_dir: Path | str | None = None) -> tuple[bool, str]:
+    """Whether this machine can run the real engine: a CUDA device and every weight file."""
+    import torch
+
+    from engine.multitalk.weights import resolve_folders
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (the 14B model needs a GPU with >= 48 GB, or offloading from part 2)"
+    try:
+        resolve_folders(EngineSettings(models_dir=Path(models_dir) if models_dir else None))
+    except MissingWeightsError as exc:
+        return False, str(exc)
+    return True, "CUDA device and weights present"
+
+
+def find_ffmpeg() -> str:
+    exe = shutil.which("ffmpeg")
+    if exe:
+        return exe
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as exc:
+        raise EngineSetupError(
+            "ffmpeg not found: install it (apt-get install ffmpeg) or imageio-ffmpeg"
+        ) from exc
+
+
+def write_mp4(frames: np.ndarray, path: Path, fps: int = FPS) -> None:
+    """(N, H, W, 3) uint8 -> H.264 mp4, written to a temp file in the target folder, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count, height, width, _ = frames.shape
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
+    os.close(fd)
+    cmd = [
+        find_ffmpeg(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+        "-r", str(fps), "-i", "-", "-frames:v", str(count), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "17",
+        tmp,
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(
+            cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True, check=False
+        )
+        if done.returncode != 0:
+            raise EngineSetupError(f"ffmpeg failed ({done.returncode}): {done.stderr.decode()[-500:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def split_job(job: RenderJob, frame_num: int) -> list[RenderJob]:
+    """Consecutive clips of at most `frame_num` frames: audio sliced on the timeline, boxes taken at each
+    clip's first frame, seed offset per clip."""
+    from engine.multitalk.conditioning import box_at
+
+    total = job.resolved_num_frames()
+    clips = []
+    for k, start in enumerate(range(0, total, frame_num)):
+        frames = min(frame_num, total - start)
+        lo, hi = start * SAMPLES_PER_FRAME, (start + frame_num + 3) * SAMPLES_PER_FRAME  # +3: window context
+        persons = tuple(
+            PersonInput(p.audio[lo:hi] if len(p.audio) > lo else p.audio[:0], box_at(p.box, start), p.name)
+            for p in job.persons
+        )
+        clips.append(dataclasses.replace(job, persons=persons, num_frames=frames, seed=job.seed + k))
+    return clips
+
+
+@functools.lru_cache(maxsize=1)
+def load_pipeline(settings: EngineSettings, tiny: bool = False) -> Any:
+    """The pipeline for these settings, kept loaded: flows build one renderer per segment, and reloading
+    38 GB of weights per segment would dominate. One pipeline at a time (GPU memory)."""
+    from engine.multitalk.pipeline import MultiTalkPipeline
+
+    if tiny:
+        from engine.multitalk.tiny import tiny_components, tiny_config
+
+        return MultiTalkPipeline(tiny_components(0), settings, tiny_config().buckets)
+    return MultiTalkPipeline.from_settings(settings)
+
+
+class MultiTalkRenderer:
+    """Renderer protocol implementation; the pipeline is loaded on first use."""
+
+    name = "multitalk"
+
+    def __init__(
+        self,
+        *,
+        models_dir: Path | str | None = None,
+        device: str | None = None,
+        dtype: Literal["bf16", "fp16", "fp32"] | None = None,
+        tiny: bool = False,
+        long_video: Literal["naive", "error"] = "naive",
+        **settings: Any,
+    ):
+        import torch
+
+        device = device or ("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+        dtype = dtype or ("fp32" if tiny or device == "cpu" else "bf16")
+        self.settings = EngineSettings(
+            models_dir=Path(models_dir) if models_dir else None, device=device, dtype=dtype, **settings
+        )
+        self.tiny = tiny
+        self.long_video = long_video
+        self._pipeline: Any = None
+
+    @property
+    def pipeline(self) -> Any:
+        if self._pipeline is None:
+            self._pipeline = load_pipeline(self.settings, self.tiny)
+        return self._pipeline
+
+    def adapt(self, job: RenderJob) -> RenderJob:
+        """Tiny mode renders clips of the tiny `frame_num` (9) when the job keeps the default 81."""
+        if self.tiny and job.frame_num == 81:
+            from engine.multitalk.tiny import TINY_FRAME_NUM
+
+            return dataclasses.replace(job, frame_num=TINY_FRAME_NUM)
+        return job
+
+    def render(self, job: RenderJob, *, progress: ProgressHook | None = None) -> RenderResult:
+        start = time.perf_counter()
+        job = self.adapt(job)
+        total = job.resolved_num_frames()
+        if total > job.frame_num and self.long_video == "error":
+            raise JobError(
+                f"num_frames: {total}; rule: <= frame_num={job.frame_num} (long video is part 2 of the engine)"
+            )
+        clips = split_job(job, job.frame_num) if total > job.frame_num else [job]
+        if len(clips) > 1:
+            log.warning("rendering %d frames as %d independent clips (naive long video)", total, len(clips))
+        outputs = [self.pipeline.render(clip, progress=progress) for clip in clips]
+        frames = np.concatenate([o.frames.numpy() for o in outputs])
+        first = outputs[0]
+        if job.output is not None:
+            write_mp4(frames, Path(job.output))
+        timings = {k: sum(o.timings.get(k, 0.0) for o in outputs) for k in first.timings}
+        timings["total"] = time.perf_counter() - start
+        info = {**first.info, "clips": len(clips), "settings": self.settings.to_json_dict()}
+        if job.output is None:
+            info["frames"] = frames
+        return RenderResult(
+            path=Path(job.output) if job.output else None, num_frames=len(frames), fps=FPS,
+            height=frames.shape[1], width=frames.shape[2], seed=job.seed, crop=first.info["crop"],
+            timings=timings, peak_memory=_peak_memory(), info=info,
+        )  # fmt: skip
+
+
+def _peak_memory() -> dict[str, int]:
+    import resource
+
+    import torch
+
+    peak = {"host_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["gpu_max_allocated"] = torch.cuda.max_memory_allocated()
+    return peak

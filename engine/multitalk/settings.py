@@ -1,0 +1,168 @@
+"""Engine settings and the constant tables of ENGINE.md, kept as data.
+
+`EngineSettings` is frozen load-time configuration; `DiTConfig` / `AdapterConfig` describe the
+model shapes (the real 14B ones by default, `tiny.py` provides small ones for tests).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+FPS = 25
+AUDIO_RATE = 16_000
+TARGET_LUFS = -23.0
+TEXT_LEN = 512  # umT5 rows, zero-padded (padding attended, no mask)
+MAX_FRAME_NUM = 81  # one clip in part 1 of the engine
+MAX_TRAINED_PERSONS = 2
+
+# L-RoPE person binding (ENGINE.md §3.4, §3.10): persons 1/2 on [0, 4] / [20, 24], background 12.
+CLASS_RANGE = 24
+CLASS_INTERVAL = 4
+BACKGROUND_POSITION = 12.0
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
+
+# Bucket key = h/w; value = [h, w] (ENGINE.md §4.1; MultiTalk: wan/utils/multitalk_utils.py:26-39).
+BUCKETS: dict[int, dict[float, tuple[int, int]]] = {
+    480: {
+        0.26: (320, 1216), 0.38: (384, 1024), 0.50: (448, 896), 0.67: (512, 768), 0.82: (576, 704),
+        1.00: (640, 640), 1.22: (704, 576), 1.50: (768, 512), 1.86: (832, 448), 2.00: (896, 448),
+        2.50: (960, 384), 2.83: (1088, 384), 3.60: (1152, 320), 3.80: (1216, 320), 4.00: (1280, 320),
+    },
+    720: {
+        0.22: (448, 2048), 0.29: (512, 1792), 0.36: (576, 1600), 0.45: (640, 1408), 0.55: (704, 1280),
+        0.63: (768, 1216), 0.76: (832, 1088), 0.88: (896, 1024), 1.00: (960, 960), 1.14: (1024, 896),
+        1.31: (1088, 832), 1.50: (1152, 768), 1.58: (1216, 768), 1.82: (1280, 704), 1.91: (1344, 704),
+        2.20: (1408, 640), 2.30: (1472, 640), 2.67: (1536, 576), 2.89: (1664, 576), 3.62: (1856, 512),
+        3.75: (1920, 512),
+    },
+}  # fmt: skip
+SHIFT_BY_SIZE = {480: 7.0, 720: 11.0}
+
+APG_MOMENTUM = -0.75
+APG_NORM_THRESHOLD = 55.0
+
+# CLIP preprocessing (ENGINE.md §4.2): squash to the model's size, then normalise.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Released weights (ENGINE.md §7.1).
+BASE_REPO = "Wan-AI/Wan2.1-I2V-14B-480P"
+BASE_DIFFUSERS_REPO = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
+ADAPTER_REPO = "MeiGen-AI/MeiGen-MultiTalk"
+ADAPTER_FILE = "multitalk.safetensors"
+WAV2VEC_REPO = "TencentGameMate/chinese-wav2vec2-base"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Audio adapter shapes (MultiTalk: wan/modules/multitalk_model.py:366-428, 532-540)."""
+
+    audio_layers: int = 12  # wav2vec2 hidden states stacked
+    audio_dim: int = 768  # wav2vec2 width
+    window: int = 5  # audio frames around each video frame (offsets -2..+2)
+    vae_scale: int = 4  # video frames per later latent frame
+    intermediate_dim: int = 512
+    context_tokens: int = 32  # audio tokens per person per latent frame
+    output_dim: int = 768  # audio token width (kv_linear input)
+
+    @property
+    def later_window(self) -> int:
+        return self.window + self.vae_scale - 1  # 8: video frames 4j-1 .. 4j+6
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Wan 2.1 I2V-14B shape (diffusers' WanTransformer3DModel arguments) plus the adapter."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 36
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int = 1280
+    added_kv_proj_dim: int = 5120
+    rope_max_seq_len: int = 1024
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def diffusers_kwargs(self) -> dict[str, Any]:
+        kwargs = asdict(self)
+        kwargs.pop("adapter")
+        kwargs["patch_size"] = tuple(self.patch_size)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Load-time settings (ENGINE.md §1.2), frozen and written next to every artefact."""
+
+    models_dir: Path | None = None  # searched before the Hugging Face cache
+    device: str = "cuda"
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    base_layout: Literal["auto", "original", "diffusers"] = "auto"
+    cfg_batch: Literal["auto", "on", "off"] = "auto"
+    map_chunk: int = 4096  # query tokens per reference-map chunk (bounds map memory)
+    experimental_persons: bool = False  # allow > 2 persons (untrained ranges, §3.10)
+    normalize_loudness: bool = True
+    wav2vec_device: str = "cpu"  # upstream runs wav2vec2 on the CPU in fp32
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["models_dir"] = str(self.models_dir) if self.models_dir else None
+        return data
+
+
+def default_shift(size: int) -> float:
+    return SHIFT_BY_SIZE[size]
+
+
+def latent_frames(frame_num: int, vae_scale: int = 4) -> int:
+    return 1 + (frame_num - 1) // vae_scale
+
+
+def is_4n_plus_1(frame_num: int) -> bool:
+    return frame_num >= 1 and (frame_num - 1) % 4 == 0
+
+
+def person_ranges(persons: int) -> list[tuple[float, float]]:
+    """L-RoPE position range per person: [0, 4], [20, 24], then further ranges 20 apart (experimental)."""
+    stride = CLASS_RANGE - CLASS_INTERVAL  # 20
+    return [(float(i * stride), float(i * stride + CLASS_INTERVAL)) for i in range(persons)]
+
+
+def person_centres(persons: int) -> list[float]:
+    return [(lo + hi) / 2 for lo, hi in person_ranges(persons)]
+
+
+def closest_bucket(buckets: dict[float, tuple[int, int]], height: int, width: int) -> tuple[int, int]:
+    ratio = height / width
+    key = min(buckets, key=lambda k: (abs(k - ratio), k))
+    return buckets[key]
+
+
+def is_unit_scale(scale: float) -> bool:
+    return math.isclose(scale, 1.0)

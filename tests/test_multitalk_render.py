@@ -1,0 +1,198 @@
+"""Tiny end-to-end renders on CPU: frame counts and sizes, the mp4, progress, job validation, import hygiene."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine.base import Box, JobError, PersonInput, Renderer, create_renderer
+from engine.multitalk.renderer import MultiTalkRenderer, find_ffmpeg, split_job
+from tests.conftest_multitalk import (
+    LEFT,
+    RIGHT,
+    noise,
+    one_person_job,
+    one_torch_thread,
+    shared_pipeline,
+    tone,
+    two_person_job,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture
+def renderer():
+    r = MultiTalkRenderer(tiny=True)
+    r._pipeline = shared_pipeline()  # reuse the session's tiny models
+    return r
+
+
+def _decoded_frames(path, width, height) -> np.ndarray:
+    cmd = [find_ffmpeg(), "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    raw = subprocess.run(cmd, capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
+
+
+@pytest.mark.parametrize(("job_factory", "num_frames"), [(one_person_job, 5), (two_person_job, 9)])
+def test_tiny_render_has_exact_frames_of_the_bucket_size(job_factory, num_frames):
+    out = shared_pipeline().render(job_factory(num_frames=num_frames))
+    assert tuple(out.frames.shape) == (num_frames, 64, 128, 3)
+    assert str(out.frames.dtype) == "torch.uint8"
+    assert out.info["crop"] == (0, 0, 128, 64)
+    assert set(out.timings) == {"audio", "encode", "denoise", "decode"}
+
+
+def test_renderer_writes_the_mp4_atomically(renderer, tmp_path):
+    target = tmp_path / "out dir é" / "clip.mp4"
+    result = renderer.render(two_person_job(num_frames=9, output=target))
+    assert result.path == target and target.is_file()
+    assert [p.name for p in target.parent.iterdir()] == ["clip.mp4"]  # no temp file left behind
+    frames = _decoded_frames(target, 128, 64)
+    assert frames.shape == (9, 64, 128, 3)
+    assert (result.num_frames, result.fps, result.height, result.width) == (9, 25, 64, 128)
+    assert isinstance(renderer, Renderer) and renderer.name == "multitalk"
+
+
+def test_long_jobs_render_as_naive_clips_with_exact_length(renderer):
+    job = two_person_job(
+        num_frames=23, persons=(PersonInput(tone(1.0), LEFT), PersonInput(noise(1.0), RIGHT))
+    )
+    result = renderer.render(job)
+    assert result.num_frames == 23 and result.info["clips"] == 3
+    assert result.info["frames"].shape == (23, 64, 128, 3)
+
+
+def test_long_jobs_can_be_refused(renderer):
+    renderer.long_video = "error"
+    with pytest.raises(JobError, match="num_frames: 23"):
+        renderer.render(two_person_job(num_frames=23))
+
+
+def test_split_job_slices_audio_and_takes_timed_boxes():
+    timed = ((0, LEFT), (10, Box(10, 0, 60, 64)))
+    job = two_person_job(
+        num_frames=23, persons=(PersonInput(tone(1.0), timed), PersonInput(noise(1.0), RIGHT))
+    )
+    clips = split_job(job, 9)
+    assert [c.num_frames for c in clips] == [9, 9, 5]
+    assert [c.seed for c in clips] == [job.seed, job.seed + 1, job.seed + 2]
+    assert np.array_equal(clips[1].persons[0].audio[:640], job.persons[0].audio[9 * 640 : 10 * 640])
+    assert clips[0].persons[0].box == LEFT and clips[2].persons[0].box == Box(10, 0, 60, 64)
+
+
+def test_registry_builds_the_tiny_renderer():
+    assert isinstance(create_renderer("multitalk", tiny=True), MultiTalkRenderer)
+
+
+def test_progress_hook_totals_are_consistent():
+    events = []
+    shared_pipeline().render(two_person_job(steps=3), progress=lambda stage, done, total, **info: events.append(
+        (stage, done, total)
+    ))  # fmt: skip
+    denoise = [e for e in events if e[0] == "denoise"]
+    assert [e[1] for e in denoise] == [1, 2, 3] and {e[2] for e in denoise} == {3}
+    assert [e[0] for e in events if e[0] != "denoise"] == ["audio", "encode", "decode"]
+
+
+def test_apg_render_runs():
+    out = shared_pipeline().render(two_person_job(guidance="apg", num_frames=5))
+    assert tuple(out.frames.shape) == (5, 64, 128, 3)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"frame_num": 8}, "frame_num: 8; rule: 4n"),
+        ({"frame_num": 85, "num_frames": 9}, "frame_num: 85; rule: <= 81"),
+        ({"steps": 0}, "steps: 0"),
+        ({"shift": 0.0}, "shift: 0.0"),
+        ({"audio_scale": -1.0}, "audio_scale: -1.0"),
+        ({"mode": "infinitetalk"}, "mode: 'infinitetalk'"),
+        ({"size": 1080}, "size: 1080"),
+        ({"teacache": 0.2}, "teacache"),
+        ({"num_frames": 0}, "num_frames: 0"),
+        ({"persons": (PersonInput(tone(), LEFT), PersonInput(noise()))}, r"persons\[1\]\.box: None"),
+        ({"persons": ()}, "persons: 0 entries"),
+        ({"persons": tuple(PersonInput(tone(), LEFT) for _ in range(3))}, "persons: 3 entries"),
+        ({"persons": (PersonInput(np.full(16000, np.nan, np.float32)),)}, "NaN"),
+        ({"persons": (PersonInput(np.zeros((2, 16000), np.float32)),)}, r"persons\[0\]\.audio"),
+        ({"source": np.zeros((8, 8), np.uint8)}, "source: array"),
+    ],
+)
+def test_bad_jobs_raise_one_line_job_errors(changes, message):
+    job = dataclasses.replace(two_person_job(), **changes)
+    with pytest.raises(JobError, match=message) as err:
+        shared_pipeline().render(job)
+    assert "\n" not in str(err.value)
+
+
+def test_import_is_light():
+    code = (
+        "import sys, engine.multitalk, engine.multitalk.renderer, engine.multitalk.pipeline, engine.multitalk.weights;"
+        "heavy = [m for m in ('diffusers', 'transformers', 'flash_attn', 'xformers', 'torchao', 'prefect')"
+        " if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_three_persons_only_with_the_experimental_switch():
+    from engine.multitalk.pipeline import MultiTalkPipeline
+
+    third = Box(40, 0, 90, 64)
+    persons = (
+        PersonInput(tone(), Box(0, 0, 40, 64)),
+        PersonInput(noise(), third),
+        PersonInput(tone(), RIGHT),
+    )
+    job = two_person_job(persons=persons, num_frames=5)
+    with pytest.raises(JobError, match="experimental_persons"):
+        shared_pipeline().render(job)
+    base = shared_pipeline()
+    settings = dataclasses.replace(base.settings, experimental_persons=True)
+    out = MultiTalkPipeline(base.c, settings, base.buckets).render(job)
+    assert tuple(out.frames.shape) == (5, 64, 128, 3)
+
+
+def test_cuda_oom_becomes_out_of_memory_with_job_figures(monkeypatch):
+    import torch
+
+    from engine.base import OutOfMemory
+
+    pipe = shared_pipeline()
+
+    def boom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(pipe, "_render", boom)
+    with pytest.raises(OutOfMemory) as err:
+        pipe.render(two_person_job(num_frames=7))
+    assert (err.value.frames, err.value.persons, err.value.size) == (7, 2, 480)
+
+
+@pytest.mark.parametrize("total", [1, 8, 9, 10, 17, 18, 81, 82, 200])
+@pytest.mark.parametrize("frame_num", [9, 81])
+def test_split_job_covers_exactly_the_requested_frames(total, frame_num):
+    job = two_person_job(num_frames=total, frame_num=frame_num)
+    clips = split_job(job, frame_num)
+    assert sum(c.num_frames for c in clips) == total
+    assert all(1 <= c.num_frames <= frame_num for c in clips)
+
+
+def test_renderers_with_equal_settings_share_one_loaded_pipeline():
+    from engine.multitalk.renderer import load_pipeline
+
+    load_pipeline.cache_clear()
+    first, second = MultiTalkRenderer(tiny=True), MultiTalkRenderer(tiny=True)
+    assert first.pipeline is second.pipeline
+    assert MultiTalkRenderer(tiny=True, map_chunk=128).pipeline is not first.pipeline
+    load_pipeline.cache_clear()

@@ -1,0 +1,65 @@
+"""The render stage's adaptation of a planned segment into an engine job."""
+
+from __future__ import annotations
+
+from engine.base import Box
+from tasks.render import PersonSpec, _job_box, engine_persons
+from tasks.segment import SegmentSpec
+
+ANA = PersonSpec("ana", "Ana", [0, 0, 10, 10])
+BEN = PersonSpec(
+    "ben",
+    "Ben",
+    [{"from": 0, "to": 2, "box": [20, 0, 30, 10]}, {"from": 2, "to": None, "box": [40, 0, 50, 10]}],
+)
+EVE = PersonSpec("eve", "Eve", [60, 0, 70, 10])
+
+
+def test_multitalk_gets_only_the_segment_speakers_and_preview_everyone():
+    seg = SegmentSpec(0, 0, 25, ("ben", "eve"))
+    assert engine_persons((ANA, BEN, EVE), seg, "multitalk") == (BEN, EVE)
+    assert engine_persons((ANA, BEN, EVE), seg, "preview") == (ANA, BEN, EVE)
+    silent = SegmentSpec(1, 25, 50, ())
+    assert engine_persons((ANA, BEN, EVE), silent, "multitalk") == (ANA,)
+
+
+def test_timed_boxes_are_moved_onto_the_segment_timeline():
+    assert _job_box(ANA.box, SegmentSpec(0, 100, 150, ())) == Box(0, 0, 10, 10)
+    # the box changes at 2 s = frame 50, i.e. frame 10 of a segment starting at frame 40
+    assert _job_box(BEN.box, SegmentSpec(0, 40, 80, ())) == (
+        (0, Box(20, 0, 30, 10)),
+        (10, Box(40, 0, 50, 10)),
+    )
+    assert _job_box(BEN.box, SegmentSpec(0, 60, 80, ())) == Box(40, 0, 50, 10)
+
+
+def test_render_stage_drives_the_multitalk_engine_with_a_tiny_model(tmp_path):
+    """A planned two-speaker segment through render_segment into the real MultiTalk code path (tiny weights)."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.base import register_engine
+    from tasks.media import count_video_frames, write_wav
+    from tasks.render import RenderOptions, render_segment
+    from tasks.workspace import Workspace
+
+    register_engine("multitalk-tiny", "tests.test_render_stage:_tiny_multitalk")
+    ws = Workspace(tmp_path / "ws")
+    Image.new("RGB", (96, 64), "gray").save(tmp_path / "p.png")
+    picture = ws.put_file(tmp_path / "p.png")
+    rng = np.random.default_rng(0)
+    audio = {
+        sid: ws.put_file(write_wav(tmp_path / f"{sid}.wav", 0.1 * rng.standard_normal(14 * 640), 16000))
+        for sid in ("ana", "ben")
+    }
+    persons = (PersonSpec("ana", "Ana", [0, 0, 48, 64]), PersonSpec("ben", "Ben", [48, 0, 96, 64]))
+    seg = SegmentSpec(3, 100, 113, ("ana", "ben"))
+    options = RenderOptions("multitalk-tiny", 480, 2, 7, "two people", 5.0, 4.0)
+    clip = render_segment(ws, seg, picture, audio, persons, (), options)
+    assert clip.num_frames == 13 and count_video_frames(ws.path(clip.video)) == 13
+
+
+def _tiny_multitalk(**settings):
+    from engine.multitalk.renderer import MultiTalkRenderer
+
+    return MultiTalkRenderer(tiny=True, **settings)
