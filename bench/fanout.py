@@ -140,7 +140,7 @@ def demo_manifests(folder: Path, n: int) -> list[Path]:
 
 def bench_rerun(root: Path, n_workers: int) -> dict[str, float]:
     from flows.batch import dub_batch
-    from flows.rerun import rendered_segments
+    from flows.rerun import cached_segments, rendered_segments, segment_stages
     from flows.workers import start_workers, stop_workers
     from tasks.workspace import Workspace
 
@@ -162,12 +162,12 @@ def bench_rerun(root: Path, n_workers: int) -> dict[str, float]:
     finally:
         stop_workers(ws)
     return {
-        "segments_in_batch": sum(len(r["segments"]) for r in runs.values()),
+        "segments_in_batch": sum(len(segment_stages(r)) for r in runs.values()),
         "failed_in_batch": sum(len(r.get("failed_segments", [])) for r in runs.values()),
         "batch_s": batch_s,
         "rerun_exit": code,
         "rendered_on_rerun": len(rendered_segments(rerun)),
-        "cached_on_rerun": sum(s["state"] == "cached" for s in rerun["segments"]),
+        "cached_on_rerun": len(cached_segments(rerun)),
         "rerun_cli_wall_s": rerun_s,
         "full_run_cli_wall_s": full_s,
         "rerun_time_ratio": rerun_s / full_s,

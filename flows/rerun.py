@@ -43,6 +43,11 @@ def rerun_failed(manifest: str, workspace: str | None = None, segments: list[int
         get_run_logger().info("rerun %s: rendered segments %s", episode, rendered_segments(after) or "none")
 
 
+def segment_stages(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's render records (one per settled segment), in settling order."""
+    return [s for s in run.get("stages", []) if _is_render(s)]
+
+
 def failed_segments(run: dict[str, Any]) -> list[int]:
     """Segments the run recorded as failed (from its error summary and its per-segment records)."""
     failed = set(run.get("failed_segments", []))

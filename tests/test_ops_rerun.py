@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from flows.rerun import cached_segments, failed_segments, parse_segments, rendered_segments
+from flows.rerun import cached_segments, failed_segments, parse_segments, rendered_segments, segment_stages
 from tasks.demo import BOXES, LINES
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -91,7 +91,7 @@ def test_segment_override_rerenders_only_that_segment(media_folder, fake_engine)
     assert main(["run", str(manifest), "--workspace", str(ws)]) == 0
     run = last_run(ws, "rr3")
     assert rendered_segments(run) == [2]
-    segment = next(s for s in run["segments"] if s["stage"] == "render[rr3#02]")
+    segment = next(s for s in segment_stages(run) if s["stage"] == "render[rr3#02]")
     assert {"start", "end", "speakers", "worker", "seconds"} <= set(segment)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from flows.rerun import rendered_segments
+from flows.rerun import rendered_segments, segment_stages
 from flows.workers import episode_flow, start_workers, stop_workers, workers_status
 from tests.test_ops_rerun import last_run, write_manifest
 
@@ -72,8 +72,8 @@ def test_episodes_fan_out_over_the_workers_and_models_stay_loaded(cluster, demo_
         manifest = write_manifest(tmp_path / episode, demo_media, episode, extra_render=f", seed: {seed}")
         assert main(["run", str(manifest), "--workspace", str(ws)]) == 0
         run = last_run(ws, episode)
-        workers = {s["worker"] for s in run["segments"] if s["state"] == "executed"}
-        assert workers == {"render-0", "render-1"}, run["segments"]
+        workers = {s["worker"] for s in segment_stages(run) if s["state"] == "executed"}
+        assert workers == {"render-0", "render-1"}, segment_stages(run)
     assert _loads(loads) == 2  # two flow runs, twelve-odd segments: still one load per worker
 
 
@@ -98,7 +98,7 @@ def test_a_worker_killed_mid_segment_hands_the_segment_to_another(cluster, demo_
         assert pids[victim] not in client.run(os.getpid).values()  # it died; its nanny started a new one
     assert result["state"].is_completed(), result["state"]
     run = last_run(ws, "wkill")
-    assert run["state"] == "completed" and len(rendered_segments(run)) == len(run["segments"])
+    assert run["state"] == "completed" and len(rendered_segments(run)) == len(segment_stages(run))
 
 
 def _first_busy_worker(client, timeout_s: float) -> str:
