@@ -65,20 +65,19 @@ def test_status_lists_each_worker_with_its_slot_and_the_preloaded_engine(cluster
     assert _loads(loads) == 2
 
 
-def test_episodes_fan_out_over_the_workers_and_models_stay_loaded(cluster, demo_media, tmp_path):
+def test_an_episode_fans_out_over_the_workers(cluster, demo_media, tmp_path):
     ws, loads, _ = cluster
-    for seed, episode in enumerate(("w1", "w2"), start=20):  # other seeds: nothing comes from the cache
-        (tmp_path / episode).mkdir()
-        manifest = write_manifest(tmp_path / episode, demo_media, episode, extra_render=f", seed: {seed}")
-        assert main(["run", str(manifest), "--workspace", str(ws)]) == 0
-        run = last_run(ws, episode)
-        workers = {s["worker"] for s in segment_stages(run) if s["state"] == "executed"}
-        assert workers == {"render-0", "render-1"}, segment_stages(run)
-    assert _loads(loads) == 2  # two flow runs, twelve-odd segments: still one load per worker
+    manifest = write_manifest(tmp_path, demo_media, "w1", extra_render=", seed: 20")
+    assert main(["run", str(manifest), "--workspace", str(ws)]) == 0
+    run = last_run(ws, "w1")
+    workers = {s["worker"] for s in segment_stages(run) if s["state"] == "executed"}
+    assert workers == {"render-0", "render-1"}, segment_stages(run)
+    assert _loads(loads) == 2
 
 
 def test_a_worker_killed_mid_segment_hands_the_segment_to_another(cluster, demo_media, tmp_path):
-    ws, _, state = cluster
+    """A second flow run on the same workers: no model is loaded again until a worker is killed."""
+    ws, loads, state = cluster
     from distributed import Client
 
     manifest = write_manifest(tmp_path, demo_media, "wkill", extra_render=", seed: 4")
@@ -92,6 +91,7 @@ def test_a_worker_killed_mid_segment_hands_the_segment_to_another(cluster, demo_
         )
         thread.start()
         victim = _first_busy_worker(client, timeout_s=120)
+        assert _loads(loads) == 2  # the models loaded for the earlier flow runs serve this one
         os.kill(pids[victim], signal.SIGKILL)
         thread.join(timeout=300)
         client.wait_for_workers(2, timeout=60)
