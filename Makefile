@@ -51,8 +51,9 @@ server-stop:
 deploy: setup  ## register prefect.yaml (nightly dub_batch, rerun-failed, episode) and its work pools
 	PREFECT_API_URL=$${PREFECT_API_URL:-$(API)} PYTHON=$(BIN)/python scripts/deploy.sh
 
-worker: setup  ## a Prefect worker for POOL (dub-cpu, or dub-gpu: one per GPU with CUDA_VISIBLE_DEVICES set)
-	PREFECT_API_URL=$${PREFECT_API_URL:-$(API)} DUBFLOW_ROOT=$(CURDIR) $(BIN)/prefect worker start --pool $(POOL)
+worker: setup  ## a Prefect worker for POOL (dub-cpu, or dub-gpu: one per GPU, CUDA_VISIBLE_DEVICES=i LIMIT=1)
+	PREFECT_API_URL=$${PREFECT_API_URL:-$(API)} DUBFLOW_ROOT=$(CURDIR) \
+	  $(BIN)/prefect worker start --pool $(POOL) $(if $(LIMIT),--limit $(LIMIT),)
 
 workers: setup  ## long-lived render workers, one per GPU (CPU=N for CPU workers)
 	$(BIN)/dubflow workers start $(if $(CPU),--cpu $(CPU),)

@@ -5,7 +5,7 @@
 1. fan-out: 3 episodes x 12 segments of uneven length, submitted by 3 concurrent flow runs to 4
    simulated GPU workers (local Dask cluster, engine preloaded). Model loads (goal 4), makespan vs
    the ideal max(total/4, longest) (goal <= 1.10), scheduler overhead per segment.
-2. rerun: 3 demo episodes x 12 segments through dub_batch with 2 injected failures, then `rerun`:
+2. rerun: 3 demo episodes, 36 segments in all, through dub_batch with 2 injected failures, then `rerun`:
    segments rendered on the rerun (goal 2) and its wall time vs a full episode run.
 3. Prefect overhead: flow start-up and per-task cost, ephemeral API vs a running server (PostgreSQL).
 """
@@ -123,18 +123,18 @@ def bench_fanout(root: Path, n_workers: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- 2. rerun
 
 
-def demo_manifests(folder: Path, n: int) -> list[Path]:
+def demo_manifests(folder: Path) -> list[Path]:
+    """Three demo episodes planned into 14 + 14 + 8 = 36 segments; other seeds, so nothing is shared."""
     from tasks.demo import make_demo_media
     from tests.test_ops_rerun import write_manifest
 
     media = make_demo_media(folder / "media")
     out = []
-    for k in range(n):
+    for k, max_s in enumerate((1.1, 1.1, 1.2)):
         (folder / f"r{k}").mkdir(parents=True, exist_ok=True)
-        # pieces under 1 s: the ~9 s demo episode becomes 12 segments; seeds differ, so nothing is shared
-        out.append(write_manifest(folder / f"r{k}", media, f"r{k}", extra_render=f", seed: {k + 1}"))
-        text = out[-1].read_text().replace("max_segment_s: 2", "max_segment_s: 0.96")
-        out[-1].write_text(text)
+        path = write_manifest(folder / f"r{k}", media, f"r{k}", extra_render=f", seed: {k + 1}")
+        path.write_text(path.read_text().replace("max_segment_s: 2", f"max_segment_s: {max_s}"))
+        out.append(path)
     return out
 
 
@@ -144,7 +144,7 @@ def bench_rerun(root: Path, n_workers: int) -> dict[str, float]:
     from flows.workers import start_workers, stop_workers
     from tasks.workspace import Workspace
 
-    manifests = demo_manifests(root / "episodes", 3)
+    manifests = demo_manifests(root / "episodes")
     faults = root / "faults.json"
     faults.write_text(json.dumps({"fail_frames": [30, 160], "seeds": [2]}))  # two segments of r1
     os.environ["DUBFLOW_FAKE_FAULTS"] = str(faults)
@@ -197,7 +197,7 @@ from prefect import flow, task
 def noop(i): return i
 @flow
 def probe(n):
-    t = time.perf_counter(); [noop(i) for i in range(n)]; return (time.perf_counter() - t) / n
+    t = time.perf_counter(); [noop(i) for i in range(n)]; return (time.perf_counter() - t) / max(n, 1)
 t1 = time.perf_counter(); probe(0); t2 = time.perf_counter()
 per_task = probe(50)
 print(t1 - t0, t2 - t1, per_task)

@@ -139,7 +139,7 @@ def test_rerun_completes_against_the_server_with_artifacts_and_named_task_runs(s
         a["key"]
         for a in _api(server, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [rerun["id"]]}}})
     }
-    assert {"srv-progress", "srv-segments", "srv-qc", "srv-output"} <= keys, keys
+    assert {"srv-progress", "srv-contact-sheet", "srv-segments", "srv-qc", "srv-output"} <= keys, keys
     tasks = _api(server, "task_runs/filter", {"flow_runs": {"id": {"any_": [rerun["id"]]}}, "limit": 200})
     names = {t["name"] for t in tasks}
     assert "render[srv#00]" in names and "stitch" in names, names
