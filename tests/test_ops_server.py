@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from flows.rerun import rendered_segments
 from tests.test_ops_rerun import write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
+ENTRYPOINT = "flows/episode.py:dub_episode"
 HAS_POSTGRES = bool(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl") or shutil.which("pg_ctl"))
 pytestmark = pytest.mark.skipif(not HAS_POSTGRES, reason="PostgreSQL is not installed (.ci/run installs it)")
 
@@ -115,8 +117,18 @@ def episode_runs(server, tmp_path_factory, demo_media):
     manifest, ws = write_manifest(root, demo_media, "srv"), root / "work"
     failed = cli("run", str(manifest), "--workspace", str(ws))
     faults.write_text("{}")
-    rerun = cli("rerun", str(manifest), "--workspace", str(ws))
-    yield {"failed": failed, "rerun": rerun, "hook": Hook.received}
+    (failed_run,) = _api(server, "flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
+    retry = subprocess.run(  # what "Retry" in the UI does, for a run started outside a deployment
+        [sys.executable, "-m", "prefect", "flow-run", "retry", failed_run["id"], "--entrypoint", ENTRYPOINT],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    retried = json.loads((ws / "episodes" / "srv" / "runs.jsonl").read_text().splitlines()[-1])
+    rerun = cli("rerun", str(manifest), "--workspace", str(ws), "--segments", "0")
+    yield {"failed": failed, "retry": retry, "retried": retried, "rerun": rerun, "hook": Hook.received}
     hook.shutdown()
 
 
@@ -129,6 +141,13 @@ def test_failed_run_reaches_the_webhook_and_the_user_gets_one_line(episode_runs)
         time.sleep(0.5)
     texts = [json.loads(body)["text"] for body in episode_runs["hook"]]
     assert any("dub-episode" in t and "Failed" in t for t in texts), texts
+
+
+def test_retrying_the_failed_run_renders_only_its_failed_segment(episode_runs):
+    assert episode_runs["retry"].returncode == 0, episode_runs["retry"].stderr[-2000:]
+    retried = episode_runs["retried"]
+    assert retried["state"] == "completed"
+    assert rendered_segments(retried) == [2]  # the segment over frame 100; the others came from the cache
 
 
 def test_rerun_completes_against_the_server_with_artifacts_and_named_task_runs(server, episode_runs):
@@ -148,7 +167,7 @@ def test_rerun_completes_against_the_server_with_artifacts_and_named_task_runs(s
     )
     rows = json.loads(table[0]["data"])
     assert {"start", "end", "speakers", "worker", "seconds", "state"} <= set(rows[0])
-    assert {r["state"] for r in rows} == {"executed", "cached"}  # only the failed segment rendered again
+    assert [r["segment"] for r in rows if r["state"] == "executed"] == [0]  # the forced one; the rest cached
 
 
 def _browser():
