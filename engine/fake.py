@@ -4,8 +4,9 @@ Loading "the model" sleeps DUBFLOW_FAKE_LOAD_S and appends a line to DUBFLOW_FAK
 (so a bench can count loads across processes). Rendering sleeps DUBFLOW_FAKE_S_PER_FRAME
 per frame and writes a tiny black clip of exactly the job's frames (so stitch works).
 DUBFLOW_FAKE_FAULTS names a JSON file {"fail_frames": [F, ...], "oom_frames": [...],
-"seeds": [S, ...]}: a job whose frame span covers F (and whose seed is in `seeds`, when
-given) raises a plain error (or OutOfMemory); edit the file to clear the fault. Register it as the `preview` engine with
+"oom_above_frames": N, "seeds": [S, ...]}: a job whose frame span covers F (and whose seed
+is in `seeds`, when given) raises a plain error (or OutOfMemory, as does a job longer than
+N frames); edit the file to clear the fault. Register it as the `preview` engine with
 DUBFLOW_ENGINE_OVERRIDES=preview=engine.fake:SlowRenderer.
 """
 
@@ -60,7 +61,8 @@ def _check_faults(start: int, frames: int, seed: int) -> None:
     if "seeds" in faults and seed not in faults["seeds"]:
         return
     covered = range(start, start + frames)
-    if any(f in covered for f in faults.get("oom_frames", [])):
+    too_long = frames > faults.get("oom_above_frames", frames)
+    if too_long or any(f in covered for f in faults.get("oom_frames", [])):
         raise OutOfMemory(f"injected out-of-memory at frames {start}..{start + frames}", frames=frames)
     if any(f in covered for f in faults.get("fail_frames", [])):
         raise InjectedFault(f"injected failure at frames {start}..{start + frames}")

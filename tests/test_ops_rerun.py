@@ -121,3 +121,18 @@ def test_parse_segments(text, expected):
 def test_parse_segments_rejects(text):
     with pytest.raises(ValueError, match="--segments"):
         parse_segments(text)
+
+
+def test_out_of_memory_segments_take_the_planners_split_path(media_folder, fake_engine):
+    folder, media = media_folder
+    manifest = write_manifest(folder, media, "oom", extra_render=", seed: 99")  # nothing from other tests' cache
+    ws = folder / "work-oom"
+    fake_engine.write_text(json.dumps({"oom_above_frames": 30}))  # segments run up to 49 frames
+    assert main(["run", str(manifest), "--workspace", str(ws)]) == 0  # stitch checks every frame is there
+    run = last_run(ws, "oom")
+    split = [s for s in segment_stages(run) if s["state"] == "split"]
+    assert split and all(len(s["split_into"]) == 2 for s in split)
+    assert "OutOfMemory" in split[0]["error"]
+    assert not failed_segments(run)
+    assert main(["run", str(manifest), "--workspace", str(ws)]) == 0
+    assert rendered_segments(last_run(ws, "oom")) == []  # split again, the halves come from the cache
