@@ -125,7 +125,9 @@ def test_parse_segments_rejects(text):
 
 def test_out_of_memory_segments_take_the_planners_split_path(media_folder, fake_engine):
     folder, media = media_folder
-    manifest = write_manifest(folder, media, "oom", extra_render=", seed: 99")  # nothing from other tests' cache
+    manifest = write_manifest(
+        folder, media, "oom", extra_render=", seed: 99"
+    )  # nothing from other tests' cache
     ws = folder / "work-oom"
     fake_engine.write_text(json.dumps({"oom_above_frames": 30}))  # segments run up to 49 frames
     assert main(["run", str(manifest), "--workspace", str(ws)]) == 0  # stitch checks every frame is there
