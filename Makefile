@@ -2,10 +2,10 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= cpu-all,bind,dev
+EXTRAS ?= cpu-all,bind,dev,ops
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system demo test lint format schema bench clean
+.PHONY: setup system demo test lint format schema bench clean server server-stop deploy worker workers
 
 setup: system $(VENV)/.installed
 
@@ -37,6 +37,26 @@ schema: setup
 
 bench: setup
 	$(BIN)/python bench/cache.py
+
+# ---- operations (README: Operations) --------------------------------------------------------------
+POOL ?= dub-cpu
+API  ?= http://127.0.0.1:4200/api
+
+server: setup  ## Prefect server on PostgreSQL (DB=sqlite for the zero-setup SQLite server); prints the UI address
+	PYTHON=$(BIN)/python scripts/server.sh start $(if $(filter sqlite,$(DB)),--sqlite,)
+
+server-stop:
+	PYTHON=$(BIN)/python scripts/server.sh stop
+
+deploy: setup  ## register prefect.yaml (nightly dub_batch, rerun-failed, episode) and its work pools
+	PREFECT_API_URL=$${PREFECT_API_URL:-$(API)} PYTHON=$(BIN)/python scripts/deploy.sh
+
+worker: setup  ## a Prefect worker for POOL (dub-cpu, or dub-gpu: one per GPU, CUDA_VISIBLE_DEVICES=i LIMIT=1)
+	PREFECT_API_URL=$${PREFECT_API_URL:-$(API)} DUBFLOW_ROOT=$(CURDIR) \
+	  $(BIN)/prefect worker start --pool $(POOL) $(if $(LIMIT),--limit $(LIMIT),)
+
+workers: setup  ## long-lived render workers, one per GPU (CPU=N for CPU workers)
+	$(BIN)/dubflow workers start $(if $(CPU),--cpu $(CPU),)
 
 clean:
 	rm -rf dubflow-work manifests/demo-media

@@ -1,4 +1,4 @@
-"""The `dubflow` command: validate, run, status, doctor, demo, schema.
+"""The `dubflow` command: validate, run, rerun, status, workers, doctor, demo, schema.
 
 Every failure a user can cause ends in one clear line and a non-zero exit (2 for bad
 input, 1 for a failed run), never a traceback. Prefect is imported only by the commands
@@ -58,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=0.0, help="seconds to wait if the episode is already running"
     )
     p.set_defaults(handler=cmd_run)
+    p = sub.add_parser("rerun", help="re-render the failed or missing segments of the last run, re-stitch")
+    p.add_argument("file", type=Path)
+    p.add_argument("--workspace", type=Path, default=None)
+    p.add_argument("--segments", default=None, help="re-render these on purpose, e.g. 3,7 or 2-4")
+    p.set_defaults(handler=cmd_rerun)
+    p = sub.add_parser("workers", help="long-lived render workers, one per GPU (a local Dask cluster)")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--workspace", type=Path, default=None)
+    p.add_argument("--cpu", type=int, default=None, help="start N CPU workers instead of one per GPU")
+    p.add_argument("--engine", default="preview", help="engine each worker loads at start (default preview)")
+    p.add_argument("--port", type=int, default=8786)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_workers)
     p = sub.add_parser("status", help="the last run of an episode: each stage and segment")
     p.add_argument("file", type=Path)
     p.add_argument("--workspace", type=Path, default=None)
@@ -133,19 +146,36 @@ def cmd_run(args) -> int:
 
 
 def run_episode(manifest: Path, workspace: Path | None, *, wait_s: float = 0.0) -> int:
+    def call():
+        from flows.workers import episode_flow
+
+        ws = str(workspace) if workspace else None
+        return episode_flow(ws)(manifest=str(manifest), workspace=ws, wait_s=wait_s)
+
+    return _with_display(call)
+
+
+def _quiet_console() -> None:
+    """Prefect's console handler prints failed tasks' tracebacks; the user gets one line, the UI keeps the logs."""
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    if "prefect" in sys.modules:  # configured already: apply it again (it reads the environment)
+        from prefect.logging.configuration import setup_logging
+
+        setup_logging()
+
+
+def _with_display(call) -> int:
     from flows.display import RunDisplay
     from flows.progress import add_listener, remove_listener
 
     display = RunDisplay()
     add_listener(display)
+    _quiet_console()
     try:
-        from flows.episode import dub_episode
         from tasks.workspace import EpisodeBusy
 
         with display:
-            result = dub_episode(
-                manifest=str(manifest), workspace=str(workspace) if workspace else None, wait_s=wait_s
-            )
+            result = call()
     except EpisodeBusy as exc:
         return _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - the run record has the details; the user gets one line
@@ -154,6 +184,75 @@ def run_episode(manifest: Path, workspace: Path | None, *, wait_s: float = 0.0) 
         remove_listener(display)
     print(display.summary(result))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- rerun
+
+
+def cmd_rerun(args) -> int:
+    from flows.rerun import parse_segments
+    from tasks.manifest import ManifestError, load_manifest
+    from tasks.workspace import Workspace
+
+    try:
+        episode = load_manifest(args.file).manifest.episode
+        segments = parse_segments(args.segments) if args.segments else None
+    except (ManifestError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    ws = Workspace(args.workspace)
+    if not ws.runs(episode):
+        return _fail(f"episode {episode!r} has not been run in this workspace; run `dubflow run {args.file}`")
+
+    def call():
+        from flows.rerun import rerun_failed
+
+        root = str(args.workspace) if args.workspace else None
+        return rerun_failed(manifest=str(args.file.resolve()), workspace=root, segments=segments)
+
+    code = _with_display(call)
+    print(rerun_summary(ws.runs(episode)[-1]))
+    return code
+
+
+def rerun_summary(run: dict) -> str:
+    from flows.rerun import cached_segments, failed_segments, rendered_segments
+
+    rendered, cached, failed = rendered_segments(run), cached_segments(run), failed_segments(run)
+    names = ", ".join(f"#{i:02d}" for i in rendered) or "none"
+    line = f"rerun {run['episode']}: rendered {len(rendered)} segment(s) ({names}), {len(cached)} cached"
+    return line + (f", {len(failed)} still failing: {failed}" if failed else "")
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+def cmd_workers(args) -> int:
+    from flows.workers import WorkersError, start_workers, stop_workers, workers_status
+
+    try:
+        if args.action == "start":
+            state = start_workers(args.workspace, cpu_workers=args.cpu, engine=args.engine, port=args.port)
+            kind = f"{state.gpus} GPU" if state.gpus else "CPU"
+            print(f"{state.workers} {kind} render worker(s) at {state.address} (engine {state.engine})")
+            print(f"flows pick them up from the workspace, or set DUBFLOW_SCHEDULER={state.address}")
+        elif args.action == "stop":
+            state = stop_workers(args.workspace)
+            print(f"stopped the render workers at {state.address}")
+        else:
+            status = workers_status(args.workspace)
+            print(json.dumps(status, indent=2) if args.json else _format_workers(status))
+    except WorkersError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def _format_workers(status: dict) -> str:
+    lines = [f"scheduler {status['address']}: {len(status['workers'])} worker(s)"]
+    for w in status["workers"]:
+        engines = ", ".join(w["engines"]) or "nothing loaded"
+        lines.append(f"  {w['name']:<12} {w['slot']:<20} {engines:<24} rendering {w['rendering']}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- plan, bind

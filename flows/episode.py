@@ -7,6 +7,7 @@ came from the cache and what failed in the workspace's runs.jsonl.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 from dataclasses import dataclass, field
@@ -14,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.futures import wait
+from prefect.futures import as_completed
 
 from engine.base import FPS
+from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
+from flows.memory_split import SplitPlanner, is_out_of_memory
 from flows.progress import EpisodeProgress, artifact_key
+from flows.workers import render_slot
 from tasks.bind import bind_task
 from tasks.deliver import deliver_task
 from tasks.enhance import enhance_task
@@ -51,6 +55,7 @@ class StageRunner:
     extra_outputs: dict[str, Blob] = field(default_factory=dict)  # published beside the deliverables
     notes: list[str] = field(default_factory=list)  # warnings carried into qc.json
     planned: list[int] = field(default_factory=list)  # segment indices of the plan (status: pending ones)
+    force_segments: frozenset[int] = frozenset()  # re-render these even when cached (`rerun --segments`)
 
     def bind(self, tsk, name: str | None = None):
         options: dict[str, Any] = {"result_storage": self.ws.results_dir}
@@ -84,19 +89,27 @@ class StageRunner:
 
 @flow(name="dub-episode", log_prints=True)
 def dub_episode(
-    manifest: str, workspace: str | None = None, wait_s: float = 0.0, until: str | None = None
+    manifest: str,
+    workspace: str | None = None,
+    wait_s: float = 0.0,
+    until: str | None = None,
+    force_segments: list[int] | None = None,
 ) -> dict:
-    """Dub one episode. `until="bind"` or `"plan"` stops after that stage (for `dubflow bind` / `dubflow plan`)."""
+    """Dub one episode. `until="bind"` or `"plan"` stops after that stage (for `dubflow bind` / `dubflow plan`);
+    `force_segments` re-renders those segments even when cached (`dubflow rerun --segments`)."""
     loaded = load_manifest(manifest, require_boxes=until != "bind")
     ws = Workspace(workspace)
     with ws.lock(loaded.manifest.episode, wait_s=wait_s):
-        return _run_episode(loaded, ws, until)
+        return _run_episode(loaded, ws, until, frozenset(force_segments or ()))
 
 
-def _run_episode(loaded: LoadedManifest, ws: Workspace, until: str | None = None) -> dict:
+def _run_episode(
+    loaded: LoadedManifest, ws: Workspace, until: str | None = None, force: frozenset[int] = frozenset()
+) -> dict:
     m, log = loaded.manifest, get_run_logger()
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    runner = StageRunner(ws, m.episode, EpisodeProgress(m.episode, total_steps=8 + 2 * len(m.speakers)))
+    progress = EpisodeProgress(m.episode, total_steps=8 + 2 * len(m.speakers))
+    runner = StageRunner(ws, m.episode, progress, force_segments=force)
     record: dict[str, Any] = {"episode": m.episode, "manifest": str(loaded.path), "started": started}
     if until:  # a look ahead (`dubflow plan`, `dubflow bind`): not a run of the episode, so no record
         return _stages(loaded, ws, runner, log, until)
@@ -165,7 +178,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     slices = runner.run(cut_audio_task, "cut-audio", tracks, list(plan.segments))
     # 6. render every segment (fanned out), 7. stitch, 8. enhance
     log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))
-    clips = _render_all(m, ws, runner, plan, slices, source, engine)
+    clips = _render_all(m, ws, runner, plan, slices, source, engine, tracks)
     picture = runner.run(
         enhance_task,
         "enhance",
@@ -203,6 +216,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         m.mix.model_dump(),
     )
     outputs = _publish(ws, m.episode, delivery, plan, runner.extra_outputs)
+    publish_qc_table(m.episode, ws, delivery.qc)
     return {
         "outputs": outputs,
         "qc_verdict": delivery.verdict,
@@ -326,8 +340,12 @@ def _persons(m: Manifest) -> tuple[PersonSpec, ...]:
     return tuple(PersonSpec(s.id, s.name or s.id, s.box_spec()) for s in m.speakers)
 
 
-def _render_all(m, ws: Workspace, runner: StageRunner, plan, slices, source: Blob, engine: str) -> list:
-    options = RenderOptions(
+def _render_all(
+    m, ws: Workspace, runner: StageRunner, plan, slices, source: Blob, engine: str, tracks
+) -> list:
+    """Render every segment on the render workers; one that runs out of memory is split and its halves
+    rendered instead (as many rounds as it takes). Clips come back in picture order."""
+    base = RenderOptions(
         engine,
         m.render.size,
         m.render.steps,
@@ -336,21 +354,80 @@ def _render_all(m, ws: Workspace, runner: StageRunner, plan, slices, source: Blo
         m.render.text_scale,
         m.render.audio_scale,
     )
-    persons, calls = _persons(m), []
-    for seg, audio in zip(plan.segments, slices, strict=True):
-        label = f"render[{m.episode}#{seg.index:02d}]"
-        args = (seg, source, audio, persons, plan.captions_for(seg), options)
-        calls.append((label, args, runner.bind(render_task, label).submit(ws, *args)))
-    wait([future for _, _, future in calls])
-    clips, failed = [], {}
-    for label, args, future in calls:
-        try:
-            clips.append(runner.settle(render_task, label, args, future.state))
-        except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others' results
-            failed[args[0].index] = f"{type(exc).__name__}: {exc}"
+    jobs, clips, failed = list(zip(plan.segments, slices, strict=True)), {}, {}
+    splitter: SplitPlanner | None = None
+    while jobs:
+        out_of_memory = _render_round(m, ws, runner, plan, jobs, source, base, clips, failed)
+        if out_of_memory and splitter is None:
+            splitter = SplitPlanner(ws, plan.plan, tracks)
+        jobs = _split_round(runner, splitter, out_of_memory, tracks, failed) if out_of_memory else []
+    publish_segment_table(m.episode, runner.stages)
     if failed:
         raise SegmentsFailed(m.episode, failed)
-    return clips
+    ordered = [clips[start] for start in sorted(clips)]
+    return [dataclasses.replace(clip, segment=i) for i, clip in enumerate(ordered)]  # stitch order
+
+
+def _render_round(m, ws, runner: StageRunner, plan, jobs, source, base, clips: dict, failed: dict) -> list:
+    """Submit `jobs` largest first, settle each as it finishes; returns the segments that ran out of memory."""
+    persons, calls, out_of_memory = _persons(m), {}, []  # calls: id(future) -> (future, label, args)
+    for seg, audio in sorted(jobs, key=lambda job: -job[0].num_frames):
+        label = f"render[{m.episode}#{seg.index:02d}]"
+        args = (seg, source, audio, persons, plan.captions_for(seg), _segment_options(base, m, seg.index))
+        tsk = runner.bind(render_task, label).with_options(retry_condition_fn=_retry_unless_out_of_memory)
+        if seg.index in runner.force_segments:
+            tsk = tsk.with_options(refresh_cache=True)
+        with render_slot(seg.num_frames):
+            future = tsk.submit(ws, *args)
+        calls[id(future)] = (future, label, args)
+    for future in as_completed([f for f, _, _ in calls.values()]):
+        _, label, args = calls[id(future)]
+        future.wait()  # done, but its final state is only fetched by wait()
+        try:
+            clip = runner.settle(render_task, label, args, future.state)
+            clips[args[0].start_frame] = clip
+        except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others' results
+            if is_out_of_memory(exc):
+                out_of_memory.append((args[0], exc))
+            else:
+                failed[args[0].index] = f"{type(exc).__name__}: {exc}"
+        runner.stages[-1] |= segment_facts(args[0], future)
+    return out_of_memory
+
+
+def _split_round(runner: StageRunner, splitter, out_of_memory: list, tracks, failed: dict) -> list:
+    """The planner's split path: each out-of-memory segment cut in two; returns the halves to render."""
+    halves = []
+    for seg, exc in sorted(out_of_memory, key=lambda item: item[0].index):  # same ids every run: cacheable
+        try:
+            halves += splitter.split(seg.index)
+        except ValueError as why:
+            failed[seg.index] = f"{type(exc).__name__}: {exc} ({why})"
+            continue
+        record = next(s for s in reversed(runner.stages) if s["stage"].endswith(f"#{seg.index:02d}]"))
+        record |= {"state": "split", "split_into": [h.index for h in halves[-2:]]}
+    if not halves:
+        return []
+    label = "cut-audio[" + ",".join(str(h.index) for h in halves) + "]"
+    slices = runner.run(cut_audio_task, label, tracks, halves)
+    return list(zip(halves, slices, strict=True))
+
+
+def _retry_unless_out_of_memory(task, task_run, state) -> bool:
+    """A transient failure is retried on the spot; out of memory goes to the split path instead."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - deciding on the error is the point
+        return not is_out_of_memory(exc)
+    return True
+
+
+def _segment_options(base: RenderOptions, m: Manifest, index: int) -> RenderOptions:
+    """The manifest's per-segment overrides (render.overrides: {7: {seed: 11}}) on top of its render settings."""
+    override = m.render.overrides.get(index)
+    if override is None:
+        return base
+    return dataclasses.replace(base, **override.model_dump(exclude_none=True))
 
 
 def _provenance(m: Manifest, ws: Workspace, source: Blob, raw: dict, backend: str, engine: str, plan) -> dict:

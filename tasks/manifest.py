@@ -90,6 +90,13 @@ class TtsSettings(Strict):
     backend: Literal["auto", "espeak", "piper", "kokoro"] = "auto"
 
 
+class SegmentOverride(Strict):
+    """Settings for one planned segment, e.g. another seed for a re-render (`dubflow rerun --segments`)."""
+
+    seed: int | None = Field(None, ge=0)
+    steps: int | None = Field(None, ge=1, le=200)
+
+
 class RenderSettings(Strict):
     engine: Literal["auto", "preview", "multitalk"] = "auto"
     size: Literal[480, 720] = 480
@@ -100,6 +107,9 @@ class RenderSettings(Strict):
     prompt: str = "Two people talking, natural expressions, steady camera."
     text_scale: float = Field(5.0, ge=0)
     audio_scale: float = Field(4.0, ge=0)
+    overrides: dict[int, SegmentOverride] = Field(
+        default_factory=dict, description="per-segment settings by segment index, e.g. {7: {seed: 11}}"
+    )
 
 
 class EnhanceSettings(Strict):

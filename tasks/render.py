@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from prefect import task
 
-from engine.base import AUDIO_RATE, Caption, PersonInput, RenderJob, create_renderer
+from engine import gpu_state
+from engine.base import AUDIO_RATE, Caption, PersonInput, RenderJob
 from tasks.bind import boxes_for_segment, timed_boxes
 from tasks.media import write_wav
 from tasks.segment import SegmentSpec
@@ -98,7 +99,7 @@ def render_segment(
             captions=_job_captions(captions, segment),
             output=tmp / f"seg{segment.index:04d}.mp4",
         )
-        result = create_renderer(options.engine).render(job)
+        result = gpu_state.resident_renderer(options.engine).render(job)  # loaded once per worker
         video = ws.put_file(result.path)
     return Clip(segment.index, video, result.num_frames, options.engine)
 

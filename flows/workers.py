@@ -1,0 +1,287 @@
+"""Render workers: one long-lived process per GPU that keeps its model loaded, behind a Dask scheduler.
+
+`dubflow workers start` launches a local Dask scheduler and one single-threaded worker per
+GPU (or `--cpu N` CPU workers), each with a `GPU=1` resource, pinned to its slot and with
+the engine preloaded (engine/gpu_state.py). Episode flows then submit their segments to
+that scheduler through prefect-dask, largest first; segments of every running episode
+share the same queue. Without a scheduler the renders run in the flow's own thread pool.
+
+Where the scheduler is: $DUBFLOW_SCHEDULER (e.g. tcp://gpu-head:8786, for a cluster on
+other hosts), else the address recorded by `dubflow workers start` in the workspace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+STATE_NAME = "workers.json"
+
+
+class WorkersError(RuntimeError):
+    """The render workers cannot be started, reached or stopped; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    address: str
+    scheduler_pid: int
+    worker_pid: int
+    workers: int
+    engine: str
+    gpus: int
+    log: str
+
+
+# ---------------------------------------------------------------------------------------------- which runner
+
+
+def state_file(workspace: str | Path | None = None) -> Path:
+    from tasks.workspace import DEFAULT_ROOT
+
+    root = Path(workspace or os.environ.get("DUBFLOW_WORKSPACE") or DEFAULT_ROOT).resolve()
+    return root / STATE_NAME
+
+
+def read_state(workspace: str | Path | None = None) -> ClusterState | None:
+    path = state_file(workspace)
+    if not path.exists():
+        return None
+    state = ClusterState(**json.loads(path.read_text()))
+    return state if _alive(state.scheduler_pid) else None
+
+
+def scheduler_address(workspace: str | Path | None = None) -> str | None:
+    if os.environ.get("DUBFLOW_SCHEDULER"):
+        return os.environ["DUBFLOW_SCHEDULER"]
+    state = read_state(workspace)
+    return state.address if state else None
+
+
+def render_task_runner(workspace: str | Path | None = None):
+    """A DaskTaskRunner on the running scheduler, or None (renders stay in the flow's thread pool)."""
+    address = scheduler_address(workspace)
+    if address is None:
+        return None
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:
+        raise WorkersError(f"render workers at {address} need prefect-dask: pip install -e '.[ops]'") from exc
+    return DaskTaskRunner(address=address)
+
+
+def episode_flow(workspace: str | Path | None = None):
+    """dub_episode, sending its segment renders to the render workers when a scheduler is running."""
+    from flows.episode import dub_episode
+
+    runner = render_task_runner(workspace)
+    return dub_episode if runner is None else dub_episode.with_options(task_runner=runner)
+
+
+@contextlib.contextmanager
+def render_slot(frames: int) -> Iterator[None]:
+    """Submissions inside take one GPU of a worker and queue largest first (a no-op without Dask)."""
+    if not _on_dask():
+        yield
+        return
+    import dask
+
+    with dask.annotate(resources={"GPU": 1}, priority=int(frames)):
+        yield
+
+
+def worker_of(future: Any) -> str:
+    """Which render worker ran a submitted segment ('flow' when it ran in the flow's own threads)."""
+    wrapped = getattr(future, "wrapped_future", None)
+    if wrapped is None or not hasattr(wrapped, "client"):
+        return "flow"
+    try:
+        holders = wrapped.client.who_has([wrapped]).get(wrapped.key, ())
+        workers = wrapped.client.scheduler_info(n_workers=-1)["workers"]
+    except Exception:  # noqa: BLE001 - a label for a table; never worth failing a render over
+        return "?"
+    return ",".join(str(workers.get(h, {}).get("name", h)) for h in holders) or "?"
+
+
+def _on_dask() -> bool:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return ctx is not None and type(ctx.task_runner).__name__ == "DaskTaskRunner"
+
+
+# ---------------------------------------------------------------------------------------------- start, stop, status
+
+
+def count_gpus() -> int:
+    """GPUs nvidia-smi can see (0 without a driver)."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def start_workers(
+    workspace: str | Path | None = None,
+    *,
+    cpu_workers: int | None = None,
+    engine: str = "preview",
+    port: int = 8786,
+    timeout_s: float = 60.0,
+) -> ClusterState:
+    """Scheduler + one worker per GPU (or `cpu_workers` CPU workers), detached; recorded in the workspace."""
+    if read_state(workspace):
+        raise WorkersError(f"render workers are already running ({state_file(workspace)}); stop them first")
+    gpus = 0 if cpu_workers else count_gpus()
+    n = cpu_workers or gpus
+    if n <= 0:
+        raise WorkersError("no GPU found; start CPU workers with `dubflow workers start --cpu N`")
+    path = state_file(workspace)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = path.with_suffix(".log")
+    address = f"tcp://127.0.0.1:{port}"
+    env = _worker_env(engine, n, "gpu" if gpus else "cpu", path.parent)
+    with open(log, "ab") as out:
+        scheduler = _spawn(
+            ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], env, out
+        )
+        worker = _spawn(_worker_args(address, n), env, out)
+    state = ClusterState(address, scheduler.pid, worker.pid, n, engine, gpus, str(log))
+    try:
+        _wait_for_workers(address, n, timeout_s)
+    except WorkersError:
+        _terminate(state)
+        raise
+    path.write_text(json.dumps(asdict(state), indent=2))
+    return state
+
+
+def stop_workers(workspace: str | Path | None = None) -> ClusterState:
+    state = read_state(workspace)
+    state_file(workspace).unlink(missing_ok=True)
+    if state is None:
+        raise WorkersError("no render workers are running for this workspace")
+    _terminate(state)
+    return state
+
+
+def workers_status(workspace: str | Path | None = None) -> dict[str, Any]:
+    """The scheduler's view: each worker with its GPU slot, loaded engines and what it is rendering."""
+    address = scheduler_address(workspace)
+    if address is None:
+        raise WorkersError("no render workers are running; start them with `dubflow workers start`")
+    from distributed import Client
+
+    from engine import gpu_state
+
+    try:
+        with Client(address, timeout=10) as client:
+            info = client.scheduler_info(n_workers=-1)["workers"]
+            labels = client.run(gpu_state.worker_label)
+            engines = client.run(gpu_state.loaded_engines)
+            processing = client.processing()
+    except OSError as exc:
+        raise WorkersError(f"cannot reach the scheduler at {address}: {exc}") from None
+    workers = [
+        {
+            "address": addr,
+            "name": str(w.get("name")),
+            "slot": labels.get(addr, "?"),
+            "engines": engines.get(addr, []),
+            "rendering": len(processing.get(addr, ())),
+            "resources": w.get("resources", {}),
+        }
+        for addr, w in sorted(info.items())
+    ]
+    return {"address": address, "workers": workers}
+
+
+def _worker_env(engine: str, slots: int, kind: str, workspace: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # the checkout first, so workers run exactly this code (task source is part of every cache key)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env["DUBFLOW_WORKER_ENGINE"] = engine
+    env["DUBFLOW_WORKER_GPUS"] = str(slots)  # each worker claims one slot (its GPU) with a file lock
+    env["DUBFLOW_WORKER_KIND"] = kind
+    env.setdefault("DUBFLOW_GPU_LOCK_DIR", str(workspace / "gpu-locks"))
+    env.pop("CUDA_VISIBLE_DEVICES", None)  # each worker pins its own slot (gpu_state.claim_gpu)
+    return env
+
+
+def _worker_args(address: str, n: int) -> list[str]:
+    return [
+        "worker",
+        address,
+        "--nworkers",
+        str(n),
+        "--nthreads",
+        "1",
+        "--resources",
+        "GPU=1",
+        "--preload",
+        "engine.gpu_state",
+        "--name",
+        "render",
+        "--no-dashboard",
+    ]
+
+
+def _spawn(args: list[str], env: dict[str, str], out) -> subprocess.Popen:
+    dask = [sys.executable, "-m", "dask"]
+    return subprocess.Popen(
+        [*dask, *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO
+    )
+
+
+def _wait_for_workers(address: str, n: int, timeout_s: float) -> None:
+    from distributed import Client
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with Client(address, timeout=5) as client:
+                client.wait_for_workers(n, timeout=max(1.0, deadline - time.monotonic()))
+                return
+        except (OSError, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise WorkersError(f"{n} render worker(s) did not come up at {address}: {exc}") from None
+            time.sleep(0.5)
+
+
+def _terminate(state: ClusterState) -> None:
+    """SIGTERM the worker's and the scheduler's own process groups (we started them with new sessions)."""
+    for pid in (state.worker_pid, state.scheduler_pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in (state.worker_pid, state.scheduler_pid)):
+        time.sleep(0.2)
+    for pid in (state.worker_pid, state.scheduler_pid):
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return True
