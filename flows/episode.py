@@ -28,7 +28,7 @@ from tasks.enhance import enhance_task
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
 from tasks.remix import MixTarget, remix_task
 from tasks.render import PersonSpec, RenderOptions, cut_audio_task, render_task, resolve_render_engine
-from tasks.segment import PlanSettings, plan_task
+from tasks.segment import EpisodePlan, PlanSettings, plan_task
 from tasks.separate import resolve_separate_backend, separate_task, weights_revision
 from tasks.speakers import conform_task, timeline_task, tts_task
 from tasks.stitch import stitch_task
@@ -178,7 +178,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     slices = runner.run(cut_audio_task, "cut-audio", tracks, list(plan.segments))
     # 6. render every segment (fanned out), 7. stitch, 8. enhance
     log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))
-    clips = _render_all(m, ws, runner, plan, slices, source, engine, tracks)
+    clips, plan = _render_all(m, ws, runner, plan, slices, source, engine, tracks)
     picture = runner.run(
         enhance_task,
         "enhance",
@@ -342,9 +342,10 @@ def _persons(m: Manifest) -> tuple[PersonSpec, ...]:
 
 def _render_all(
     m, ws: Workspace, runner: StageRunner, plan, slices, source: Blob, engine: str, tracks
-) -> list:
+) -> tuple[list, EpisodePlan]:
     """Render every segment on the render workers; one that runs out of memory is split and its halves
-    rendered instead (as many rounds as it takes). Clips come back in picture order."""
+    rendered instead (as many rounds as it takes). Clips come back in picture order, with the plan as
+    rendered: after a split, its segments carry `split_from` and the "split" flag."""
     base = RenderOptions(
         engine,
         m.render.size,
@@ -365,7 +366,9 @@ def _render_all(
     if failed:
         raise SegmentsFailed(m.episode, failed)
     ordered = [clips[start] for start in sorted(clips)]
-    return [dataclasses.replace(clip, segment=i) for i, clip in enumerate(ordered)]  # stitch order
+    if splitter is not None:
+        plan = splitter.rendered(plan)
+    return [dataclasses.replace(clip, segment=i) for i, clip in enumerate(ordered)], plan  # stitch order
 
 
 def _render_round(m, ws, runner: StageRunner, plan, jobs, source, base, clips: dict, failed: dict) -> list:

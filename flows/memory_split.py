@@ -7,9 +7,10 @@ segment too short to split stays failed with its out-of-memory error.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from tasks.segment import SegmentPlan, SegmentSpec, frame_rms, speech_activity, split_segment
+from tasks.segment import EpisodePlan, SegmentPlan, SegmentSpec, frame_rms, speech_activity, split_segment
 from tasks.workspace import Blob, Workspace
 
 
@@ -32,6 +33,15 @@ class SplitPlanner:
         self.plan = split_segment(self.plan, index, activity, energy=energy)
         halves = [s for s in self.plan.segments if s.split_from == index]
         return tuple(SegmentSpec(s.index, s.start_frame, s.end_frame, s.speakers) for s in halves)  # type: ignore[return-value]
+
+    def rendered(self, planned: EpisodePlan) -> EpisodePlan:
+        """`planned` with the splits recorded: its plan.json rewritten with the halves in place of the
+        segments they replaced, so the published plan says what was rendered."""
+        blob = self.ws.put_bytes(self.plan.to_json().encode(), ".json")
+        segments = tuple(
+            SegmentSpec(s.index, s.start_frame, s.end_frame, s.speakers) for s in self.plan.segments
+        )
+        return replace(planned, plan=blob, segments=segments)
 
     def _signals(self) -> tuple[dict[str, Any], dict[str, Any]]:
         if self._activity is None:

@@ -136,5 +136,16 @@ def test_out_of_memory_segments_take_the_planners_split_path(media_folder, fake_
     assert split and all(len(s["split_into"]) == 2 for s in split)
     assert "OutOfMemory" in split[0]["error"]
     assert not failed_segments(run)
+    # the published plan records the split: the halves replace their segment, in picture order
+    published = json.loads((ws / "episodes" / "oom" / "out" / "plan.json").read_text())
+    halves = [s for s in published["segments"] if s["split_from"] is not None]
+    split_ids = {int(s["stage"].split("#")[1].rstrip("]")) for s in split}
+    assert {h["split_from"] for h in halves} == split_ids
+    assert all("split" in h["flags"] for h in halves)
+    assert not split_ids & {s["index"] for s in published["segments"]}
+    starts = [s["start_frame"] for s in published["segments"]]
+    ends = [s["end_frame"] for s in published["segments"]]
+    assert starts[0] == 0 and starts[1:] == ends[:-1] and ends[-1] == published["total_frames"]
+    assert all(s["end_frame"] - s["start_frame"] <= 30 for s in published["segments"])
     assert main(["run", str(manifest), "--workspace", str(ws)]) == 0
     assert rendered_segments(last_run(ws, "oom")) == []  # split again, the halves come from the cache
