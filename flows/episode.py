@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 from engine.base import FPS
+from flows import heartbeats
 from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
 from flows.memory_split import SplitPlanner, is_out_of_memory
 from flows.progress import EpisodeProgress, artifact_key
@@ -33,6 +34,8 @@ from tasks.separate import resolve_separate_backend, separate_task, weights_revi
 from tasks.speakers import conform_task, timeline_task, tts_task
 from tasks.stitch import stitch_task
 from tasks.workspace import Blob, Workspace, blobs_in, code_version
+
+heartbeats.install()  # flow runs end without waiting up to 1 s on the heartbeat thread
 
 
 class SegmentsFailed(RuntimeError):

@@ -12,8 +12,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows import heartbeats
 from tasks.manifest import load_manifest
 from tasks.workspace import Workspace
+
+heartbeats.install()  # flow runs end without waiting up to 1 s on the heartbeat thread
 
 
 class NothingToRerun(RuntimeError):

@@ -164,8 +164,9 @@ render_task = task(
     persist_result=True,
     retries=1,
     retry_delay_seconds=2,
-    tags=["render"],
-)
+)  # no tags: every tagged task run asks the server for tag concurrency slots, and on SQLite four renders
+# starting at once hit "database is locked" (503), each waiting ~2 s to retry; GPUs are shared out by the
+# render workers' resources (flows/workers.py), not by tag limits
 
 
 def resolve_render_engine(requested: str, models_dir) -> tuple[str, str]:
