@@ -18,6 +18,26 @@ os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 os.environ.setdefault("KOKORO_JA_CACHE", str(_HOME / "kokoro"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread(request):
+    """Modules marked `one_torch_thread` (the tiny MultiTalk models) run torch on one thread."""
+    if request.node.get_closest_marker("one_torch_thread") is None:
+        yield
+        return
+    from tests.conftest_multitalk import one_torch_thread
+
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture
+def tiny_parts():
+    """The tiny MultiTalk components (built once per session)."""
+    from tests.conftest_multitalk import shared_components
+
+    return shared_components()
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect API server (SQLite) for every test that runs a flow (~11 s to start)."""

@@ -16,18 +16,9 @@ from engine.multitalk.audio import (
     reflect_pad,
     regroup_latent_windows,
 )
-from tests.conftest_multitalk import noise, one_torch_thread, shared_components, tone
+from tests.conftest_multitalk import noise, tone
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture
-def tiny_parts():
-    return shared_components()
+pytestmark = pytest.mark.one_torch_thread  # tiny tensors: one thread is faster
 
 
 def test_loudness_reaches_minus_23_lufs_and_leaves_silence_alone():

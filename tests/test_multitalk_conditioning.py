@@ -16,13 +16,9 @@ from engine.multitalk.conditioning import (
 )
 from engine.multitalk.renderer import available
 from engine.multitalk.settings import BUCKETS, CLIP_MEAN, CLIP_STD
-from tests.conftest_multitalk import one_torch_thread, shared_components
+from tests.conftest_multitalk import shared_components
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.one_torch_thread  # tiny tensors: one thread is faster
 
 
 @pytest.mark.parametrize(

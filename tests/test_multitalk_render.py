@@ -16,17 +16,12 @@ from tests.conftest_multitalk import (
     RIGHT,
     noise,
     one_person_job,
-    one_torch_thread,
     shared_pipeline,
     tone,
     two_person_job,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.one_torch_thread  # tiny tensors: one thread is faster
 
 
 @pytest.fixture

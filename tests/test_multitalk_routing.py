@@ -19,18 +19,9 @@ from engine.multitalk.attention import (
 from engine.multitalk.conditioning import plan_framing, token_masks
 from engine.multitalk.tiny import TINY_BUCKETS
 from engine.multitalk.transformer import AudioContext
-from tests.conftest_multitalk import LEFT, RIGHT, one_torch_thread, shared_components
+from tests.conftest_multitalk import LEFT, RIGHT
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture
-def tiny_parts():
-    return shared_components()
+pytestmark = pytest.mark.one_torch_thread  # tiny tensors: one thread is faster
 
 
 def test_rope_1d_matches_the_formula():

@@ -17,13 +17,9 @@ from engine.multitalk.guidance import (
     project_apg,
 )
 from engine.multitalk.schedule import add_noise, diffusers_sigmas, euler_step, make_schedule
-from tests.conftest_multitalk import one_torch_thread, shared_components, shared_pipeline, two_person_job
+from tests.conftest_multitalk import shared_components, shared_pipeline, two_person_job
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.one_torch_thread  # tiny tensors: one thread is faster
 
 
 def _sigmas_by_hand(steps: int, shift: float) -> list[float]:

@@ -13,13 +13,9 @@ from engine.base import EngineSetupError, MissingWeightsError
 from engine.multitalk import weights as w
 from engine.multitalk.settings import DiTConfig
 from engine.multitalk.tiny import tiny_settings
-from tests.conftest_multitalk import one_torch_thread, shared_components, shared_models_dir
+from tests.conftest_multitalk import shared_components, shared_models_dir
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.one_torch_thread  # tiny tensors: one thread is faster
 
 
 @pytest.mark.parametrize(
