@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from engine.base import Box, JobError, PersonInput, Renderer, create_renderer
-from engine.multitalk.renderer import MultiTalkRenderer, find_ffmpeg, split_job
+from engine.base import Box, EngineSetupError, JobError, PersonInput, Renderer, create_renderer
+from engine.multitalk.renderer import MultiTalkRenderer, find_ffmpeg, split_job, write_mp4
 from tests.conftest_multitalk import (
     LEFT,
     RIGHT,
@@ -64,6 +64,42 @@ def test_long_jobs_render_as_naive_clips_with_exact_length(renderer):
     result = renderer.render(job)
     assert result.num_frames == 23 and result.info["clips"] == 3
     assert result.info["frames"].shape == (23, 64, 128, 3)
+
+
+def test_long_jobs_stream_every_clip_into_one_mp4(renderer, tmp_path):
+    target = tmp_path / "long.mp4"
+    job = two_person_job(
+        num_frames=23, output=target, persons=(PersonInput(tone(1.0), LEFT), PersonInput(noise(1.0), RIGHT))
+    )
+    result = renderer.render(job)
+    assert result.num_frames == 23 and result.info["clips"] == 3 and "frames" not in result.info
+    assert _decoded_frames(target, 128, 64).shape == (23, 64, 128, 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["long.mp4"]
+
+
+def test_a_failed_render_leaves_no_partial_mp4(renderer, tmp_path, monkeypatch):
+    target = tmp_path / "clip.mp4"
+    target.write_bytes(b"an earlier good render")
+    real = renderer.pipeline.render
+    calls = []
+
+    def fail_on_second_clip(clip, progress=None):
+        calls.append(clip)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return real(clip, progress=progress)
+
+    monkeypatch.setattr(renderer.pipeline, "render", fail_on_second_clip)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        renderer.render(two_person_job(num_frames=23, output=target))
+    assert target.read_bytes() == b"an earlier good render"  # nothing half-written replaced it
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+
+
+def test_write_mp4_reports_ffmpeg_failure_and_cleans_up(tmp_path):
+    with pytest.raises(EngineSetupError, match="ffmpeg failed"):
+        write_mp4(np.zeros((2, 63, 127, 3), np.uint8), tmp_path / "odd.mp4")  # yuv420p needs even sizes
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_long_jobs_can_be_refused(renderer):

@@ -8,6 +8,7 @@ context is part 2.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -67,27 +68,65 @@ def find_ffmpeg() -> str:
         ) from exc
 
 
+class Mp4Writer:
+    """uint8 (n, H, W, 3) blocks piped into one ffmpeg as they are rendered, so a segment's decoded frames
+    are never all in host memory at once; H.264 into a temp file in the target folder, renamed on success.
+    ffmpeg starts with the first block (the picture size comes with it)."""
+
+    def __init__(self, path: Path, fps: int = FPS):
+        self.path, self.fps, self.count = Path(path), fps, 0
+        self.proc: subprocess.Popen | None = None
+        self.tmp: str | None = None
+
+    def write(self, frames: np.ndarray) -> None:
+        if self.proc is None:
+            self._start(width=frames.shape[2], height=frames.shape[1])
+        try:
+            self.proc.stdin.write(np.ascontiguousarray(frames, dtype=np.uint8).tobytes())
+        except BrokenPipeError:
+            self._finish()  # raises with ffmpeg's own message
+        self.count += len(frames)
+
+    def _start(self, width: int, height: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".mp4", dir=self.path.parent)
+        os.close(fd)
+        cmd = [
+            find_ffmpeg(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+            "-s", f"{width}x{height}", "-r", str(self.fps), "-i", "-",
+            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "17", self.tmp,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def _finish(self) -> None:
+        self.proc.stdin.close()
+        error = self.proc.stderr.read().decode(errors="replace")
+        if self.proc.wait() != 0:
+            raise EngineSetupError(f"ffmpeg failed ({self.proc.returncode}): {error[-500:]}")
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.proc is not None and exc_type is None:
+                self._finish()
+                os.replace(self.tmp, self.path)
+            elif self.proc is not None:
+                self.proc.kill()
+                self.proc.wait()
+        finally:
+            if self.proc is not None:
+                self.proc.stdin.close()
+                self.proc.stderr.close()
+            if self.tmp and os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+
 def write_mp4(frames: np.ndarray, path: Path, fps: int = FPS) -> None:
-    """(N, H, W, 3) uint8 -> H.264 mp4, written to a temp file in the target folder, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count, height, width, _ = frames.shape
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    cmd = [
-        find_ffmpeg(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
-        "-r", str(fps), "-i", "-", "-frames:v", str(count), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "17",
-        tmp,
-    ]  # fmt: skip
-    try:
-        done = subprocess.run(
-            cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True, check=False
-        )
-        if done.returncode != 0:
-            raise EngineSetupError(f"ffmpeg failed ({done.returncode}): {done.stderr.decode()[-500:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """(N, H, W, 3) uint8 -> H.264 mp4, atomically (see Mp4Writer)."""
+    with Mp4Writer(path, fps) as out:
+        out.write(frames)
 
 
 def split_job(job: RenderJob, frame_num: int) -> list[RenderJob]:
@@ -172,19 +211,26 @@ class MultiTalkRenderer:
         clips = split_job(job, job.frame_num) if total > job.frame_num else [job]
         if len(clips) > 1:
             log.warning("rendering %d frames as %d independent clips (naive long video)", total, len(clips))
-        outputs = [self.pipeline.render(clip, progress=progress) for clip in clips]
-        frames = np.concatenate([o.frames.numpy() for o in outputs])
-        first = outputs[0]
-        if job.output is not None:
-            write_mp4(frames, Path(job.output))
-        timings = {k: sum(o.timings.get(k, 0.0) for o in outputs) for k in first.timings}
+        sink = Mp4Writer(Path(job.output)) if job.output is not None else None
+        kept, timings, first_info, shape, count = [], {}, {}, (0, 0, 0), 0
+        with sink or contextlib.nullcontext():
+            for clip in clips:  # each clip's frames go to ffmpeg (or the caller) before the next renders
+                out = self.pipeline.render(clip, progress=progress)
+                frames = out.frames.numpy()  # (n, H, W, 3) uint8
+                if sink is not None:
+                    sink.write(frames)
+                else:
+                    kept.append(frames)
+                shape, first_info, count = frames.shape[1:], first_info or out.info, count + len(frames)
+                timings = {k: timings.get(k, 0.0) + v for k, v in out.timings.items()}
+                del out, frames
         timings["total"] = time.perf_counter() - start
-        info = {**first.info, "clips": len(clips), "settings": self.settings.to_json_dict()}
-        if job.output is None:
-            info["frames"] = frames
+        info = {**first_info, "clips": len(clips), "settings": self.settings.to_json_dict()}
+        if sink is None:
+            info["frames"] = np.concatenate(kept)
         return RenderResult(
-            path=Path(job.output) if job.output else None, num_frames=len(frames), fps=FPS,
-            height=frames.shape[1], width=frames.shape[2], seed=job.seed, crop=first.info["crop"],
+            path=Path(job.output) if job.output else None, num_frames=count, fps=FPS,
+            height=shape[0], width=shape[1], seed=job.seed, crop=first_info["crop"],
             timings=timings, peak_memory=_peak_memory(), info=info,
         )  # fmt: skip
 
