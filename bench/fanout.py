@@ -60,7 +60,10 @@ def bench_fanout(root: Path, n_workers: int) -> dict[str, float]:
     from prefect.cache_policies import NO_CACHE
     from prefect.futures import wait
 
+    from flows import heartbeats
     from flows.workers import render_slot, render_task_runner, start_workers, stop_workers
+
+    heartbeats.install()  # as the real flows do (flows/episode.py): a flow's end does not wait on it
 
     @task(cache_policy=NO_CACHE, task_run_name="render[{episode}#{index:02d}]")
     def render_job(episode: str, index: int, frames: int) -> float:
