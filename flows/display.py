@@ -49,8 +49,14 @@ class RunDisplay:
             f"{self.counts['cached']} cached ({result['seconds']:.2f} s, {result['frames']} frames, "
             f"engine {result['engine']}, QC {result['qc_verdict']})"
         ]
-        lines += [f"  {name:<22} {path}" for name, path in result["outputs"].items()]
+        lines += _columns(result["outputs"], indent=2)
         return "\n".join(lines)
+
+
+def _columns(named: dict[str, str], indent: int) -> list[str]:
+    """name  value, the values aligned after the longest name."""
+    width = max(map(len, named), default=0)
+    return [f"{' ' * indent}{name:<{width}}  {value}" for name, value in named.items()]
 
 
 def format_status(status: dict) -> str:
@@ -69,5 +75,5 @@ def format_status(status: dict) -> str:
     ]
     if status.get("outputs"):
         lines.append("  outputs:")
-        lines += [f"    {k:<22} {v}" for k, v in status["outputs"].items()]
+        lines += _columns(status["outputs"], indent=4)
     return "\n".join(lines)
