@@ -216,3 +216,51 @@ def test_flow_run_page_shows_the_artifacts_in_headless_chromium(server, episode_
         browser.quit()
     assert found, "the Artifacts tab does not list srv-segments, srv-qc and srv-progress"
     assert (shots / "flow-run-artifacts.png").stat().st_size > 10_000
+
+
+def test_deployments_register_and_a_process_worker_runs_the_nightly_batch(server, tmp_path, demo_media):
+    """`make deploy` registers prefect.yaml; the server schedules the nightly cron; a `dub-cpu` worker picks up
+    a run of the nightly deployment and dubs the inbox."""
+    inbox, work = tmp_path / "inbox", tmp_path / "work"
+    inbox.mkdir()
+    write_manifest(inbox, demo_media, "nightly")
+    env = _clean_env() | {
+        "PREFECT_API_URL": f"{server}/api",
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "PYTHON": sys.executable,
+        "DUBFLOW_ROOT": str(REPO),
+        "DUBFLOW_WORKSPACE": str(work),
+        "DUBFLOW_INBOX": str(inbox),
+        "DUBFLOW_ENGINE_OVERRIDES": "preview=engine.fake:SlowRenderer",
+        "DUBFLOW_FAKE_LOAD_S": "0",
+    }
+
+    def run(*command: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        return done
+
+    run(str(REPO / "scripts" / "deploy.sh"))
+    (nightly,) = [d for d in _api(server, "deployments/filter") if d["name"] == "nightly"]
+    assert nightly["parameters"]["folder"] == str(inbox)  # the deploy-time template was filled in
+    scheduled = _wait_for_runs(server, nightly["id"], "SCHEDULED")
+    assert scheduled and all(r["expected_start_time"][11:16] == "02:00" for r in scheduled)  # the cron
+    run(sys.executable, "-m", "prefect", "deployment", "run", "dub-batch/nightly")
+    run(sys.executable, "-m", "prefect", "worker", "start", "--pool", "dub-cpu", "--run-once", timeout=420)
+    (done,) = _wait_for_runs(server, nightly["id"], "COMPLETED")
+    assert done["work_pool_name"] == "dub-cpu"
+    record = json.loads((work / "episodes" / "nightly" / "runs.jsonl").read_text().splitlines()[-1])
+    assert (
+        record["state"] == "completed" and (work / "episodes" / "nightly" / "out" / "nightly.mp4").is_file()
+    )
+
+
+def _wait_for_runs(server: str, deployment_id: str, state: str, timeout_s: float = 120) -> list[dict]:
+    body = {
+        "deployments": {"id": {"any_": [deployment_id]}},
+        "flow_runs": {"state": {"type": {"any_": [state]}}},
+    }
+    deadline = time.monotonic() + timeout_s
+    while not (runs := _api(server, "flow_runs/filter", body)) and time.monotonic() < deadline:
+        time.sleep(2)
+    return runs
