@@ -74,7 +74,7 @@ class Mp4Writer:
     ffmpeg starts with the first block (the picture size comes with it)."""
 
     def __init__(self, path: Path, fps: int = FPS):
-        self.path, self.fps, self.count = Path(path), fps, 0
+        self.path, self.fps = Path(path), fps
         self.proc: subprocess.Popen | None = None
         self.tmp: str | None = None
 
@@ -85,7 +85,6 @@ class Mp4Writer:
             self.proc.stdin.write(np.ascontiguousarray(frames, dtype=np.uint8).tobytes())
         except BrokenPipeError:
             self._finish()  # raises with ffmpeg's own message
-        self.count += len(frames)
 
     def _start(self, width: int, height: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
