@@ -8,7 +8,6 @@ before any GPU time is spent. Same `Renderer` interface as the MultiTalk engine.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from engine.base import AUDIO_RATE, FPS, Box, JobError, ProgressHook, RenderJob, RenderResult
+from engine.video import Mp4Writer
 
 SAMPLES_PER_FRAME = AUDIO_RATE // FPS  # 640
 COLOURS = [(230, 80, 60), (60, 140, 230), (80, 190, 90), (220, 180, 40), (170, 90, 210), (40, 190, 190)]
@@ -41,7 +41,7 @@ class PreviewRenderer:
         levels = [_frame_levels(p.audio, frames) for p in job.persons]
         font = _font(max(12, height // 28))
         output = Path(job.output) if job.output else Path(tempfile.mkstemp(suffix=".mp4")[1])
-        with _Encoder(self.ffmpeg, output, width, height) as encoder:
+        with Mp4Writer(output, self.ffmpeg, crf=20, preset="veryfast") as encoder:
             for f in range(frames):
                 picture = _draw_frame(source.frame(f), job, f, levels, font, (width, height), source.scale)
                 encoder.write(picture)
@@ -249,61 +249,3 @@ def _font(size: int):
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
         return ImageFont.load_default()
-
-
-class _Encoder:
-    """Raw RGB frames -> H.264 mp4 through an ffmpeg pipe; the file appears only when complete."""
-
-    def __init__(self, ffmpeg: str, output: Path, width: int, height: int):
-        self.output = output
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=".mp4", dir=output.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        cmd = [
-            ffmpeg,
-            "-v",
-            "error",
-            "-nostdin",
-            "-y",
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "rgb24",
-            "-s",
-            f"{width}x{height}",
-            "-r",
-            str(FPS),
-            "-i",
-            "-",
-            "-an",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "veryfast",
-            "-crf",
-            "20",
-            "-pix_fmt",
-            "yuv420p",
-            "-r",
-            str(FPS),
-            str(self.tmp),
-        ]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def write(self, frame: np.ndarray) -> None:
-        self.proc.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
-
-    def __enter__(self) -> _Encoder:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.proc.stdin.close()
-        err = self.proc.stderr.read().decode(errors="replace")
-        code = self.proc.wait()
-        if exc_type is None and code == 0:
-            os.replace(self.tmp, self.output)
-            return
-        self.tmp.unlink(missing_ok=True)
-        if exc_type is None:
-            raise RuntimeError(f"ffmpeg could not encode {self.output.name}: {err.strip()[-300:]}")

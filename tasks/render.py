@@ -152,6 +152,7 @@ _MODULES = (
     "tasks.bind",
     "engine.base",
     "engine.preview",
+    "engine.video",
     *(f"engine.multitalk.{name}" for name in _ENGINE_FILES),
 )
 cut_audio_task = task(

@@ -12,10 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import os
 import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +31,7 @@ from engine.base import (
     RenderResult,
 )
 from engine.multitalk.settings import EngineSettings
+from engine.video import Mp4Writer
 
 log = logging.getLogger(__name__)
 SAMPLES_PER_FRAME = AUDIO_RATE // FPS  # 640
@@ -68,63 +66,9 @@ def find_ffmpeg() -> str:
         ) from exc
 
 
-class Mp4Writer:
-    """uint8 (n, H, W, 3) blocks piped into one ffmpeg as they are rendered, so a segment's decoded frames
-    are never all in host memory at once; H.264 into a temp file in the target folder, renamed on success.
-    ffmpeg starts with the first block (the picture size comes with it)."""
-
-    def __init__(self, path: Path, fps: int = FPS):
-        self.path, self.fps = Path(path), fps
-        self.proc: subprocess.Popen | None = None
-        self.tmp: str | None = None
-
-    def write(self, frames: np.ndarray) -> None:
-        if self.proc is None:
-            self._start(width=frames.shape[2], height=frames.shape[1])
-        try:
-            self.proc.stdin.write(np.ascontiguousarray(frames, dtype=np.uint8).tobytes())
-        except BrokenPipeError:
-            self._finish()  # raises with ffmpeg's own message
-
-    def _start(self, width: int, height: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".mp4", dir=self.path.parent)
-        os.close(fd)
-        cmd = [
-            find_ffmpeg(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
-            "-s", f"{width}x{height}", "-r", str(self.fps), "-i", "-",
-            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "17", self.tmp,
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def _finish(self) -> None:
-        self.proc.stdin.close()
-        error = self.proc.stderr.read().decode(errors="replace")
-        if self.proc.wait() != 0:
-            raise EngineSetupError(f"ffmpeg failed ({self.proc.returncode}): {error[-500:]}")
-
-    def __enter__(self) -> Mp4Writer:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if self.proc is not None and exc_type is None:
-                self._finish()
-                os.replace(self.tmp, self.path)
-            elif self.proc is not None:
-                self.proc.kill()
-                self.proc.wait()
-        finally:
-            if self.proc is not None:
-                self.proc.stdin.close()
-                self.proc.stderr.close()
-            if self.tmp and os.path.exists(self.tmp):
-                os.unlink(self.tmp)
-
-
 def write_mp4(frames: np.ndarray, path: Path, fps: int = FPS) -> None:
-    """(N, H, W, 3) uint8 -> H.264 mp4, atomically (see Mp4Writer)."""
-    with Mp4Writer(path, fps) as out:
+    """(N, H, W, 3) uint8 -> H.264 mp4, atomically (see engine.video.Mp4Writer)."""
+    with Mp4Writer(path, find_ffmpeg(), fps=fps) as out:
         out.write(frames)
 
 
@@ -210,7 +154,7 @@ class MultiTalkRenderer:
         clips = split_job(job, job.frame_num) if total > job.frame_num else [job]
         if len(clips) > 1:
             log.warning("rendering %d frames as %d independent clips (naive long video)", total, len(clips))
-        sink = Mp4Writer(Path(job.output)) if job.output is not None else None
+        sink = Mp4Writer(Path(job.output), find_ffmpeg()) if job.output is not None else None
         kept, timings, first_info, shape, count = [], {}, {}, (0, 0, 0), 0
         with sink or contextlib.nullcontext():
             for clip in clips:  # each clip's frames go to ffmpeg (or the caller) before the next renders
