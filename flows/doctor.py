@@ -27,7 +27,7 @@ def doctor_report() -> dict:
 def _tool(name: str) -> dict:
     path = shutil.which(name)
     if name == "ffmpeg" and path is None:
-        from tasks.media import ffmpeg_exe
+        from engine.media import ffmpeg_exe
 
         try:
             path = ffmpeg_exe()
@@ -87,7 +87,7 @@ def _tts() -> dict:
 
 
 def _render(models_dir) -> dict:
-    from tasks.render import resolve_render_engine
+    from engine.selection import resolve_render_engine
 
     chosen, why = resolve_render_engine("auto", models_dir)
     return {"auto": chosen, "why": why}
