@@ -251,7 +251,9 @@ def tiny_adapter_state(components: Any, name: str) -> dict[str, torch.Tensor]:
     if name == "multitalk":
         return adapter
     gen = torch.Generator().manual_seed(list(w.ADAPTERS).index(name))
-    return {k: (v + 0.1 * torch.randn(v.shape, generator=gen)).contiguous() for k, v in sorted(adapter.items())}
+    return {
+        k: (v + 0.1 * torch.randn(v.shape, generator=gen)).contiguous() for k, v in sorted(adapter.items())
+    }
 
 
 def link_adapter_in_index(wan_folder: Any, adapter_file: Any) -> Any:

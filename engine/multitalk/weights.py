@@ -350,23 +350,46 @@ def resolve_weights(settings: EngineSettings) -> WeightPaths:
     A MultiTalk adapter linked into the Wan folder by its index is used as the MultiTalk adapter (the
     MeiGen-MultiTalk repo is then not needed). Raises one MissingWeightsError naming every missing
     repo/file and the places searched."""
+    paths, missing = _resolve(settings)
+    if paths is None:
+        raise missing_weights_error(missing, settings.models_dir)
+    return paths
+
+
+def engine_ready(product: str, models_dir: Path | str | None) -> tuple[bool, str]:
+    """Whether every file `product` ("multitalk" | "infinitetalk": both its adapters) needs is present, and a
+    one-line reason."""
+    settings = EngineSettings(models_dir=Path(models_dir) if models_dir else None, product=product)  # type: ignore[arg-type]
+    paths, missing = _resolve(settings)
+    if paths is not None:
+        return True, f"{product} weights present"
+    files = [f"{loc.spec.repo_id}/{name}" for loc in missing for name in loc.missing]
+    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+    return (
+        False,
+        f"{product} weights missing: {', '.join(files[:3])}{more} (dubflow models download --engine {product})",
+    )
+
+
+def _resolve(settings: EngineSettings) -> tuple[WeightPaths | None, list[Located]]:
     missing: list[Located] = []
     dit, layout = _resolve_dit(settings, missing)
     linked = linked_adapter(dit, layout) if dit is not None else None
     adapters = {}
     for name in settings.adapter_names():
-        loc = locate(WEIGHT_SPECS[name], settings.models_dir)
         if name == "multitalk" and linked is not None:
             adapters[name] = linked
-        elif loc.folder is None:
+            continue
+        loc = locate(WEIGHT_SPECS[name], settings.models_dir)
+        if loc.folder is None:
             missing.append(loc)
         else:
             adapters[name] = loc.folder / ADAPTERS[name][1]
     encoders, wav2vec = (locate(WEIGHT_SPECS[n], settings.models_dir) for n in ("encoders", "wav2vec"))
     missing += [loc for loc in (encoders, wav2vec) if loc.folder is None]
-    if missing or dit is None:
-        raise missing_weights_error(missing, settings.models_dir)
-    return WeightPaths(dit, layout, adapters, encoders.folder, wav2vec.folder)  # type: ignore[arg-type]
+    if missing or dit is None or encoders.folder is None or wav2vec.folder is None:
+        return None, missing
+    return WeightPaths(dit, layout, adapters, encoders.folder, wav2vec.folder), []
 
 
 def _resolve_dit(settings: EngineSettings, missing: list[Located]) -> tuple[Path | None, str]:
