@@ -167,7 +167,9 @@ def test_wan_folder_with_the_adapter_linked_by_its_index(tmp_path):
     model, report = _load(paths)
     assert report.problems() == [] and report.files == 3 and report.adapter_keys == 26  # loaded once
     _assert_same(model)
-    assert [s.filename for s in w.check_weights(root, ["base"])][-1] == w.ADAPTER_FILE  # the index's files
+    statuses = w.check_weights(root, ["base", "encoders", "multitalk", "wav2vec"])
+    assert all(s.present for s in statuses) and w.ready_engines(statuses) == {"multitalk": []}
+    assert [s.path for s in statuses if s.component == "multitalk"] == [linked]
     assert torch.equal(_render(root, base_layout="original"), _render(shared_models_dir()))
 
 

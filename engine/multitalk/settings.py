@@ -144,11 +144,10 @@ class EngineSettings:
     experimental_persons: bool = False  # allow > 2 persons (untrained ranges, §3.10)
     normalize_loudness: bool = True
     wav2vec_device: str = "cpu"  # upstream runs wav2vec2 on the CPU in fp32
-    # weights: which product's adapter; `dit_file` = one .safetensors DiT (either key layout) instead of a folder
+    # weights: the product's adapter ("auto": InfiniteTalk single/ or multi/ by the job's person count);
+    # `dit_file`: one .safetensors DiT (either key layout, config.json beside it) instead of a Wan folder
     product: Literal["multitalk", "infinitetalk"] = "multitalk"
-    adapter: Literal["auto", "multitalk", "infinitetalk-single", "infinitetalk-multi"] = (
-        "auto"  # auto: by persons
-    )
+    adapter: Literal["auto", "multitalk", "infinitetalk-single", "infinitetalk-multi"] = "auto"
     dit_file: Path | None = None
 
     def torch_dtype(self) -> Any:

@@ -278,7 +278,8 @@ def missing_weights_error(located: list[Located], models_dir: Path | None) -> Mi
         dict.fromkeys(loc.spec.component for loc in located if loc.spec.component in WEIGHT_SPECS)
     )
     target = f" --models-dir {models_dir}" if models_dir else ""
-    lines.append(f"download them with: dubflow models download{target} --components {components}")
+    target += f" --components {components}" if components else ""
+    lines.append(f"download them with: dubflow models download{target}")
     return MissingWeightsError("\n".join(lines))
 
 
@@ -727,10 +728,17 @@ def check_weights(
     multi) and wav2vec2."""
     if components is None:
         components = (present_dit(models_dir), "encoders", *ADAPTERS, "wav2vec")
-    statuses = []
+    statuses, linked = [], None
     for name in component_names(components):
         loc = locate(WEIGHT_SPECS[name], models_dir)
         folder = loc.folder or next((p for p in loc.searched if p.is_dir()), None)
+        if name in ("base", "base-diffusers") and loc.folder is not None:
+            linked = linked_adapter(loc.folder, name)  # MultiTalk README layout: the adapter is in the index
+        if name == "multitalk" and loc.folder is None and linked is not None:
+            statuses.append(
+                WeightStatus(name, "(linked by the DiT index)", linked.name, linked, linked.stat().st_size)
+            )
+            continue
         for f in required_files(loc.spec, folder):
             path = folder / f if folder and (folder / f).is_file() else None
             size = path.stat().st_size if path else None
