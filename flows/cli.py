@@ -1,125 +1,94 @@
-"""The `dubflow` command: validate, run, rerun, status, workers, doctor, demo, schema.
+"""The `dubflow` command: validate, run, rerun, status, workers, doctor, demo, plan, bind, models, schema.
 
-Every failure a user can cause ends in one clear line and a non-zero exit (2 for bad
-input, 1 for a failed run), never a traceback. Prefect is imported only by the commands
-that run flows, after its settings are fixed, so `validate` stays fast.
+Every failure a user can cause ends in one clear line and a non-zero exit (2 for bad input, 1 for a
+failed run), never a traceback; `--debug` shows the traceback too. Prefect is imported only by the
+commands that run flows, after its settings are fixed, so `validate` stays fast. Built on typer (click):
+options shared by several commands are declared once, below.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 REPO = Path(__file__).resolve().parent.parent
 
+app = typer.Typer(
+    name="dubflow",
+    help="Declarative batch dubbing with lip-sync.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+_debug = False  # --debug: tracebacks as well as the one-line message
+
+# options shared by several commands
+WorkspaceOpt = Annotated[
+    Path | None, typer.Option("--workspace", help="default ./dubflow-work or $DUBFLOW_WORKSPACE")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+ManifestArg = Annotated[Path, typer.Argument(help="the episode manifest (YAML)")]
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point (`dubflow`); returns the exit code instead of exiting, for tests and embedding."""
+    global _debug
     _quiet_defaults()
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return EXIT_BAD_INPUT
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
-        return args.handler(args)
+        result = app(args=argv, prog_name="dubflow", standalone_mode=False)
     except KeyboardInterrupt:
         print("dubflow: interrupted; finished stages are kept and will be reused", file=sys.stderr)
         return 130
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        return 130
+    except Exception as exc:
+        if not _is_usage_error(exc):
+            raise
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            exc.show(file=sys.stderr)  # type: ignore[attr-defined]
+        return EXIT_BAD_INPUT
+    return result if isinstance(result, int) else 0
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """A command-line mistake (unknown command or option, missing argument, bad value): click's own
+    exceptions, which typer may vendor under another module, so they are known by their interface."""
+    return callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show tracebacks, not only the one-line error")
+    ] = False,
+) -> None:
+    """Declarative batch dubbing with lip-sync."""
 
 
 def _quiet_defaults() -> None:
-    """Offline, no telemetry, and Prefect's console chatter off unless asked for."""
+    """Offline and no telemetry. Prefect logs at INFO for the API (the run's page in the UI shows the
+    backend choices and the stage logs); the terminal stays quiet through the console handler alone."""
     for key, value in {
         "HF_HUB_OFFLINE": "1",
         "PYANNOTE_METRICS_ENABLED": "false",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
     }.items():
         os.environ.setdefault(key, value)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dubflow", description="Declarative batch dubbing with lip-sync.")
-    sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("validate", help="check manifests; one located line per problem")
-    p.add_argument("files", nargs="+", type=Path)
-    p.set_defaults(handler=cmd_validate)
-    p = sub.add_parser("run", help="run the episode flow for a manifest")
-    p.add_argument("file", type=Path)
-    p.add_argument(
-        "--workspace", type=Path, default=None, help="default ./dubflow-work or $DUBFLOW_WORKSPACE"
-    )
-    p.add_argument(
-        "--wait", type=float, default=0.0, help="seconds to wait if the episode is already running"
-    )
-    p.set_defaults(handler=cmd_run)
-    p = sub.add_parser("rerun", help="re-render the failed or missing segments of the last run, re-stitch")
-    p.add_argument("file", type=Path)
-    p.add_argument("--workspace", type=Path, default=None)
-    p.add_argument("--segments", default=None, help="re-render these on purpose, e.g. 3,7 or 2-4")
-    p.set_defaults(handler=cmd_rerun)
-    p = sub.add_parser("workers", help="long-lived render workers, one per GPU (a local Dask cluster)")
-    p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--workspace", type=Path, default=None)
-    p.add_argument("--cpu", type=int, default=None, help="start N CPU workers instead of one per GPU")
-    p.add_argument("--engine", default="preview", help="engine each worker loads at start (default preview)")
-    p.add_argument("--port", type=int, default=8786)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_workers)
-    p = sub.add_parser("status", help="the last run of an episode: each stage and segment")
-    p.add_argument("file", type=Path)
-    p.add_argument("--workspace", type=Path, default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_status)
-    p = sub.add_parser("doctor", help="what this machine can do, and which backend `auto` picks")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_doctor)
-    p = sub.add_parser("demo", help="generate the demo episode locally and run it")
-    p.add_argument("--workspace", type=Path, default=None)
-    p.add_argument("--no-run", action="store_true", help="only generate the media")
-    p.set_defaults(handler=cmd_demo)
-    p = sub.add_parser("plan", help="print the segment plan (no rendering)")
-    p.add_argument("file", type=Path)
-    p.add_argument("--workspace", type=Path, default=None)
-    p.set_defaults(handler=cmd_plan)
-    p = sub.add_parser(
-        "bind", help="check the binding; --propose writes a manifest patch from faces and voices"
-    )
-    p.add_argument("file", type=Path)
-    p.add_argument("--workspace", type=Path, default=None)
-    p.add_argument(
-        "--propose", action="store_true", help="propose boxes for speakers the manifest leaves unbound"
-    )
-    p.set_defaults(handler=cmd_bind)
-    p = sub.add_parser(
-        "models", help="MultiTalk / InfiniteTalk weights: check presence/checksums, or download them"
-    )
-    p.add_argument("action", choices=["check", "download"])
-    p.add_argument(
-        "--models-dir", type=Path, default=None, help="default $DUBFLOW_MODELS_DIR; else the HF cache"
-    )
-    p.add_argument("--sha256", action="store_true", help="check: also hash every file (slow for 70 GB)")
-    p.add_argument(
-        "--components",
-        default=None,
-        help="comma-separated: base, base-diffusers, encoders, multitalk, infinitetalk-single, "
-        "infinitetalk-multi, wav2vec (default: what --engine needs)",
-    )
-    p.add_argument(
-        "--engine",
-        choices=["multitalk", "infinitetalk"],
-        default=None,
-        help="only this engine's files (download default: multitalk; check default: every component)",
-    )
-    p.set_defaults(handler=cmd_models)
-    p = sub.add_parser("schema", help="write manifests/schema.json from the manifest models")
-    p.set_defaults(handler=cmd_schema)
-    return parser
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
@@ -127,14 +96,24 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
+def _fail_with(exc: BaseException, what: str) -> int:
+    """One line for the user (`what failed: Type: first line`); the traceback too under --debug."""
+    if _debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return _fail(f"{what}: {type(exc).__name__}: {first}")
+
+
 # ---------------------------------------------------------------------------------------------- validate
 
 
-def cmd_validate(args) -> int:
+@app.command("validate")
+def cmd_validate(files: Annotated[list[Path], typer.Argument(help="manifests to check")]) -> int:
+    """Check manifests; one located line per problem."""
     from tasks.manifest import ManifestError, load_manifest
 
     worst = 0
-    for file in args.files:
+    for file in files:
         try:
             load_manifest(file)
             print(f"ok {file}")
@@ -147,15 +126,21 @@ def cmd_validate(args) -> int:
 # ---------------------------------------------------------------------------------------------- run
 
 
-def cmd_run(args) -> int:
+@app.command("run")
+def cmd_run(
+    file: ManifestArg,
+    workspace: WorkspaceOpt = None,
+    wait: Annotated[float, typer.Option(help="seconds to wait if the episode is already running")] = 0.0,
+) -> int:
+    """Run the episode flow for a manifest."""
     from tasks.manifest import ManifestError, load_manifest
 
     try:
-        loaded = load_manifest(args.file)
+        loaded = load_manifest(file)
     except ManifestError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
-    return run_episode(loaded.path, args.workspace, wait_s=args.wait)
+    return run_episode(loaded.path, workspace, wait_s=wait)
 
 
 def run_episode(manifest: Path, workspace: Path | None, *, wait_s: float = 0.0) -> int:
@@ -169,8 +154,12 @@ def run_episode(manifest: Path, workspace: Path | None, *, wait_s: float = 0.0) 
 
 
 def _quiet_console() -> None:
-    """Prefect's console handler prints failed tasks' tracebacks; the user gets one line, the UI keeps the logs."""
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    """Prefect's console handler prints failed tasks' tracebacks; the user gets one line, the UI keeps the
+    logs (INFO and up reach the API). Under --debug the console shows INFO too."""
+    if (
+        os.environ.get("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING") == "WARNING"
+    ):  # ours, not the user's
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO" if _debug else "CRITICAL"
     if "prefect" in sys.modules:  # configured already: apply it again (it reads the environment)
         from prefect.logging.configuration import setup_logging
 
@@ -192,7 +181,7 @@ def _with_display(call) -> int:
     except EpisodeBusy as exc:
         return _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - the run record has the details; the user gets one line
-        return _fail(f"run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return _fail_with(exc, "run failed")
     finally:
         remove_listener(display)
     print(display.summary(result))
@@ -202,26 +191,32 @@ def _with_display(call) -> int:
 # ---------------------------------------------------------------------------------------------- rerun
 
 
-def cmd_rerun(args) -> int:
+@app.command("rerun")
+def cmd_rerun(
+    file: ManifestArg,
+    workspace: WorkspaceOpt = None,
+    segments: Annotated[str | None, typer.Option(help="re-render these on purpose, e.g. 3,7 or 2-4")] = None,
+) -> int:
+    """Re-render the failed or missing segments of the last run, re-stitch."""
     from flows.rerun import parse_segments
     from tasks.manifest import ManifestError, load_manifest
     from tasks.workspace import Workspace
 
     try:
-        episode = load_manifest(args.file).manifest.episode
-        segments = parse_segments(args.segments) if args.segments else None
+        episode = load_manifest(file).manifest.episode
+        chosen = parse_segments(segments) if segments else None
     except (ManifestError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
-    ws = Workspace(args.workspace)
+    ws = Workspace(workspace)
     if not ws.runs(episode):
-        return _fail(f"episode {episode!r} has not been run in this workspace; run `dubflow run {args.file}`")
+        return _fail(f"episode {episode!r} has not been run in this workspace; run `dubflow run {file}`")
 
     def call():
         from flows.rerun import rerun_failed
 
-        root = str(args.workspace) if args.workspace else None
-        return rerun_failed(manifest=str(args.file.resolve()), workspace=root, segments=segments)
+        root = str(workspace) if workspace else None
+        return rerun_failed(manifest=str(file.resolve()), workspace=root, segments=chosen)
 
     code = _with_display(call)
     print(rerun_summary(ws.runs(episode)[-1]))
@@ -240,21 +235,30 @@ def rerun_summary(run: dict) -> str:
 # ---------------------------------------------------------------------------------------------- workers
 
 
-def cmd_workers(args) -> int:
+@app.command("workers")
+def cmd_workers(
+    action: Annotated[Literal["start", "stop", "status"], typer.Argument(help="start, stop or status")],
+    workspace: WorkspaceOpt = None,
+    cpu: Annotated[int | None, typer.Option(help="start N CPU workers instead of one per GPU")] = None,
+    engine: Annotated[str, typer.Option(help="engine each worker loads at start")] = "preview",
+    port: Annotated[int, typer.Option(help="scheduler port")] = 8786,
+    as_json: JsonOpt = False,
+) -> int:
+    """Long-lived render workers, one per GPU (a local Dask cluster)."""
     from flows.workers import WorkersError, start_workers, stop_workers, workers_status
 
     try:
-        if args.action == "start":
-            state = start_workers(args.workspace, cpu_workers=args.cpu, engine=args.engine, port=args.port)
+        if action == "start":
+            state = start_workers(workspace, cpu_workers=cpu, engine=engine, port=port)
             kind = f"{state.gpus} GPU" if state.gpus else "CPU"
             print(f"{state.workers} {kind} render worker(s) at {state.address} (engine {state.engine})")
             print(f"flows pick them up from the workspace, or set DUBFLOW_SCHEDULER={state.address}")
-        elif args.action == "stop":
-            state = stop_workers(args.workspace)
+        elif action == "stop":
+            state = stop_workers(workspace)
             print(f"stopped the render workers at {state.address}")
         else:
-            status = workers_status(args.workspace)
-            print(json.dumps(status, indent=2) if args.json else _format_workers(status))
+            status = workers_status(workspace)
+            print(json.dumps(status, indent=2) if as_json else _format_workers(status))
     except WorkersError as exc:
         return _fail(str(exc))
     return 0
@@ -281,42 +285,51 @@ def _run_until(file: Path, workspace: Path | None, until: str) -> tuple[int, dic
         return EXIT_BAD_INPUT, None
     from flows.episode import dub_episode
 
+    _quiet_console()
     try:
         result = dub_episode(
             manifest=str(loaded.path), workspace=str(workspace) if workspace else None, until=until
         )
     except Exception as exc:  # noqa: BLE001 - one line for the user
-        return _fail(
-            f"{until} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ), None
+        return _fail_with(exc, f"{until} failed"), None
     return 0, result | {"loaded": loaded}
 
 
-def cmd_plan(args) -> int:
-    code, result = _run_until(args.file, args.workspace, "plan")
+@app.command("plan")
+def cmd_plan(file: ManifestArg, workspace: WorkspaceOpt = None) -> int:
+    """Print the segment plan (no rendering)."""
+    code, result = _run_until(file, workspace, "plan")
     if result is None:
         return code
     from tasks.segment import SegmentPlan, format_plan_table
     from tasks.workspace import Workspace
 
-    plan = SegmentPlan.from_json(Workspace(args.workspace).path(result["plan"].plan).read_text())
+    plan = SegmentPlan.from_json(Workspace(workspace).path(result["plan"].plan).read_text())
     print(f"engine: {result['engine']}")
     print(format_plan_table(plan))
     return 0
 
 
-def cmd_bind(args) -> int:
-    code, result = _run_until(args.file, args.workspace, "bind")
+@app.command("bind")
+def cmd_bind(
+    file: ManifestArg,
+    workspace: WorkspaceOpt = None,
+    propose: Annotated[
+        bool, typer.Option(help="propose boxes for speakers the manifest leaves unbound")
+    ] = False,
+) -> int:
+    """Check the binding; --propose writes a manifest patch from faces and voices."""
+    code, result = _run_until(file, workspace, "bind")
     if result is None:
         return code
     from tasks.bind import propose_binding
     from tasks.workspace import Workspace
 
-    ws, m = Workspace(args.workspace), result["loaded"].manifest
+    ws, m = Workspace(workspace), result["loaded"].manifest
     sheet = ws.episode_dir(m.episode) / "out" / "contact-sheet.png"
     for warning in result["binding"].warnings:
         print(f"warning: {warning}")
-    if not args.propose:
+    if not propose:
         ws.link(m.episode, "contact-sheet.png", result["binding"].contact_sheet)
         print(f"binding ok; contact sheet: {sheet}")
         return 0
@@ -330,21 +343,21 @@ def cmd_bind(args) -> int:
 # ---------------------------------------------------------------------------------------------- status
 
 
-def cmd_status(args) -> int:
+@app.command("status")
+def cmd_status(file: ManifestArg, workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> int:
+    """The last run of an episode: each stage and segment."""
     from tasks.workspace import Workspace
 
-    episode = _episode_name(args.file)
+    episode = _episode_name(file)
     if episode is None:
-        return _fail(
-            f"{args.file}: cannot read the episode name; run `dubflow validate {args.file}`", EXIT_BAD_INPUT
-        )
-    runs = Workspace(args.workspace).runs(episode)
+        return _fail(f"{file}: cannot read the episode name; run `dubflow validate {file}`", EXIT_BAD_INPUT)
+    runs = Workspace(workspace).runs(episode)
     if not runs:
         return _fail(
-            f"episode {episode!r} has not been run in this workspace; start it with `dubflow run {args.file}`"
+            f"episode {episode!r} has not been run in this workspace; start it with `dubflow run {file}`"
         )
     last = status_record(runs[-1])
-    if args.json:
+    if as_json:
         print(json.dumps(last, indent=2))
         return 0
     from flows.display import format_status
@@ -396,15 +409,22 @@ def _episode_name(file: Path) -> str | None:
 # ---------------------------------------------------------------------------------------------- doctor, demo, schema
 
 
-def cmd_doctor(args) -> int:
+@app.command("doctor")
+def cmd_doctor(as_json: JsonOpt = False) -> int:
+    """What this machine can do, and which backend `auto` picks."""
     from flows.doctor import doctor_report, format_doctor
 
     report = doctor_report()
-    print(json.dumps(report, indent=2) if args.json else format_doctor(report))
+    print(json.dumps(report, indent=2) if as_json else format_doctor(report))
     return 0
 
 
-def cmd_demo(args) -> int:
+@app.command("demo")
+def cmd_demo(
+    workspace: WorkspaceOpt = None,
+    no_run: Annotated[bool, typer.Option("--no-run", help="only generate the media")] = False,
+) -> int:
+    """Generate the demo episode locally and run it."""
     from tasks.demo import demo_manifest_text, make_demo_media
     from tasks.tts import TtsError
 
@@ -418,13 +438,34 @@ def cmd_demo(args) -> int:
         return _fail(str(exc))
     if not manifest.exists():
         manifest.write_text(demo_manifest_text())
-    if args.no_run:
+    if no_run:
         print(f"demo media ready: {manifest}")
         return 0
-    return run_episode(manifest, args.workspace)
+    return run_episode(manifest, workspace)
 
 
-def cmd_models(args) -> int:
+@app.command("models")
+def cmd_models(
+    action: Annotated[Literal["check", "download"], typer.Argument(help="check or download")],
+    models_dir: Annotated[
+        Path | None, typer.Option(help="default $DUBFLOW_MODELS_DIR; else the HF cache")
+    ] = None,
+    sha256: Annotated[
+        bool, typer.Option("--sha256", help="check: also hash every file (slow for 70 GB)")
+    ] = False,
+    components: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated: base, base-diffusers, encoders, multitalk, infinitetalk-single, "
+            "infinitetalk-multi, wav2vec (default: what --engine needs)"
+        ),
+    ] = None,
+    engine: Annotated[
+        Literal["multitalk", "infinitetalk"] | None,
+        typer.Option(help="only this engine's files (download default: multitalk; check: every component)"),
+    ] = None,
+) -> int:
+    """MultiTalk / InfiniteTalk weights: check presence and checksums, or download them."""
     from engine.multitalk.settings import models_dir_from_env
     from engine.multitalk.weights import (
         DEFAULT_COMPONENTS,
@@ -437,16 +478,16 @@ def cmd_models(args) -> int:
         ready_engines,
     )
 
-    models_dir = args.models_dir or models_dir_from_env()
+    models_dir = models_dir or models_dir_from_env()
     try:
-        components = component_names(args.components.split(",")) if args.components else None
+        components = component_names(components.split(",")) if components else None
     except ValueError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
-    if args.action == "download":
+    if action == "download":
         if models_dir is None:
             return _fail("download needs --models-dir or $DUBFLOW_MODELS_DIR", EXIT_BAD_INPUT)
         if components is None:
-            components = ("base", *ENGINE_COMPONENTS[args.engine]) if args.engine else DEFAULT_COMPONENTS
+            components = ("base", *ENGINE_COMPONENTS[engine]) if engine else DEFAULT_COMPONENTS
         os.environ["HF_HUB_OFFLINE"] = "0"  # the one command that is meant to reach the hub
         try:
             folders = download_weights(models_dir, components)
@@ -454,16 +495,18 @@ def cmd_models(args) -> int:
             return _fail(f"download failed (re-run to resume): {exc}")
         print("\n".join(f"downloaded {f}" for f in folders))
         return 0
-    if components is None and args.engine:
-        components = [present_dit(models_dir), *ENGINE_COMPONENTS[args.engine]]
-    statuses = check_weights(models_dir, components, sha256=args.sha256)
+    if components is None and engine:
+        components = [present_dit(models_dir), *ENGINE_COMPONENTS[engine]]
+    statuses = check_weights(models_dir, components, sha256=sha256)
     print(format_weight_report(statuses))
     if components is None:  # everything listed: fine when at least one engine has all it needs
         return 0 if any(not lacking for lacking in ready_engines(statuses).values()) else EXIT_FAILED
     return 0 if all(s.present for s in statuses) else EXIT_FAILED
 
 
-def cmd_schema(args) -> int:
+@app.command("schema")
+def cmd_schema() -> int:
+    """Write manifests/schema.json from the manifest models."""
     from tasks.manifest import write_schema
 
     print(f"wrote {write_schema()}")

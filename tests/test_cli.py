@@ -55,3 +55,42 @@ def test_status_record_marks_failed_and_pending_segments():
         (3, "pending"),
     ]
     assert [s["stage"] for s in status["stages"]] == ["plan"]
+
+
+def test_usage_mistakes_exit_2_with_clicks_message_not_a_traceback(capsys):
+    assert main([]) == 2  # the help, then exit 2
+    assert "Commands" in capsys.readouterr().out
+    for argv, words in [
+        (["nope"], "No such command 'nope'"),
+        (["run"], "Missing argument 'FILE'"),
+        (["workers", "bogus"], "'bogus' is not one of"),
+        (["validate", "x.yaml", "--bogus"], "No such option: --bogus"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words.lower() in err.lower() and "Traceback" not in err, (argv, err)
+
+
+def test_every_command_shares_the_workspace_option(capsys):
+    for command in ("run", "rerun", "status", "plan", "bind", "demo", "workers"):
+        with_help = main([command, "--help"])
+        assert with_help == 0 and "--workspace" in capsys.readouterr().out, command
+
+
+def test_debug_shows_the_traceback_as_well_as_the_line(tmp_path, capsys, monkeypatch):
+    import flows.cli as cli
+
+    def failing_stage(file, workspace, until):  # what _run_until does with a stage that raises
+        try:
+            raise RuntimeError("stage exploded\nsecond line")
+        except RuntimeError as exc:
+            return cli._fail_with(exc, f"{until} failed"), None
+
+    monkeypatch.setattr(cli, "_run_until", failing_stage)
+    manifest = tmp_path / "m.yaml"
+    assert main(["plan", str(manifest)]) == 1
+    assert capsys.readouterr().err == "dubflow: plan failed: RuntimeError: stage exploded\n"
+    assert main(["--debug", "plan", str(manifest)]) == 1
+    loud = capsys.readouterr().err
+    assert "Traceback" in loud and "failing_stage" in loud
+    assert loud.endswith("dubflow: plan failed: RuntimeError: stage exploded\n")

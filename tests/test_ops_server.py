@@ -143,6 +143,21 @@ def test_failed_run_reaches_the_webhook_and_the_user_gets_one_line(episode_runs)
     assert any("dub-episode" in t and "Failed" in t for t in texts), texts
 
 
+def test_the_runs_logs_reach_the_server_for_the_ui(server, episode_runs):
+    """The run's page in the UI shows its logs: the backend choices and the stage logs reach the API at INFO,
+    while the user's terminal got one line (the test above)."""
+    (run,) = _api(server, "flow_runs/filter", {"sort": "START_TIME_ASC", "limit": 1})
+    deadline, messages = time.monotonic() + 30, []
+    while time.monotonic() < deadline:  # logs are sent in batches by a background thread
+        logs = _api(server, "logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
+        messages = [(entry["level"], entry["message"]) for entry in logs]
+        if any("render:" in m for _, m in messages):
+            break
+        time.sleep(1)
+    assert any(level == 20 and m.startswith("render: preview engine") for level, m in messages), messages
+    assert any(level == 20 and m.startswith("separate:") for level, m in messages), messages
+
+
 def test_retrying_the_failed_run_renders_only_its_failed_segment(episode_runs):
     assert episode_runs["retry"].returncode == 0, episode_runs["retry"].stderr[-2000:]
     retried = episode_runs["retried"]
