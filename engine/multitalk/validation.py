@@ -89,7 +89,10 @@ def _check_numbers(job: RenderJob, buckets: dict[int, object], max_frame_num: in
 
 
 def _motion_frames(job: RenderJob, defaults: dict[str, int]) -> int:
-    motion = job.motion_frames if job.motion_frames is not None else defaults[job.mode]
+    """The job's M, or the mode's default (25 / 9), at most frame_num - 1 for short chunks."""
+    motion = (
+        job.motion_frames if job.motion_frames is not None else min(defaults[job.mode], job.frame_num - 1)
+    )
     if not 1 <= motion < job.frame_num:
         raise JobError(f"motion_frames: {motion}; rule: 1 <= motion_frames < frame_num={job.frame_num}")
     return motion
