@@ -122,6 +122,7 @@ class _Stream:
     anchor: torch.Tensor  # (2, 3) Lab stats of the job's colour anchor
     state: StreamState | None  # the previous chunk's (or segment's) state
     generator: torch.Generator | None  # parity: one job-wide generator (upstream draw order)
+    reference: tuple[int, torch.Tensor] | None = None  # the current chunk's reference, read once
 
 
 class MultiTalkPipeline:
@@ -269,7 +270,9 @@ class MultiTalkPipeline:
         if s.source.still is not None:
             return frame_picture(s.source.still, s.framing)
         index = reference_frame(chunk.start, s.r.job.source_start_frame, s.source.video.num_frames25)
-        return frame_picture(s.source.frame(index), s.framing)
+        if s.reference is None or s.reference[0] != index:
+            s.reference = (index, frame_picture(s.source.frame(index), s.framing))
+        return s.reference[1]
 
     def _first_anchor(
         self, r: ResolvedJob, source: Source, framing: Framing, plan: ChunkPlan
