@@ -202,7 +202,7 @@ class MultiTalkPipeline:
         # 4. text embeddings (once), colour anchor, RNG
         with _timed(timings, "encode"):
             text = self._text(r)
-        anchor = state.anchor if state is not None else self._first_anchor(r, source, framing, plan)
+        anchor = state.anchor if state is not None else self._first_anchor(r, source, framing)
         generator = torch.Generator("cpu").manual_seed(r.job.seed) if self.settings.parity else None
         stream = _Stream(r, source, framing, features, lead, text, anchor, state, generator)
         # 5. chunk by chunk: condition, denoise, decode, colour-match, emit, carry the tail
@@ -274,9 +274,7 @@ class MultiTalkPipeline:
             s.reference = (index, frame_picture(s.source.frame(index), s.framing))
         return s.reference[1]
 
-    def _first_anchor(
-        self, r: ResolvedJob, source: Source, framing: Framing, plan: ChunkPlan
-    ) -> torch.Tensor:
+    def _first_anchor(self, r: ResolvedJob, source: Source, framing: Framing) -> torch.Tensor:
         """Parity anchor: the first conditioning image (the still, or the source frame at output frame 0)."""
         frame = source.still if source.still is not None else source.frame(r.job.source_start_frame)
         return lab_stats(frame_picture(frame, framing)[0, :, 0])
