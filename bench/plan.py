@@ -26,8 +26,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from engine.base import AUDIO_RATE, FPS, Box  # noqa: E402
+from engine.media import ffmpeg_exe  # noqa: E402
 from engine.memory import GiB, RenderSettings, estimate_seconds, max_frames_that_fit  # noqa: E402
-from tasks.bind import ffmpeg_executable  # noqa: E402
 from tasks.segment import SegmentPlan, frame_rms, makespan, plan_segments, speech_activity  # noqa: E402
 
 FaceSpot = tuple[int, int, int]  # centre x, centre y, half height of the face ellipse (pixels)
@@ -105,7 +105,7 @@ def write_talking_scene(
     total = min(len(o) for o in openings.values())
     rng = np.random.default_rng(seed)
     width, height = size
-    command = [ffmpeg_executable(), "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "gray"]
+    command = [ffmpeg_exe(), "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "gray"]
     command += [
         "-s",
         f"{width}x{height}",
@@ -240,7 +240,8 @@ def _scored(
 
 def _left_to_right(path: Path, tracks: Mapping[str, np.ndarray], shots: list, detector) -> dict:
     """Baseline: faces of each shot's first frame, given to the speakers in manifest order, left to right."""
-    from tasks.bind import TimedBox, detect_faces, read_frames
+    from engine.media import read_frames
+    from tasks.bind import TimedBox, detect_faces
 
     frames = {start: None for start, _ in shots}
     for t, frame in enumerate(read_frames(path, 320)):

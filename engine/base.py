@@ -15,7 +15,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-FPS = 25
+from engine.media import FPS  # one frame rate for every layer, defined at the bottom
+
 AUDIO_RATE = 16_000  # every engine takes 16 kHz mono float32 per person
 
 ProgressHook = Callable[..., None]  # progress(stage, completed, total, **info)
@@ -134,6 +135,7 @@ class Renderer(Protocol):
 _REGISTRY: dict[str, str] = {
     "preview": "engine.preview:PreviewRenderer",
     "multitalk": "engine.multitalk.renderer:MultiTalkRenderer",
+    "infinitetalk": "engine.multitalk.renderer:InfiniteTalkRenderer",
 }
 
 
@@ -142,14 +144,19 @@ def register_engine(name: str, target: str) -> None:
     _REGISTRY[name] = target
 
 
+def engine_target(name: str) -> str:
+    """The "module:factory" registered for engine `name` (EngineSetupError when unknown)."""
+    if name not in _REGISTRY:
+        raise EngineSetupError(f"unknown engine {name!r}; known engines: {', '.join(engine_names())}")
+    return _REGISTRY[name]
+
+
 def engine_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
 def create_renderer(name: str, **settings: Any) -> Renderer:
-    if name not in _REGISTRY:
-        raise EngineSetupError(f"unknown engine {name!r}; known engines: {', '.join(engine_names())}")
-    module_name, attr = _REGISTRY[name].split(":")
+    module_name, attr = engine_target(name).split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

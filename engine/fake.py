@@ -69,7 +69,7 @@ def _check_faults(start: int, frames: int, seed: int) -> None:
 
 
 def _black_clip(output: Path, frames: int) -> None:
-    from tasks.media import ffmpeg_exe  # media I/O helper; no Prefect
+    from engine.media import ffmpeg_exe  # media I/O helper; no Prefect
 
     output.parent.mkdir(parents=True, exist_ok=True)
     cmd = [ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"color=c=black:s=64x64:r={FPS}"]

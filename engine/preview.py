@@ -28,7 +28,7 @@ class PreviewRenderer:
     name = "preview"
 
     def __init__(self, ffmpeg: str | None = None, **_: object):
-        from tasks.media import ffmpeg_exe  # media I/O helper; no Prefect
+        from engine.media import ffmpeg_exe  # media I/O helper; no Prefect
 
         self.ffmpeg = ffmpeg or ffmpeg_exe()
 
@@ -112,7 +112,7 @@ class _SourceFrames:
 
 
 def _video_size(ffmpeg: str, path: Path) -> tuple[int, int]:
-    from tasks.media import probe
+    from engine.media import probe
 
     info = probe(path)
     return info.width, info.height

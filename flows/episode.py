@@ -17,7 +17,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
-from engine.base import FPS
+from engine.base import FPS, engine_target
+from engine.selection import resolve_render_engine
 from flows import heartbeats
 from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
 from flows.memory_split import SplitPlanner, is_out_of_memory
@@ -28,7 +29,7 @@ from tasks.deliver import deliver_task
 from tasks.enhance import enhance_task
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
 from tasks.remix import MixTarget, remix_task
-from tasks.render import PersonSpec, RenderOptions, cut_audio_task, render_task, resolve_render_engine
+from tasks.render import PersonSpec, RenderOptions, cut_audio_task, render_task
 from tasks.segment import EpisodePlan, PlanSettings, plan_task
 from tasks.separate import resolve_separate_backend, separate_task, weights_revision
 from tasks.speakers import conform_task, timeline_task, tts_task
@@ -170,7 +171,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     if until == "bind":
         return {"tracks": tracks, "source": source, "binding": binding}
     # 5. segment: a plan cut in common silences, at shot cuts, within the engine's memory
-    engine, engine_why = resolve_render_engine(m.render.engine, _models_dir())
+    engine, engine_why = resolve_render_engine(m.render.engine, _models_dir(), loaded.source_info.kind)
     plan = runner.run(
         plan_task, "plan", tracks, timeline, _plan_settings(m, engine), _line_specs(m), binding.shot_cuts
     )
@@ -450,8 +451,8 @@ def _provenance(m: Manifest, ws: Workspace, source: Blob, raw: dict, backend: st
         "inputs": {"source": source.sha256, **{f"track:{k}": v.sha256 for k, v in raw.items()}},
         "plan": plan.plan.sha256,
         "code": {
-            name: code_version(name)
-            for name in ("tasks.render", "tasks.remix", "tasks.deliver", "engine.preview")
+            **{name: code_version(name) for name in ("tasks.render", "tasks.remix", "tasks.deliver")},
+            f"engine:{engine}": code_version(engine_target(engine).partition(":")[0]),
         },
     }
 

@@ -10,12 +10,7 @@ mouth region moves most while that track speaks and least while it is silent (an
 
 from __future__ import annotations
 
-import io
-import os
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,13 +20,13 @@ from PIL import Image, ImageDraw, ImageFont
 from prefect import task
 
 from engine.base import FPS, Box, EngineSetupError, TimedBoxes
+from engine.media import atomic_path, is_still, read_frames, video_size
 from tasks.segment import speech_activity
 from tasks.workspace import Blob, Workspace, stage_cache
 
 FaceDetector = Callable[[np.ndarray], list[Box]]  # gray (H, W) uint8 -> face boxes in its pixels
 ANALYSIS_WIDTH = 320  # faces and mouth motion are measured on frames this wide (Haar finds faces >= 24 px)
 COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
-STILL_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)
@@ -98,72 +93,6 @@ def active_sets(activity: Mapping[str, np.ndarray]) -> list[frozenset[str]]:
 
 
 # ---------------------------------------------------------------------------------------------- reading media
-
-
-def ffmpeg_executable() -> str:
-    found = shutil.which("ffmpeg")
-    if found:
-        return found
-    import imageio_ffmpeg  # core dependency; carries its own binary
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
-def is_still(source: Path | np.ndarray) -> bool:
-    return isinstance(source, np.ndarray) or Path(source).suffix.lower() in STILL_SUFFIXES
-
-
-def video_size(path: Path) -> tuple[int, int]:
-    """(width, height) of a video or still, from its first frame."""
-    if is_still(path):
-        with Image.open(path) as image:
-            return image.size
-    command = [
-        ffmpeg_executable(),
-        "-v",
-        "error",
-        "-nostdin",
-        "-i",
-        str(path),
-        "-frames:v",
-        "1",
-        "-f",
-        "image2pipe",
-    ]
-    done = subprocess.run([*command, "-c:v", "png", "-"], capture_output=True, check=False)
-    if done.returncode or not done.stdout:
-        raise RuntimeError(
-            f"ffmpeg cannot read a frame of {path}: {done.stderr.decode(errors='replace').strip()}"
-        )
-    with Image.open(io.BytesIO(done.stdout)) as image:
-        return image.size
-
-
-def read_frames(path: Path, width: int, *, colour: bool = False) -> Iterator[np.ndarray]:
-    """Frames resampled to the 25 fps grid and scaled to `width` (even height): (H, W) gray or (H, W, 3) RGB uint8."""
-    source_w, source_h = video_size(path)
-    height = max(2, round(source_h * width / source_w / 2) * 2)
-    pix_fmt, channels = ("rgb24", 3) if colour else ("gray", 1)
-    command = [
-        ffmpeg_executable(),
-        "-v",
-        "error",
-        "-nostdin",
-        "-i",
-        str(path),
-        "-vf",
-        f"fps={FPS},scale={width}:{height}",
-    ]
-    command += ["-f", "rawvideo", "-pix_fmt", pix_fmt, "-"]
-    size = width * height * channels
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        while len(raw := process.stdout.read(size)) == size:  # type: ignore[union-attr]  (stdout=PIPE)
-            frame = np.frombuffer(raw, np.uint8)
-            yield frame.reshape(height, width, 3) if colour else frame.reshape(height, width)
-    finally:  # the reader may stop early (a contact sheet needs a few frames): end ffmpeg, not just the pipe
-        process.kill()
-        process.wait()
 
 
 def _still(source: Path | np.ndarray) -> np.ndarray:
@@ -582,12 +511,9 @@ def contact_sheet(
         for k, (lo, hi) in enumerate(shots)
     ]
     sheet = _grid(panels, columns)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out_png.parent, suffix=".png", delete=False) as tmp:
+    with atomic_path(Path(out_png)) as tmp:
         sheet.save(tmp, format="PNG")
-    os.replace(tmp.name, out_png)
-    return out_png
+    return Path(out_png)
 
 
 def _panel(
@@ -712,9 +638,7 @@ def geometry_problems(boxes: dict, frame_size: tuple[int, int], size: int) -> li
     return check_binding(binding, frame_size, {}, size=size)
 
 
-bind_task = task(
-    bind_stage, name="bind", cache_policy=stage_cache("tasks.bind", "tasks.segment"), persist_result=True
-)
+bind_task = task(bind_stage, name="bind", cache_policy=stage_cache("tasks.bind"), persist_result=True)
 
 
 def propose_binding(ws: Workspace, source: Blob, tracks: dict[str, Blob], pinned: dict, out_png: Path) -> str:

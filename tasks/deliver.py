@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from prefect import task
 
 from engine.base import FPS
-from tasks.media import count_video_frames, probe, read_audio, run_ffmpeg
+from engine.media import count_video_frames, probe, read_audio, run_ffmpeg
 from tasks.qc import integrated_loudness, true_peak_dbtp
 from tasks.remix import Mix
 from tasks.speakers import MIX_RATE, Timeline
@@ -118,6 +118,6 @@ def _srt_time(seconds: float) -> str:
 deliver_task = task(
     deliver,
     name="deliver",
-    cache_policy=stage_cache("tasks.deliver", "tasks.qc", "tasks.media"),
+    cache_policy=stage_cache("tasks.deliver"),
     persist_result=True,
 )

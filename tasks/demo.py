@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tasks.media import write_wav
+from engine.media import write_wav
 from tasks.tts import synthesise_track
 
 RATE = 48_000

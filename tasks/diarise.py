@@ -866,6 +866,6 @@ def diarise_stage(
 diarise_task = task(
     diarise_stage,
     name="diarise",
-    cache_policy=stage_cache("tasks.diarise", "tasks.separate"),
+    cache_policy=stage_cache("tasks.diarise"),
     persist_result=True,
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from tasks.media import MediaError, count_video_frames, run_ffmpeg
+from engine.media import MediaError, count_video_frames, run_ffmpeg
 from tasks.workspace import Blob, Workspace, stage_cache
 
 FILTERS = {"ffmpeg": "hqdn3d=1.5:1.5:6:6,unsharp=5:5:0.6:5:5:0.0"}
@@ -49,6 +49,6 @@ def enhance_picture(ws: Workspace, picture: Blob, backend: str) -> Blob:
 enhance_task = task(
     enhance_picture,
     name="enhance",
-    cache_policy=stage_cache("tasks.enhance", "tasks.media"),
+    cache_policy=stage_cache("tasks.enhance"),
     persist_result=True,
 )

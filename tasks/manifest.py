@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.media import MediaError, MediaInfo, probe
+from engine.media import MediaError, MediaInfo, probe
 from tasks.yamlmarks import Mark, YamlProblem, load_marked
 
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"

@@ -14,7 +14,7 @@ from prefect import task
 from scipy.ndimage import minimum_filter1d, uniform_filter1d
 from scipy.signal import resample_poly
 
-from tasks.media import read_audio, write_wav
+from engine.media import read_audio, write_wav
 from tasks.qc import OVERSAMPLE, integrated_loudness, true_peak_dbtp
 from tasks.speakers import MIX_RATE, Timeline, fit_length, load_track
 from tasks.workspace import Blob, Workspace, stage_cache
@@ -105,6 +105,6 @@ def limit_true_peak(audio: np.ndarray, ceiling_dbtp: float, rate: int) -> np.nda
 remix_task = task(
     remix,
     name="remix",
-    cache_policy=stage_cache("tasks.remix", "tasks.qc", "tasks.speakers"),
+    cache_policy=stage_cache("tasks.remix"),
     persist_result=True,
 )

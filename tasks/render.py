@@ -14,8 +14,8 @@ from prefect import task
 
 from engine import gpu_state
 from engine.base import AUDIO_RATE, Caption, PersonInput, RenderJob
+from engine.media import write_wav
 from tasks.bind import boxes_for_segment, timed_boxes
-from tasks.media import write_wav
 from tasks.segment import SegmentSpec
 from tasks.speakers import MIX_RATE, SAMPLES_PER_FRAME, load_track
 from tasks.workspace import Blob, Workspace, stage_cache
@@ -134,49 +134,26 @@ def _job_captions(captions, segment: SegmentSpec) -> tuple[Caption, ...]:
     return tuple(out)
 
 
-_ENGINE_FILES = (
-    "audio",
-    "attention",
-    "conditioning",
-    "guidance",
-    "pipeline",
-    "renderer",
-    "schedule",
-    "settings",
-    "transformer",
-    "weights",
-)
-_MODULES = (
-    "tasks.render",
-    "tasks.speakers",
-    "tasks.bind",
-    "engine.base",
-    "engine.preview",
-    "engine.video",
-    *(f"engine.multitalk.{name}" for name in _ENGINE_FILES),
-)
+def engine_roots(inputs: dict) -> tuple[str, ...]:
+    """The module of the engine a render asks for (the registry's, or the DUBFLOW_ENGINE_OVERRIDES one):
+    its code and everything it imports belong to that render's key, and no other engine's does."""
+    from engine.base import engine_target
+    from engine.gpu_state import engine_override
+
+    name = inputs["options"].engine
+    return ((engine_override(name) or engine_target(name)).partition(":")[0],)
+
+
 cut_audio_task = task(
-    cut_segment_audio, name="cut-audio", cache_policy=stage_cache(*_MODULES), persist_result=True
+    cut_segment_audio, name="cut-audio", cache_policy=stage_cache("tasks.render"), persist_result=True
 )
 render_task = task(
     render_segment,
     name="render",
-    cache_policy=stage_cache(*_MODULES),
+    cache_policy=stage_cache("tasks.render", roots_for=engine_roots),
     persist_result=True,
     retries=1,
     retry_delay_seconds=2,
 )  # no tags: every tagged task run asks the server for tag concurrency slots, and on SQLite four renders
 # starting at once hit "database is locked" (503), each waiting ~2 s to retry; GPUs are shared out by the
 # render workers' resources (flows/workers.py), not by tag limits
-
-
-def resolve_render_engine(requested: str, models_dir) -> tuple[str, str]:
-    """`auto` -> multitalk when a CUDA GPU and its weights are present, else the preview renderer."""
-    if requested != "auto":
-        return requested, "chosen in the manifest"
-    try:
-        from engine.multitalk.renderer import available
-    except ImportError:
-        return "preview", "the multitalk engine is not installed"
-    ok, reason = available(models_dir)
-    return ("multitalk", reason) if ok else ("preview", f"multitalk unavailable: {reason}")

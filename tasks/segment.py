@@ -694,5 +694,4 @@ def worker_memory() -> tuple[int, int]:
     return gpu, host
 
 
-_MODULES = ("tasks.segment", "engine.memory", "tasks.speakers")
-plan_task = task(plan_episode, name="plan", cache_policy=stage_cache(*_MODULES), persist_result=True)
+plan_task = task(plan_episode, name="plan", cache_policy=stage_cache("tasks.segment"), persist_result=True)

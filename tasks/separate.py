@@ -18,7 +18,6 @@ import functools
 import hashlib
 import logging
 import os
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -105,11 +104,14 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
 
 
 def _decode_with_ffmpeg(path: Path, tmp: Path) -> Path:
-    exe = os.environ.get("FFMPEG_BINARY") or shutil.which("ffmpeg")
-    if exe is None:
+    from engine.media import MediaError, ffmpeg_exe
+
+    try:
+        exe = ffmpeg_exe()
+    except MediaError:
         raise AudioError(
             f"{path}: cannot decode this format without ffmpeg; install ffmpeg or convert to WAV"
-        )
+        ) from None
     wav = tmp / "decoded.wav"
     cmd = [exe, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-c:a", "pcm_f32le", str(wav)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)

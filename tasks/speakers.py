@@ -15,7 +15,7 @@ import numpy as np
 from prefect import task
 
 from engine.base import FPS
-from tasks.media import probe, read_audio, write_wav
+from engine.media import probe, read_audio, write_wav
 from tasks.workspace import Blob, Workspace, stage_cache
 
 MIX_RATE = 48_000
@@ -83,11 +83,15 @@ def load_track(ws: Workspace, blob: Blob) -> np.ndarray:
     return data
 
 
-_MODULES = ("tasks.speakers", "tasks.media")
 timeline_task = task(
-    episode_timeline, name="timeline", cache_policy=stage_cache(*_MODULES), persist_result=True
+    episode_timeline, name="timeline", cache_policy=stage_cache("tasks.speakers"), persist_result=True
 )
-conform_task = task(conform_track, name="conform", cache_policy=stage_cache(*_MODULES), persist_result=True)
+conform_task = task(
+    conform_track, name="conform", cache_policy=stage_cache("tasks.speakers"), persist_result=True
+)
 tts_task = task(
-    synthesise_speaker, name="tts", cache_policy=stage_cache(*_MODULES, "tasks.tts"), persist_result=True
+    synthesise_speaker,
+    name="tts",
+    cache_policy=stage_cache("tasks.speakers", "tasks.tts"),
+    persist_result=True,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from tasks.media import MediaError, count_video_frames, run_ffmpeg
+from engine.media import MediaError, count_video_frames, run_ffmpeg
 from tasks.render import Clip
 from tasks.workspace import Blob, Workspace, stage_cache
 
@@ -41,6 +41,4 @@ def stitch_clips(ws: Workspace, clips: list[Clip], total_frames: int) -> Blob:
         return ws.put_file(out)
 
 
-stitch_task = task(
-    stitch_clips, name="stitch", cache_policy=stage_cache("tasks.stitch", "tasks.media"), persist_result=True
-)
+stitch_task = task(stitch_clips, name="stitch", cache_policy=stage_cache("tasks.stitch"), persist_result=True)

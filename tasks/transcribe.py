@@ -243,6 +243,6 @@ def words_to_captions(words: list[Word], *, pause_s: float = 0.6, max_chars: int
 transcribe_task = task(
     transcribe_stage,
     name="transcribe",
-    cache_policy=stage_cache("tasks.transcribe", "tasks.separate"),
+    cache_policy=stage_cache("tasks.transcribe"),
     persist_result=True,
 )

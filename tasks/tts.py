@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.media import MediaError, read_audio
+from engine.media import MediaError, read_audio
 
 # Distinct, clearly different espeak-ng voices for speakers without a `voice`.
 DEFAULT_VOICES = ("en-us+m3", "en-us+f3", "en-gb+m5", "en-gb+f4", "en-us+m7", "en-us+f2")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -205,29 +204,138 @@ def canonical(value: Any) -> Any:
     raise TypeError(f"cannot hash stage input of type {type(value).__name__}")
 
 
+PROJECT_PACKAGES = ("engine", "tasks", "flows")
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Packages whose version cannot change what a stage writes (orchestration, terminal output): upgrading
+# them must not re-render a season. Forgetting one here costs a recompute, never a stale artefact.
+OUTPUT_NEUTRAL = frozenset({"prefect", "rich"})
+
+
 @cache
-def code_version(*modules: str) -> str:
-    """Hash of the source files of the given modules: a stage re-runs when its code changes."""
+def code_version(*roots: str) -> str:
+    """Hash of everything a stage's code is: the source of every project module reachable from `roots`
+    through imports (lazy ones inside functions included), the versions of the third-party packages
+    those modules import, and the ffmpeg build when the media layer is reached. Nothing is imported:
+    hashing an engine must not load torch into the flow."""
+    project, external = reached_modules(*roots)
     digest = hashlib.sha256()
-    for name in modules:  # found, not imported: hashing an engine must not load torch into the flow
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ModuleNotFoundError(f"stage code module {name!r} not found")
-        digest.update(Path(spec.origin).read_bytes())
+    for name in project:
+        digest.update(f"{name}\0".encode())
+        digest.update(_module_file(name).read_bytes())  # type: ignore[union-attr]  (reached: it exists)
+    for top in (t for t in external if t not in OUTPUT_NEUTRAL):
+        digest.update(f"{top}=={_package_version(top)}\0".encode())
+    if "engine.media" in project:
+        digest.update(_ffmpeg_version().encode())
     return digest.hexdigest()[:16]
+
+
+@cache
+def reached_modules(*roots: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(project modules, third-party top-level packages) reachable from `roots` by static imports.
+
+    Parent packages count (their __init__ runs on import); `from pkg import name` counts pkg.name when it
+    is a module. Standard-library imports are left out."""
+    import sys
+
+    project: set[str] = set()
+    external: set[str] = set()
+    todo = list(roots)
+    for root in roots:
+        if _module_file(root) is None:
+            raise ModuleNotFoundError(f"stage code module {root!r} not found")
+    while todo:
+        name = todo.pop()
+        if name in project:
+            continue
+        file = _module_file(name)
+        top = name.partition(".")[0]
+        if file is None:
+            if top not in PROJECT_PACKAGES and top not in sys.stdlib_module_names and top != "__future__":
+                external.add(top)
+            continue  # a function or class imported from a module, not a module itself
+        project.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        todo += _imported_names(file, name)
+    return tuple(sorted(project)), tuple(sorted(external))
+
+
+def _module_file(name: str) -> Path | None:
+    if name.partition(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = _PROJECT_ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(file: Path, name: str) -> list[str]:
+    """Every module name an `import` anywhere in `file` may load, relative imports resolved."""
+    import ast
+
+    package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+    found: list[str] = []
+    for node in ast.walk(ast.parse(file.read_bytes(), filename=str(file))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            found += [base, *(f"{base}.{alias.name}" for alias in node.names)]
+    return found
+
+
+def _package_version(top: str) -> str:
+    import importlib.metadata as md
+
+    for dist in _distributions().get(top, [top]):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+@cache
+def _distributions() -> dict[str, list[str]]:
+    import importlib.metadata as md
+
+    return md.packages_distributions()  # scans every installed distribution: once per process
+
+
+@cache
+def _ffmpeg_version() -> str:
+    """First line of `ffmpeg -version`: encoders and filters change between builds."""
+    import subprocess
+
+    from engine.media import MediaError, ffmpeg_exe
+
+    try:
+        done = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, text=True, check=False)
+    except (MediaError, OSError):
+        return "ffmpeg: none"
+    return (done.stdout.splitlines() or ["ffmpeg: unknown"])[0]
 
 
 @dataclass
 class StageKey(CachePolicy):
-    """Cache key of a stage: its name, its code version and its inputs by content."""
+    """Cache key of a stage: its name, its code version and its inputs by content.
+
+    `roots` are the stage's own modules; `roots_for(inputs)` adds modules chosen by the inputs (the render
+    stage adds the module of the engine it is asked to use)."""
 
     modules: tuple[str, ...] = ()
+    roots_for: Any = None  # Callable[[dict], tuple[str, ...]] | None
 
     def compute_key(
         self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str:
         name = task_ctx.task.name if task_ctx else "?"
-        return stage_key(name, code_version(*self.modules), inputs)
+        extra = tuple(self.roots_for(inputs)) if self.roots_for else ()
+        return stage_key(name, code_version(*self.modules, *extra), inputs)
 
 
 def stage_key(name: str, version: str, inputs: dict[str, Any]) -> str:
@@ -235,6 +343,7 @@ def stage_key(name: str, version: str, inputs: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def stage_cache(*modules: str) -> StageKey:
-    """The cache policy of a stage whose code lives in `modules` (the task's own module first)."""
-    return StageKey(modules=tuple(modules))
+def stage_cache(*modules: str, roots_for: Any = None) -> StageKey:
+    """The cache policy of a stage whose code starts in `modules` (usually just the task's own module:
+    everything it imports is found by `code_version`)."""
+    return StageKey(modules=tuple(modules), roots_for=roots_for)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from bench.plan import face_box, mouth_openings, speak, write_talking_scene
 from engine.base import AUDIO_RATE, FPS, Box, EngineSetupError
+from engine.media import MediaError
 from tasks.bind import (
     COLOURS,
     TimedBox,
@@ -257,5 +258,5 @@ def test_bad_box_specs_and_media_give_one_line_errors(tmp_path: Path) -> None:
         timed_boxes([1, 2, 3])
     with pytest.raises(ValueError, match="got None"):
         timed_boxes([{"from": 0.0, "to": 1.0}])
-    with pytest.raises(RuntimeError, match="cannot read a frame of .*missing.mp4"):
+    with pytest.raises(MediaError, match="missing.mp4: file not found"):
         detect_shots(tmp_path / "missing.mp4")

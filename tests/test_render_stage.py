@@ -39,7 +39,7 @@ def test_render_stage_drives_the_multitalk_engine_with_a_tiny_model(tmp_path):
     from PIL import Image
 
     from engine.base import register_engine
-    from tasks.media import count_video_frames, write_wav
+    from engine.media import count_video_frames, write_wav
     from tasks.render import RenderOptions, render_segment
     from tasks.workspace import Workspace
 

@@ -1,8 +1,11 @@
-"""Media I/O: the ffmpeg binary, probing, decoding audio, writing files atomically.
+"""The media layer, at the bottom of the stack: the ffmpeg binary, probing, decoding audio and
+video, writing files atomically. Used by engine/ and tasks/ alike; imports nothing from either.
 
 Everything that touches ffmpeg goes through here so that the binary is resolved once
 (`$FFMPEG_BINARY` -> `ffmpeg` on PATH -> the imageio-ffmpeg wheel's copy) and every
-failure becomes a one-line `MediaError` naming the file.
+failure becomes a one-line `MediaError` naming the file. Video frames are read through
+PyAV with their own timestamps (`VideoFrames`), so any frame rate, VFR included, maps onto
+the engines' 25 fps grid exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+FPS = 25  # the engines' frame rate (engine.base.FPS; repeated here so the bottom layer imports nothing)
 
 
 class MediaError(ValueError):
@@ -229,3 +233,137 @@ def count_video_frames(path: Path) -> int:
     if proc.returncode != 0:
         raise MediaError(f"{path}: cannot count frames")
     return int(proc.stdout.strip().split(",")[0])
+
+
+def is_still(source: Path | np.ndarray) -> bool:
+    """A picture rather than a video: an array, or a file with an image suffix."""
+    return isinstance(source, np.ndarray) or Path(source).suffix.lower() in IMAGE_SUFFIXES
+
+
+def video_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a video or still."""
+    info = probe(path)
+    if info.kind == "audio":
+        raise MediaError(f"{path}: has no picture")
+    return info.width, info.height
+
+
+def read_frames(path: Path, width: int, *, colour: bool = False) -> Iterator[np.ndarray]:
+    """Frames resampled by ffmpeg to the 25 fps grid and scaled to `width` (even height), for analysis
+    (shot cuts, faces, mouth motion): (H, W) gray or (H, W, 3) RGB uint8."""
+    source_w, source_h = video_size(path)
+    height = max(2, round(source_h * width / source_w / 2) * 2)
+    pix_fmt, channels = ("rgb24", 3) if colour else ("gray", 1)
+    command = [
+        ffmpeg_exe(),
+        "-v",
+        "error",
+        "-nostdin",
+        "-i",
+        str(path),
+        "-vf",
+        f"fps={FPS},scale={width}:{height}",
+    ]
+    command += ["-f", "rawvideo", "-pix_fmt", pix_fmt, "-"]
+    size = width * height * channels
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        while len(raw := process.stdout.read(size)) == size:  # type: ignore[union-attr]  (stdout=PIPE)
+            frame = np.frombuffer(raw, np.uint8)
+            yield frame.reshape(height, width, 3) if colour else frame.reshape(height, width)
+    finally:  # the reader may stop early (a contact sheet needs a few frames): end ffmpeg, not just the pipe
+        process.kill()
+        process.wait()
+
+
+class VideoFrames:
+    """A video's own frames with their exact timestamps, and the map between them and the 25 fps grid.
+
+    Any frame rate works, variable included: frame `i` of the 25 fps grid is the source frame whose
+    presentation time is nearest `i / 25` s after the first frame's. Frames decode at source resolution,
+    in order, through PyAV; nothing holds more than the frames asked for.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        av = _import_av()
+        try:
+            with av.open(str(self.path)) as container:
+                stream = container.streams.video[0]
+                self.width, self.height = stream.codec_context.width, stream.codec_context.height
+                self.time_base = stream.time_base
+                pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)
+        except (av.error.FFmpegError, IndexError) as exc:  # type: ignore[attr-defined]
+            raise MediaError(f"{self.path}: not a readable video ({exc})") from None
+        if not pts:
+            raise MediaError(f"{self.path}: the video has no frames")
+        self.pts = np.asarray(pts, dtype=np.int64)  # source frames in presentation order
+        self.times = (self.pts - self.pts[0]) * float(self.time_base)  # seconds from the first frame
+
+    @property
+    def count(self) -> int:
+        return len(self.pts)
+
+    @property
+    def duration(self) -> float:
+        """Seconds from the first frame's start to the last frame's end (its duration: the median gap)."""
+        gaps = np.diff(self.times)
+        return float(self.times[-1] + (np.median(gaps) if len(gaps) else 1 / FPS))
+
+    @property
+    def num_frames25(self) -> int:
+        return max(1, int(round(self.duration * FPS)))
+
+    def source_index(self, frame25: int | np.ndarray) -> np.ndarray | int:
+        """The source frame nearest in time to 25 fps frame(s) `frame25` (clamped to the video)."""
+        t = np.asarray(frame25, dtype=np.float64) / FPS
+        if self.count == 1:
+            return 0 if np.ndim(t) == 0 else np.zeros(np.shape(t), np.int64)
+        right = np.clip(np.searchsorted(self.times, t), 1, self.count - 1)
+        left = right - 1
+        nearest = np.where(np.abs(self.times[left] - t) <= np.abs(self.times[right] - t), left, right)
+        return int(nearest) if np.ndim(nearest) == 0 else nearest
+
+    def grid25(self, index: int | np.ndarray) -> np.ndarray | int:
+        """The 25 fps frame nearest in time to source frame(s) `index`: the inverse map, for paste-back."""
+        nearest = np.rint(self.times[np.asarray(index)] * FPS).astype(np.int64)
+        return int(nearest) if nearest.ndim == 0 else nearest
+
+    def iter_frames(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(source index, (H, W, 3) uint8) for source frames start..stop-1, in presentation order."""
+        stop = self.count if stop is None else min(stop, self.count)
+        if start >= stop:
+            return
+        av = _import_av()
+        index_of = {int(p): i for i, p in enumerate(self.pts)}
+        with av.open(str(self.path)) as container:
+            stream = container.streams.video[0]
+            if start > 0:
+                container.seek(int(self.pts[start]), stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                i = index_of.get(frame.pts, -1)
+                if i < start:
+                    continue
+                if i >= stop:
+                    break
+                yield i, frame.to_ndarray(format="rgb24")
+
+    def frames25(self, frames25: list[int] | np.ndarray) -> np.ndarray:
+        """(n, H, W, 3) uint8: the source frames shown at 25 fps frames `frames25` (repeats allowed)."""
+        wanted = np.atleast_1d(self.source_index(np.asarray(frames25)))
+        if len(wanted) == 0:
+            return np.zeros((0, self.height, self.width, 3), np.uint8)
+        keep = set(wanted.tolist())  # only these are held: a segment's span may be long, its references few
+        got = {i: f for i, f in self.iter_frames(int(wanted.min()), int(wanted.max()) + 1) if i in keep}
+        missing = sorted(set(wanted.tolist()) - set(got))
+        if missing:
+            raise MediaError(f"{self.path}: frames {missing[:5]} could not be decoded")
+        return np.stack([got[int(i)] for i in wanted])
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError:
+        raise MediaError("video decoding needs PyAV: pip install av") from None
+    return av
