@@ -13,6 +13,12 @@ bf16 matmul rate, MFU and peak memory, and the ratio to `gpu_floor.py`'s extrapo
 
     python bench/engine.py                      # CPU, tiny
     python bench/engine.py --gpu --floor-json $OUT/gpu_floor.json
+    python bench/engine.py --stream             # CPU, tiny: per-chunk time and peak RSS, 10/30/60 s
+
+`--stream` renders segments of 10, 30 and 60 seconds with the tiny model, each in a fresh process
+(ru_maxrss is per process), streamed chunk by chunk into an mp4; it prints the median time per chunk
+and the host peak RSS per length, and the ratio of the longest to the shortest (the baseline, measured
+in the same run): a ratio near 1 means memory does not grow with length.
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ def interleaved_medians(pipes: dict[str, object], job, repeats: int) -> dict[str
 
 def run_cpu(args: argparse.Namespace) -> dict:
     from engine.multitalk.pipeline import MultiTalkPipeline
-    from engine.multitalk.tiny import tiny_components, tiny_config, tiny_settings
+    from engine.multitalk.tiny import TINY_MOTION_FRAMES, tiny_components, tiny_config, tiny_settings
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -84,7 +90,9 @@ def run_cpu(args: argparse.Namespace) -> dict:
     for persons in (1, 2):
         job = tiny_job(persons, args.steps)
         pipes = {
-            mode: MultiTalkPipeline(parts, tiny_settings(cfg_batch=mode), tiny_config().buckets)
+            mode: MultiTalkPipeline(
+                parts, tiny_settings(cfg_batch=mode), tiny_config().buckets, TINY_MOTION_FRAMES
+            )
             for mode in ("on", "off")
         }
         results = interleaved_medians(pipes, job, args.repeats)
@@ -95,6 +103,75 @@ def run_cpu(args: argparse.Namespace) -> dict:
             print(f"  {name:8} {ours[name] * 1e3:8.1f} ms   baseline (sequential passes) {base[name] * 1e3:8.1f} ms"
                   f"   ratio {ours[name] / base[name]:5.2f}")  # fmt: skip
     print(f"model build (imports + random init): {build_s:.2f} s; torch threads {args.threads}")
+    return report
+
+
+# -- CPU: streaming, memory against length -------------------------------------------------------------
+def stream_one(seconds: float, mode: str, steps: int, threads: int) -> dict:
+    """One segment of `seconds` in this process, streamed into an mp4; per-chunk times and peak RSS."""
+    import resource
+    import tempfile
+
+    from engine.base import PersonInput, RenderJob
+    from engine.multitalk.pipeline import MultiTalkPipeline
+    from engine.multitalk.renderer import find_ffmpeg
+    from engine.multitalk.tiny import TINY_MOTION_FRAMES, tiny_components, tiny_config, tiny_settings
+    from engine.video import Mp4Writer
+
+    torch.set_num_threads(threads)
+    pipe = MultiTalkPipeline(tiny_components(0), tiny_settings(), tiny_config().buckets, TINY_MOTION_FRAMES)
+    rng = np.random.default_rng(0)
+    audio = (0.05 * rng.standard_normal(int(seconds * 16_000))).astype(np.float32)
+    picture = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    job = RenderJob(source=picture, persons=(PersonInput(audio),), prompt="a person talks", mode=mode,
+                    frame_num=9, steps=steps)  # fmt: skip
+    stamps: list[float] = []
+
+    def progress(stage: str, done: int, total: int, **info) -> None:
+        if stage == "decode":
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        with Mp4Writer(Path(tmp) / "segment.mp4", find_ffmpeg()) as sink:
+            out = pipe.render(job, progress=progress, sink=sink.write)
+        wall = time.perf_counter() - start
+    per_chunk = np.diff(stamps)
+    return {
+        "seconds": seconds, "frames": out.num_frames, "chunks": len(out.plan.chunks), "wall_s": wall,
+        "chunk_median_s": float(np.median(per_chunk)) if len(per_chunk) else wall,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }  # fmt: skip
+
+
+def run_stream(args: argparse.Namespace) -> dict:
+    import subprocess
+
+    report: dict = {
+        "device": "cpu",
+        "threads": args.threads,
+        "steps": args.steps,
+        "mode": args.mode,
+        "runs": [],
+    }
+    print(
+        f"streamed tiny render ({args.mode}, 1 person, 64x128, {args.steps} steps), one process per length:"
+    )
+    for seconds in args.seconds:
+        cmd = [sys.executable, __file__, "--stream-one", str(seconds), "--mode", args.mode,
+               "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
+        run = json.loads(
+            subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+        )
+        report["runs"].append(run)
+        print(f"  {seconds:5.0f} s  {run['frames']:5d} frames  {run['chunks']:4d} chunks  "
+              f"{run['chunk_median_s'] * 1e3:7.1f} ms/chunk  peak RSS {run['peak_rss_bytes'] / 2**20:7.1f} MiB  "
+              f"wall {run['wall_s']:6.1f} s")  # fmt: skip
+    base, longest = report["runs"][0], report["runs"][-1]
+    report["rss_ratio"] = longest["peak_rss_bytes"] / base["peak_rss_bytes"]
+    report["chunk_time_ratio"] = longest["chunk_median_s"] / base["chunk_median_s"]
+    print(f"  ratio {longest['seconds']:.0f} s / {base['seconds']:.0f} s (baseline, same run): "
+          f"peak RSS {report['rss_ratio']:.3f}, time per chunk {report['chunk_time_ratio']:.3f}")  # fmt: skip
     return report
 
 
@@ -319,7 +396,20 @@ def main() -> None:
     parser.add_argument("--floor-json", default=None, help="gpu_floor.json of the same GPU run")
     parser.add_argument("--budget-s", type=float, default=420.0, help="GPU: skip timings past this wall time")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for engine_bench.json")
+    parser.add_argument("--stream", action="store_true", help="CPU: streamed segments, memory vs length")
+    parser.add_argument("--seconds", type=float, nargs="+", default=[10.0, 30.0, 60.0])
+    parser.add_argument("--mode", default="multitalk", choices=["multitalk", "infinitetalk"])
+    parser.add_argument("--stream-one", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stream_one is not None:
+        print(json.dumps(stream_one(args.stream_one, args.mode, args.steps, args.threads)))
+        return
+    if args.stream:
+        report = run_stream(args)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            Path(args.out, "engine_stream_bench.json").write_text(json.dumps(report, indent=1))
+        return
     if args.gpu and not args.check_on_cpu and not torch.cuda.is_available():
         sys.exit(
             "--gpu needs a CUDA device; none is visible (--check-on-cpu runs the code path at the tiny shape)"

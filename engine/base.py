@@ -98,9 +98,10 @@ class RenderJob:
     frame_num: int = 81
     motion_frames: int | None = None
     seed: int = 42
-    continue_from: Any = None
+    continue_from: Any = None  # a StreamState (engine.multitalk.streaming) or a path to a saved one
     captions: tuple[Caption, ...] = ()
     output: Path | None = None  # where the clip goes; the engine writes it atomically
+    state_output: Path | None = None  # where the final StreamState goes (atomically), to chain segments
 
     def resolved_num_frames(self) -> int:
         if self.num_frames is not None:

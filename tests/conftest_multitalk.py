@@ -77,9 +77,9 @@ def shared_components():
 @functools.cache
 def shared_pipeline():
     from engine.multitalk.pipeline import MultiTalkPipeline
-    from engine.multitalk.tiny import tiny_config, tiny_settings
+    from engine.multitalk.tiny import TINY_MOTION_FRAMES, tiny_config, tiny_settings
 
-    return MultiTalkPipeline(shared_components(), tiny_settings(), tiny_config().buckets)
+    return MultiTalkPipeline(shared_components(), tiny_settings(), tiny_config().buckets, TINY_MOTION_FRAMES)
 
 
 @functools.cache

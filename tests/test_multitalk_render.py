@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine.base import Box, EngineSetupError, JobError, PersonInput, Renderer, create_renderer
-from engine.multitalk.renderer import MultiTalkRenderer, find_ffmpeg, split_job, write_mp4
+from engine.multitalk.renderer import MultiTalkRenderer, find_ffmpeg, write_mp4
 from tests.conftest_multitalk import (
     LEFT,
     RIGHT,
@@ -57,39 +59,53 @@ def test_renderer_writes_the_mp4_atomically(renderer, tmp_path):
     assert isinstance(renderer, Renderer) and renderer.name == "multitalk"
 
 
-def test_long_jobs_render_as_naive_clips_with_exact_length(renderer):
+def test_long_jobs_stream_in_chunks_with_exact_length(renderer):
     job = two_person_job(
         num_frames=23, persons=(PersonInput(tone(1.0), LEFT), PersonInput(noise(1.0), RIGHT))
     )
     result = renderer.render(job)
-    assert result.num_frames == 23 and result.info["clips"] == 3
+    assert result.num_frames == 23 and result.info["chunks"] == 5  # F = 9, M = 5: 1 + ceil(14 / 4)
     assert result.info["frames"].shape == (23, 64, 128, 3)
+    assert result.info["framing"] == {"height": 64, "width": 128, "scale": 1.0, "left": 0, "top": 0}
 
 
-def test_long_jobs_stream_every_clip_into_one_mp4(renderer, tmp_path):
-    target = tmp_path / "long.mp4"
+def test_long_jobs_stream_every_chunk_into_one_mp4_and_write_the_state(renderer, tmp_path, monkeypatch):
+    target, state_path = tmp_path / "long.mp4", tmp_path / "long.state"
     job = two_person_job(
-        num_frames=23, output=target, persons=(PersonInput(tone(1.0), LEFT), PersonInput(noise(1.0), RIGHT))
-    )
+        num_frames=23, output=target, state_output=state_path,
+        persons=(PersonInput(tone(1.0), LEFT), PersonInput(noise(1.0), RIGHT)),
+    )  # fmt: skip
+    writes = []
+    real_write = renderer.pipeline.render
+
+    def spy(job, progress=None, sink=None):
+        return real_write(job, progress=progress, sink=lambda f: (writes.append(len(f)), sink(f)))
+
+    monkeypatch.setattr(renderer.pipeline, "render", spy)
     result = renderer.render(job)
-    assert result.num_frames == 23 and result.info["clips"] == 3 and "frames" not in result.info
+    assert writes == [9, 4, 4, 4, 2]  # chunk by chunk, never the whole segment at once
+    assert result.num_frames == 23 and "frames" not in result.info
     assert _decoded_frames(target, 128, 64).shape == (23, 64, 128, 3)
-    assert [p.name for p in tmp_path.iterdir()] == ["long.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4", "long.state"]  # no temp files
+    from engine.multitalk.streaming import StreamState
+
+    state = StreamState.load(state_path)
+    assert (state.frames_done, state.chunks_done, tuple(state.frames.shape)) == (23, 5, (3, 5, 64, 128))
 
 
 def test_a_failed_render_leaves_no_partial_mp4(renderer, tmp_path, monkeypatch):
     target = tmp_path / "clip.mp4"
     target.write_bytes(b"an earlier good render")
-    real = renderer.pipeline.render
+    real = renderer.pipeline._decode
     calls = []
 
-    def fail_on_second_clip(clip, progress=None):
-        calls.append(clip)
+    def fail_on_second_chunk(*args):
+        calls.append(args)
         if len(calls) == 2:
             raise RuntimeError("CUDA error: an illegal memory access")
-        return real(clip, progress=progress)
+        return real(*args)
 
-    monkeypatch.setattr(renderer.pipeline, "render", fail_on_second_clip)
+    monkeypatch.setattr(renderer.pipeline, "_decode", fail_on_second_chunk)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         renderer.render(two_person_job(num_frames=23, output=target))
     assert target.read_bytes() == b"an earlier good render"  # nothing half-written replaced it
@@ -102,22 +118,25 @@ def test_write_mp4_reports_ffmpeg_failure_and_cleans_up(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_long_jobs_can_be_refused(renderer):
-    renderer.long_video = "error"
-    with pytest.raises(JobError, match="num_frames: 23"):
-        renderer.render(two_person_job(num_frames=23))
+def test_timed_boxes_are_taken_at_each_chunks_first_frame():
+    from engine.multitalk.pipeline import _Stream
+    from engine.multitalk.streaming import plan_chunks
 
-
-def test_split_job_slices_audio_and_takes_timed_boxes():
-    timed = ((0, LEFT), (10, Box(10, 0, 60, 64)))
+    moved = Box(10, 0, 60, 64)
     job = two_person_job(
-        num_frames=23, persons=(PersonInput(tone(1.0), timed), PersonInput(noise(1.0), RIGHT))
+        num_frames=23,
+        persons=(PersonInput(tone(1.0), ((0, LEFT), (8, moved))), PersonInput(noise(1.0), RIGHT)),
     )
-    clips = split_job(job, 9)
-    assert [c.num_frames for c in clips] == [9, 9, 5]
-    assert [c.seed for c in clips] == [job.seed, job.seed + 1, job.seed + 2]
-    assert np.array_equal(clips[1].persons[0].audio[:640], job.persons[0].audio[9 * 640 : 10 * 640])
-    assert clips[0].persons[0].box == LEFT and clips[2].persons[0].box == Box(10, 0, 60, 64)
+    pipe = shared_pipeline()
+    r = pipe.resolve(job)
+    from engine.multitalk.conditioning import Source, plan_framing, token_masks
+
+    framing = plan_framing(64, 128, pipe.buckets[480])
+    stream = _Stream(r, Source(still=job.source), framing, [], 0, {}, None, None, None)
+    chunks = plan_chunks(23, 9, 5, (25, 25)).chunks  # starts 0, 4, 8, 12, 16
+    masks = [pipe._token_masks(stream, c) for c in chunks]
+    first, later = (token_masks([b, RIGHT], (64, 128), framing) for b in (LEFT, moved))
+    assert all(torch.equal(m, first) for m in masks[:2]) and all(torch.equal(m, later) for m in masks[2:])
 
 
 def test_registry_builds_the_tiny_renderer():
@@ -147,7 +166,11 @@ def test_apg_render_runs():
         ({"steps": 0}, "steps: 0"),
         ({"shift": 0.0}, "shift: 0.0"),
         ({"audio_scale": -1.0}, "audio_scale: -1.0"),
-        ({"mode": "infinitetalk"}, "mode: 'infinitetalk'"),
+        ({"mode": "talking"}, "mode: 'talking'"),
+        ({"motion_frames": 9}, "motion_frames: 9; rule: 1 <= motion_frames < frame_num=9"),
+        ({"motion_frames": 0}, "motion_frames: 0"),
+        ({"source": Path("clip.mp4")}, "source: video 'clip.mp4' with mode 'multitalk'"),
+        ({"color_match": 1.5}, "color_match: 1.5"),
         ({"size": 1080}, "size: 1080"),
         ({"teacache": 0.2}, "teacache"),
         ({"num_frames": 0}, "num_frames: 0"),
@@ -208,15 +231,6 @@ def test_cuda_oom_becomes_out_of_memory_with_job_figures(monkeypatch):
     with pytest.raises(OutOfMemory) as err:
         pipe.render(two_person_job(num_frames=7))
     assert (err.value.frames, err.value.persons, err.value.size) == (7, 2, 480)
-
-
-@pytest.mark.parametrize("total", [1, 8, 9, 10, 17, 18, 81, 82, 200])
-@pytest.mark.parametrize("frame_num", [9, 81])
-def test_split_job_covers_exactly_the_requested_frames(total, frame_num):
-    job = two_person_job(num_frames=total, frame_num=frame_num)
-    clips = split_job(job, frame_num)
-    assert sum(c.num_frames for c in clips) == total
-    assert all(1 <= c.num_frames <= frame_num for c in clips)
 
 
 def test_renderers_with_equal_settings_share_one_loaded_pipeline():

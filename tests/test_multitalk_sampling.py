@@ -144,14 +144,14 @@ def test_batched_passes_equal_sequential_passes():
 def _final_latent(cfg_batch: str, job):
     pipe = _pipeline(cfg_batch)
     captured = {}
-    original = pipe._denoise
+    original = pipe._denoise_chunk
 
-    def spy(r, cond, progress):
-        latent, info = original(r, cond, progress)
+    def spy(*args):
+        latent, info = original(*args)
         captured["latent"] = latent
         return latent, info
 
-    pipe._denoise = spy
+    pipe._denoise_chunk = spy
     pipe.render(job)
     return captured["latent"]
 
@@ -165,13 +165,21 @@ def test_same_seed_same_frames_different_seed_different_frames():
     assert not torch.equal(a, c)
 
 
-def test_noise_is_drawn_on_the_cpu_from_the_seed():
-    from engine.multitalk.validation import resolve_job
+def _stream(pipe, job):
+    from engine.multitalk.pipeline import _Stream
+
+    return _Stream(pipe.resolve(job), None, None, [], 0, {}, None, None, None)
+
+
+def test_noise_is_drawn_on_the_cpu_from_the_seed_and_chunk():
+    from engine.multitalk.streaming import plan_chunks
 
     pipe = shared_pipeline()
-    r = resolve_job(two_person_job(seed=3), pipe.buckets)
-    n1, n2 = pipe._noise(r, (1, 16, 3, 8, 16)), pipe._noise(r, (1, 16, 3, 8, 16))
-    assert torch.equal(n1, n2) and n1.device.type == "cpu" and n1.dtype == torch.float32
+    s = _stream(pipe, two_person_job(seed=3))
+    chunk = plan_chunks(9, 9, 5, (25,)).chunks[0]
+    g1, g2 = pipe._noise_source(s, chunk), pipe._noise_source(s, chunk)
+    assert g1.device.type == "cpu"
+    assert torch.equal(torch.randn(4, generator=g1), torch.randn(4, generator=g2))
 
 
 def test_dit_without_audio_equals_stock_diffusers_wan():
@@ -224,7 +232,7 @@ def test_each_pass_gets_its_text_and_audio(cfg_batch, text_scale, audio_scale, v
     """cond = prompt + 2 persons (1 + 20), drop_text = negative + 2 persons (3 + 20), uncond = negative + null
     audio (3 + 10), drop_audio = prompt + null (1 + 10); 3-pass: 13 - 2 s_t + 10 s_a; 2-pass: 11 + 10 s_a."""
     from engine.multitalk.pipeline import _Conditioning
-    from engine.multitalk.validation import resolve_job
+    from engine.multitalk.streaming import chunk_seed, plan_chunks
 
     pipe = _pipeline(cfg_batch, _PassStub())
     cond = _Conditioning(
@@ -236,7 +244,7 @@ def test_each_pass_gets_its_text_and_audio(cfg_batch, text_scale, audio_scale, v
         token_masks=None,
     )
     job = two_person_job(text_scale=text_scale, audio_scale=audio_scale, steps=3)
-    r = resolve_job(job, pipe.buckets)
-    latent, _ = pipe._denoise(r, cond, lambda *a, **k: None)
-    start = pipe._noise(r, (1, 16, 3, 8, 16))
+    plan = plan_chunks(9, 9, 5, (25, 25))
+    latent, _ = pipe._denoise_chunk(_stream(pipe, job), cond, plan.chunks[0], plan, lambda *a, **k: None)
+    start = torch.randn((1, 16, 3, 8, 16), generator=torch.Generator().manual_seed(chunk_seed(job.seed, 0)))
     torch.testing.assert_close(latent, start - velocity)  # sigma runs from 1 to 0

@@ -47,8 +47,16 @@ class Framing:
         return self.height // (VAE_SPATIAL * PATCH), self.width // (VAE_SPATIAL * PATCH)
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def is_still(source: Path | np.ndarray) -> bool:
+    """A picture (an array or an image file) rather than a video."""
+    return isinstance(source, np.ndarray) or Path(source).suffix.lower() in IMAGE_SUFFIXES
+
+
 def load_picture(source: Path | np.ndarray) -> np.ndarray:
-    """A still as (H, W, 3) uint8; a video path is rejected (multitalk mode takes a still)."""
+    """A still as (H, W, 3) uint8."""
     if isinstance(source, np.ndarray):
         if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
             raise JobError(
@@ -61,7 +69,48 @@ def load_picture(source: Path | np.ndarray) -> np.ndarray:
         with Image.open(source) as img:
             return np.asarray(img.convert("RGB"))
     except (UnidentifiedImageError, FileNotFoundError, IsADirectoryError) as exc:
-        raise JobError(f"source: {str(source)!r}; rule: an existing still image (mode multitalk)") from exc
+        raise JobError(f"source: {str(source)!r}; rule: an existing still image") from exc
+
+
+def open_video(path: Path) -> Any:
+    """The media layer's frame reader (`engine.media.VideoFrames`): .width, .height, .num_frames25,
+    .source_index(frame25), .frames25(indices) -> (n, H, W, 3) uint8 at source resolution."""
+    from engine.media import MediaError, VideoFrames
+
+    try:
+        return VideoFrames(Path(path))
+    except MediaError as exc:
+        raise JobError(f"source: {str(path)!r}; rule: a readable video ({exc})") from None
+
+
+@dataclass
+class Source:
+    """The picture side of a job: a still, or a video whose 25 fps frames are read on demand."""
+
+    still: np.ndarray | None = None
+    video: Any = None  # VideoFrames
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.still.shape[:2] if self.still is not None else (self.video.height, self.video.width)
+
+    def frame(self, frame25: int) -> np.ndarray:
+        """(H, W, 3) uint8: the still, or the source frame shown at 25 fps frame `frame25` (clamped)."""
+        if self.still is not None:
+            return self.still
+        index = max(0, min(frame25, self.video.num_frames25 - 1))
+        return self.video.frames25([index])[0]
+
+
+def open_source(source: Path | np.ndarray, mode: str) -> Source:
+    """Still or video; `multitalk` takes a still only."""
+    if is_still(source):
+        return Source(still=load_picture(source))
+    if mode != "infinitetalk":
+        raise JobError(
+            f"source: video {str(source)!r} with mode {mode!r}; rule: mode 'infinitetalk' for video"
+        )
+    return Source(video=open_video(Path(source)))
 
 
 def plan_framing(src_h: int, src_w: int, buckets: dict[float, tuple[int, int]]) -> Framing:
@@ -162,24 +211,38 @@ def latent_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def encode_condition(vae: Any, picture: torch.Tensor, frame_num: int) -> torch.Tensor:
-    """y = [mask 4, normalised VAE latent 16] of [picture, F-1 zero frames]: (1, 20, T_lat, h, w)."""
+def encode_video(vae: Any, video: torch.Tensor) -> torch.Tensor:
+    """(1, 3, n, th, tw) in [-1, 1] -> normalised VAE latent (1, z, 1 + (n-1)//4, h, w) float32."""
     param = next(vae.parameters())
-    video = torch.cat([picture, picture.new_zeros(1, 3, frame_num - 1, *picture.shape[-2:])], dim=2)
     latent = vae.encode(video.to(param)).latent_dist.mode()
     mean, std = latent_stats(vae, latent)
-    latent = ((latent - mean) / std).float()
-    mask = first_frame_mask(frame_num, latent.shape[-2], latent.shape[-1]).to(latent)
+    return ((latent - mean) / std).float()
+
+
+@torch.no_grad()
+def encode_condition(vae: Any, frames: torch.Tensor, frame_num: int) -> torch.Tensor:
+    """y = [mask 4, normalised VAE latent 16] of [n known frames, F - n zero frames]: (1, 20, T_lat, h, w).
+
+    frames: (1, 3, n, th, tw); the mask marks the n known pixel frames (ENGINE.md §4.2)."""
+    known = frames.shape[2]
+    video = torch.cat([frames, frames.new_zeros(1, 3, frame_num - known, *frames.shape[-2:])], dim=2)
+    latent = encode_video(vae, video)
+    mask = first_frame_mask(frame_num, latent.shape[-2], latent.shape[-1], known).to(latent)
     return torch.cat([mask, latent], dim=1)
 
 
 @torch.no_grad()
-def decode_latent(vae: Any, latent: torch.Tensor) -> torch.Tensor:
-    """(1, 16, T_lat, h, w) normalised latent -> (F, H, W, 3) uint8."""
+def decode_video(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    """(1, 16, T_lat, h, w) normalised latent -> (3, F, H, W) float32 in [-1, 1]."""
     param = next(vae.parameters())
     mean, std = latent_stats(vae, latent.to(param))
-    video = vae.decode(latent.to(param) * std + mean).sample.float().clamp(-1, 1)  # (1, 3, F, H, W)
-    return ((video[0].permute(1, 2, 3, 0) + 1.0) * 127.5).round().to(torch.uint8)
+    return vae.decode(latent.to(param) * std + mean).sample[0].float().clamp(-1, 1)
+
+
+def decode_latent(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    """(1, 16, T_lat, h, w) normalised latent -> (F, H, W, 3) uint8."""
+    video = decode_video(vae, latent)
+    return ((video.permute(1, 2, 3, 0) + 1.0) * 127.5).round().to(torch.uint8)
 
 
 def clean_prompt(text: str) -> str:

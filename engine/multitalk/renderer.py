@@ -1,9 +1,8 @@
-"""`multitalk` renderer: adapts a `RenderJob` to the pipeline and writes the clip atomically.
+"""`multitalk` renderer: adapts a `RenderJob` to the pipeline, streams its frames into one mp4 (written
+atomically) and writes the final StreamState to `job.state_output` for the next segment.
 
-Jobs longer than one clip (`num_frames > frame_num`) are rendered, in this part of the engine, as
-consecutive independent clips from the same picture (`long_video="naive"`: visible seams every
-`frame_num` frames, no motion context) or refused (`long_video="error"`). Streaming with motion
-context is part 2.
+Any length is one streamed render (`streaming.py`): each chunk's frames go to ffmpeg before the next
+chunk renders, so host memory stays flat as the segment grows.
 """
 
 from __future__ import annotations
@@ -23,9 +22,7 @@ from engine.base import (
     AUDIO_RATE,
     FPS,
     EngineSetupError,
-    JobError,
     MissingWeightsError,
-    PersonInput,
     ProgressHook,
     RenderJob,
     RenderResult,
@@ -72,24 +69,6 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = FPS) -> None:
         out.write(frames)
 
 
-def split_job(job: RenderJob, frame_num: int) -> list[RenderJob]:
-    """Consecutive clips of at most `frame_num` frames: audio sliced on the timeline, boxes taken at each
-    clip's first frame, seed offset per clip."""
-    from engine.multitalk.conditioning import box_at
-
-    total = job.resolved_num_frames()
-    clips = []
-    for k, start in enumerate(range(0, total, frame_num)):
-        frames = min(frame_num, total - start)
-        lo, hi = start * SAMPLES_PER_FRAME, (start + frame_num + 3) * SAMPLES_PER_FRAME  # +3: window context
-        persons = tuple(
-            PersonInput(p.audio[lo:hi] if len(p.audio) > lo else p.audio[:0], box_at(p.box, start), p.name)
-            for p in job.persons
-        )
-        clips.append(dataclasses.replace(job, persons=persons, num_frames=frames, seed=job.seed + k))
-    return clips
-
-
 @functools.lru_cache(maxsize=1)
 def load_pipeline(settings: EngineSettings, tiny: bool = False) -> Any:
     """The pipeline for these settings, kept loaded: flows build one renderer per segment, and reloading
@@ -97,9 +76,9 @@ def load_pipeline(settings: EngineSettings, tiny: bool = False) -> Any:
     from engine.multitalk.pipeline import MultiTalkPipeline
 
     if tiny:
-        from engine.multitalk.tiny import tiny_components, tiny_config
+        from engine.multitalk.tiny import TINY_MOTION_FRAMES, tiny_components, tiny_config
 
-        return MultiTalkPipeline(tiny_components(0), settings, tiny_config().buckets)
+        return MultiTalkPipeline(tiny_components(0), settings, tiny_config().buckets, TINY_MOTION_FRAMES)
     return MultiTalkPipeline.from_settings(settings)
 
 
@@ -115,7 +94,6 @@ class MultiTalkRenderer:
         device: str | None = None,
         dtype: Literal["bf16", "fp16", "fp32"] | None = None,
         tiny: bool = False,
-        long_video: Literal["naive", "error"] = "naive",
         **settings: Any,
     ):
         import torch
@@ -126,7 +104,6 @@ class MultiTalkRenderer:
             models_dir=Path(models_dir) if models_dir else None, device=device, dtype=dtype, **settings
         )
         self.tiny = tiny
-        self.long_video = long_video
         self._pipeline: Any = None
 
     @property
@@ -136,7 +113,7 @@ class MultiTalkRenderer:
         return self._pipeline
 
     def adapt(self, job: RenderJob) -> RenderJob:
-        """Tiny mode renders clips of the tiny `frame_num` (9) when the job keeps the default 81."""
+        """Tiny mode renders chunks of the tiny `frame_num` (9) when the job keeps the default 81."""
         if self.tiny and job.frame_num == 81:
             from engine.multitalk.tiny import TINY_FRAME_NUM
 
@@ -146,34 +123,18 @@ class MultiTalkRenderer:
     def render(self, job: RenderJob, *, progress: ProgressHook | None = None) -> RenderResult:
         start = time.perf_counter()
         job = self.adapt(job)
-        total = job.resolved_num_frames()
-        if total > job.frame_num and self.long_video == "error":
-            raise JobError(
-                f"num_frames: {total}; rule: <= frame_num={job.frame_num} (long video is part 2 of the engine)"
-            )
-        clips = split_job(job, job.frame_num) if total > job.frame_num else [job]
-        if len(clips) > 1:
-            log.warning("rendering %d frames as %d independent clips (naive long video)", total, len(clips))
         sink = Mp4Writer(Path(job.output), find_ffmpeg()) if job.output is not None else None
-        kept, timings, first_info, shape, count = [], {}, {}, (0, 0, 0), 0
         with sink or contextlib.nullcontext():
-            for clip in clips:  # each clip's frames go to ffmpeg (or the caller) before the next renders
-                out = self.pipeline.render(clip, progress=progress)
-                frames = out.frames.numpy()  # (n, H, W, 3) uint8
-                if sink is not None:
-                    sink.write(frames)
-                else:
-                    kept.append(frames)
-                shape, first_info, count = frames.shape[1:], first_info or out.info, count + len(frames)
-                timings = {k: timings.get(k, 0.0) + v for k, v in out.timings.items()}
-                del out, frames
-        timings["total"] = time.perf_counter() - start
-        info = {**first_info, "clips": len(clips), "settings": self.settings.to_json_dict()}
+            out = self.pipeline.render(job, progress=progress, sink=sink.write if sink is not None else None)
+        if job.state_output is not None:
+            out.state.save(job.state_output)
+        timings = {**out.timings, "total": time.perf_counter() - start}
+        info = {**out.info, "settings": self.settings.to_json_dict(), "stream_state": out.state}
         if sink is None:
-            info["frames"] = np.concatenate(kept)
+            info["frames"] = out.frames.numpy()
         return RenderResult(
-            path=Path(job.output) if job.output else None, num_frames=count, fps=FPS,
-            height=shape[0], width=shape[1], seed=job.seed, crop=first_info["crop"],
+            path=Path(job.output) if job.output else None, num_frames=out.num_frames, fps=FPS,
+            height=out.framing.height, width=out.framing.width, seed=job.seed, crop=out.info["crop"],
             timings=timings, peak_memory=_peak_memory(), info=info,
         )  # fmt: skip
 

@@ -16,7 +16,7 @@ FPS = 25
 AUDIO_RATE = 16_000
 TARGET_LUFS = -23.0
 TEXT_LEN = 512  # umT5 rows, zero-padded (padding attended, no mask)
-MAX_FRAME_NUM = 81  # one clip in part 1 of the engine
+MAX_FRAME_NUM = 81  # frames per chunk: the trained length (README: up to 201, weaker prompt following)
 MAX_TRAINED_PERSONS = 2
 
 # L-RoPE person binding (ENGINE.md §3.4, §3.10): persons 1/2 on [0, 4] / [20, 24], background 12.
@@ -47,6 +47,9 @@ BUCKETS: dict[int, dict[float, tuple[int, int]]] = {
     },
 }  # fmt: skip
 SHIFT_BY_SIZE = {480: 7.0, 720: 11.0}
+# Motion (context) frames per chunk by mode (ENGINE.md §5.1): 25 -> 7 latents, 9 -> 3 latents.
+MOTION_FRAMES = {"multitalk": 25, "infinitetalk": 9}
+UPSTREAM_MAX_FRAMES = 1000  # upstream streaming cap (--max_frame_num), used as max_frames in parity
 
 APG_MOMENTUM = -0.75
 APG_NORM_THRESHOLD = 55.0
@@ -132,6 +135,13 @@ class DiTConfig:
 
 
 @dataclass(frozen=True)
+class StreamSwitches:
+    exact_length: bool
+    stop_on_longest: bool
+    colour_anchor: Literal["chunk", "first"]
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     """Load-time settings (ENGINE.md §1.2), frozen and written next to every artefact."""
 
@@ -149,6 +159,18 @@ class EngineSettings:
     product: Literal["multitalk", "infinitetalk"] = "multitalk"
     adapter: Literal["auto", "multitalk", "infinitetalk-single", "infinitetalk-multi"] = "auto"
     dit_file: Path | None = None
+    # Streaming (ENGINE.md §5). `parity` reproduces the reference loops (chunk plan, final length, tail
+    # padding, colour anchor, RNG draw order) and turns every improvement below off.
+    parity: bool = False
+    exact_length: bool = True  # exactly num_frames frames (upstream: T - 3 MultiTalk, T InfiniteTalk)
+    stop_on_longest: bool = True  # upstream-style termination watches the longest track, not person 1's
+    colour_anchor: Literal["chunk", "first"] = "chunk"  # V2V: each chunk's own source frame, or frame 0
+
+    def streaming(self) -> StreamSwitches:
+        """The improvement switches in force (all off under `parity`)."""
+        if self.parity:
+            return StreamSwitches(False, False, "first")
+        return StreamSwitches(self.exact_length, self.stop_on_longest, self.colour_anchor)
 
     def torch_dtype(self) -> Any:
         import torch

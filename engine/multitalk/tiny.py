@@ -20,6 +20,9 @@ TINY_BUCKETS: dict[int, dict[float, tuple[int, int]]] = {
     720: {1.0: (64, 64), 0.5: (64, 128)},
 }
 TINY_FRAME_NUM = 9  # 3 latent frames x 4 x 4 tokens = 48 tokens at 64 x 64
+# Motion frames per chunk of F = 9, in the real ratios (25/81, 9/81): MultiTalk 5 (m = 2 latents, Δ = 4),
+# InfiniteTalk 1 (m = 1, Δ = 8).
+TINY_MOTION_FRAMES = {"multitalk": 5, "infinitetalk": 1}
 TINY_WORDS = [
     "a",
     "person",

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.base import Box, JobError, RenderJob
-from engine.multitalk.conditioning import box_at
+from engine.multitalk.conditioning import box_at, is_still
 from engine.multitalk.settings import (
     DEFAULT_NEGATIVE_PROMPT,
     MAX_FRAME_NUM,
     MAX_TRAINED_PERSONS,
+    MOTION_FRAMES,
     default_shift,
     is_4n_plus_1,
 )
@@ -27,7 +28,8 @@ class ResolvedJob:
 
     job: RenderJob
     num_frames: int
-    frame_num: int  # frames generated (the clip), >= num_frames
+    frame_num: int  # F: frames per chunk
+    motion_frames: int  # M: context frames carried between chunks
     shift: float
     negative_prompt: str
     boxes: tuple[Box, ...]  # boxes at frame 0, empty for one person
@@ -67,10 +69,10 @@ def _check_persons(job: RenderJob, max_persons: int) -> tuple[Box, ...]:
 
 def _check_numbers(job: RenderJob, buckets: dict[int, object], max_frame_num: int) -> None:
     rules = [
-        ("mode", job.mode, job.mode == "multitalk", "'multitalk' (infinitetalk is part 2 of the engine)"),
+        ("mode", job.mode, job.mode in ("multitalk", "infinitetalk"), "'multitalk' or 'infinitetalk'"),
         ("size", job.size, job.size in buckets, f"one of {sorted(buckets)}"),
         ("frame_num", job.frame_num, is_4n_plus_1(job.frame_num), "4n + 1"),
-        ("frame_num", job.frame_num, job.frame_num <= max_frame_num, f"<= {max_frame_num} (one clip)"),
+        ("frame_num", job.frame_num, job.frame_num <= max_frame_num, f"<= {max_frame_num} (per chunk)"),
         ("steps", job.steps, job.steps >= 1, ">= 1"),
         ("shift", job.shift, job.shift is None or job.shift > 0, "> 0"),
         ("text_scale", job.text_scale, job.text_scale >= 0, ">= 0"),
@@ -78,11 +80,29 @@ def _check_numbers(job: RenderJob, buckets: dict[int, object], max_frame_num: in
         ("guidance", job.guidance, job.guidance in ("cfg", "apg"), "'cfg' or 'apg'"),
         ("seed", job.seed, job.seed >= 0, ">= 0"),
         ("teacache", job.teacache, job.teacache is None, "None (TeaCache is part 2 of the engine)"),
-        ("continue_from", job.continue_from, job.continue_from is None, "None (streaming is part 2)"),
+        ("color_match", job.color_match, 0.0 <= job.color_match <= 1.0, "0 to 1"),
+        ("source_start_frame", job.source_start_frame, job.source_start_frame >= 0, ">= 0"),
     ]
     for name, value, ok, rule in rules:
         if not ok:
             raise JobError(f"{name}: {value!r}; rule: {rule}")
+
+
+def _motion_frames(job: RenderJob, defaults: dict[str, int]) -> int:
+    """The job's M, or the mode's default (25 / 9), at most frame_num - 1 for short chunks."""
+    motion = (
+        job.motion_frames if job.motion_frames is not None else min(defaults[job.mode], job.frame_num - 1)
+    )
+    if not 1 <= motion < job.frame_num:
+        raise JobError(f"motion_frames: {motion}; rule: 1 <= motion_frames < frame_num={job.frame_num}")
+    return motion
+
+
+def _check_source(job: RenderJob) -> None:
+    if job.mode == "multitalk" and not is_still(job.source):
+        raise JobError(
+            f"source: video {str(job.source)!r} with mode 'multitalk'; rule: a still (or mode 'infinitetalk')"
+        )
 
 
 def resolve_job(
@@ -90,19 +110,19 @@ def resolve_job(
     buckets: dict[int, object],
     max_frame_num: int = MAX_FRAME_NUM,
     max_persons: int = MAX_TRAINED_PERSONS,
+    motion_defaults: dict[str, int] = MOTION_FRAMES,
 ) -> ResolvedJob:
-    """Validate `job` and fill its defaults; `num_frames` above `frame_num` is refused (long video: part 2)."""
+    """Validate `job` and fill its defaults (any length: it is rendered in chunks of `frame_num`)."""
     _check_numbers(job, buckets, max_frame_num)
+    _check_source(job)
     _check_audio(job)
     boxes = _check_persons(job, max_persons)
+    motion = _motion_frames(job, motion_defaults)
     num_frames = job.resolved_num_frames()
-    if not 1 <= num_frames <= job.frame_num:
-        raise JobError(
-            f"num_frames: {num_frames}; rule: 1 to frame_num={job.frame_num} "
-            "(one clip; long video is part 2 of the engine)"
-        )
+    if num_frames < 1:
+        raise JobError(f"num_frames: {num_frames}; rule: >= 1 (or audio of at least one frame, 40 ms)")
     shift = job.shift if job.shift is not None else default_shift(job.size) if job.size in (480, 720) else 7.0
     if not math.isfinite(shift):
         raise JobError(f"shift: {shift}; rule: finite")
     negative = job.negative_prompt if job.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
-    return ResolvedJob(job, num_frames, job.frame_num, shift, negative, boxes)
+    return ResolvedJob(job, num_frames, job.frame_num, motion, shift, negative, boxes)
