@@ -99,7 +99,8 @@ def render_segment(
             captions=_job_captions(captions, segment),
             output=tmp / f"seg{segment.index:04d}.mp4",
         )
-        result = gpu_state.resident_renderer(options.engine).render(job)  # loaded once per worker
+        with gpu_state.using_renderer(options.engine) as renderer:  # loaded once per worker, one job at a time
+            result = renderer.render(job)
         video = ws.put_file(result.path)
     return Clip(segment.index, video, result.num_frames, options.engine)
 
