@@ -134,6 +134,7 @@ class Renderer(Protocol):
 _REGISTRY: dict[str, str] = {
     "preview": "engine.preview:PreviewRenderer",
     "multitalk": "engine.multitalk.renderer:MultiTalkRenderer",
+    "infinitetalk": "engine.multitalk.renderer:InfiniteTalkRenderer",
 }
 
 
