@@ -5,13 +5,19 @@ only: the check loads the real engine's code, which must not become part of ever
 from __future__ import annotations
 
 
-def resolve_render_engine(requested: str, models_dir) -> tuple[str, str]:
-    """`auto` -> multitalk when a CUDA GPU and its weights are present, else the preview renderer."""
+def resolve_render_engine(requested: str, models_dir, source_kind: str) -> tuple[str, str]:
+    """`auto` -> with a CUDA GPU: `infinitetalk` for a video source (V2V dubbing), `multitalk` for a still,
+    each when its weights are present; otherwise the preview renderer. `source_kind`: "image" | "video"."""
     if requested != "auto":
         return requested, "chosen in the manifest"
     try:
-        from engine.multitalk.renderer import available
+        import torch
+
+        from engine.multitalk.weights import engine_ready
     except ImportError:
         return "preview", "the multitalk engine is not installed"
-    ok, reason = available(models_dir)
-    return ("multitalk", reason) if ok else ("preview", f"multitalk unavailable: {reason}")
+    wanted = "infinitetalk" if source_kind == "video" else "multitalk"
+    ok, reason = engine_ready(wanted, models_dir)
+    if not torch.cuda.is_available():
+        return "preview", f"{wanted} needs a CUDA device (a GPU with >= 48 GB); {reason}"
+    return (wanted, f"{source_kind} source, CUDA device and {reason}") if ok else ("preview", reason)

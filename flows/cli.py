@@ -96,13 +96,26 @@ def _parser() -> argparse.ArgumentParser:
         "--propose", action="store_true", help="propose boxes for speakers the manifest leaves unbound"
     )
     p.set_defaults(handler=cmd_bind)
-    p = sub.add_parser("models", help="MultiTalk weights: check presence/checksums, or download them")
+    p = sub.add_parser(
+        "models", help="MultiTalk / InfiniteTalk weights: check presence/checksums, or download them"
+    )
     p.add_argument("action", choices=["check", "download"])
     p.add_argument(
         "--models-dir", type=Path, default=None, help="default $DUBFLOW_MODELS_DIR; else the HF cache"
     )
     p.add_argument("--sha256", action="store_true", help="check: also hash every file (slow for 70 GB)")
-    p.add_argument("--components", default=None, help="comma-separated (default: all the engine needs)")
+    p.add_argument(
+        "--components",
+        default=None,
+        help="comma-separated: base, base-diffusers, encoders, multitalk, infinitetalk-single, "
+        "infinitetalk-multi, wav2vec (default: what --engine needs)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["multitalk", "infinitetalk"],
+        default=None,
+        help="only this engine's files (download default: multitalk; check default: every component)",
+    )
     p.set_defaults(handler=cmd_models)
     p = sub.add_parser("schema", help="write manifests/schema.json from the manifest models")
     p.set_defaults(handler=cmd_schema)
@@ -412,29 +425,41 @@ def cmd_demo(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from engine.multitalk.weights import WEIGHT_SPECS, check_weights, download_weights, format_weight_report
-
-    models_dir = args.models_dir or (
-        Path(os.environ["DUBFLOW_MODELS_DIR"]) if os.environ.get("DUBFLOW_MODELS_DIR") else None
+    from engine.multitalk.settings import models_dir_from_env
+    from engine.multitalk.weights import (
+        DEFAULT_COMPONENTS,
+        ENGINE_COMPONENTS,
+        check_weights,
+        component_names,
+        download_weights,
+        format_weight_report,
+        present_dit,
+        ready_engines,
     )
-    components = args.components.split(",") if args.components else None
-    unknown = [c for c in components or [] if c not in WEIGHT_SPECS]
-    if unknown:
-        return _fail(
-            f"unknown component(s) {', '.join(unknown)}; known: {', '.join(WEIGHT_SPECS)}", EXIT_BAD_INPUT
-        )
+
+    models_dir = args.models_dir or models_dir_from_env()
+    try:
+        components = component_names(args.components.split(",")) if args.components else None
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
     if args.action == "download":
         if models_dir is None:
             return _fail("download needs --models-dir or $DUBFLOW_MODELS_DIR", EXIT_BAD_INPUT)
+        if components is None:
+            components = ("base", *ENGINE_COMPONENTS[args.engine]) if args.engine else DEFAULT_COMPONENTS
         os.environ["HF_HUB_OFFLINE"] = "0"  # the one command that is meant to reach the hub
         try:
-            folders = download_weights(models_dir, *([components] if components else []))
+            folders = download_weights(models_dir, components)
         except OSError as exc:  # network, disk, auth: one line, the partial download resumes next time
             return _fail(f"download failed (re-run to resume): {exc}")
         print("\n".join(f"downloaded {f}" for f in folders))
         return 0
+    if components is None and args.engine:
+        components = [present_dit(models_dir), *ENGINE_COMPONENTS[args.engine]]
     statuses = check_weights(models_dir, components, sha256=args.sha256)
     print(format_weight_report(statuses))
+    if components is None:  # everything listed: fine when at least one engine has all it needs
+        return 0 if any(not lacking for lacking in ready_engines(statuses).values()) else EXIT_FAILED
     return 0 if all(s.present for s in statuses) else EXIT_FAILED
 
 

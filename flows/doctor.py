@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
-from pathlib import Path
+
+from engine.multitalk.settings import models_dir_from_env
 
 
 def doctor_report() -> dict:
-    models_dir = Path(os.environ["DUBFLOW_MODELS_DIR"]) if os.environ.get("DUBFLOW_MODELS_DIR") else None
+    models_dir = models_dir_from_env()
     return {
         "tools": {name: _tool(name) for name in ("ffmpeg", "ffprobe", "espeak-ng")},
         "gpus": _gpus(),
@@ -87,10 +87,15 @@ def _tts() -> dict:
 
 
 def _render(models_dir) -> dict:
+    """`auto` per source kind: a still and a video can get different engines (MultiTalk / InfiniteTalk)."""
     from engine.selection import resolve_render_engine
 
-    chosen, why = resolve_render_engine("auto", models_dir)
-    return {"auto": chosen, "why": why}
+    by_source = {}
+    for kind in ("image", "video"):
+        chosen, why = resolve_render_engine("auto", models_dir, kind)
+        by_source[kind] = {"auto": chosen, "why": why}
+    still = by_source["image"]
+    return {"auto": still["auto"], "why": f"stills: {still['why']}", "by_source": by_source}
 
 
 def _pkg(module: str, extra: str) -> str:
@@ -111,7 +116,9 @@ def format_doctor(report: dict) -> str:
     )
     lines.append("stages (what auto picks):")
     for stage, info in report["stages"].items():
-        lines.append(f"  {stage:<9} -> {info['auto']:<10} {info['why']}")
+        for kind, pick in info.get("by_source", {"": info}).items():
+            label = f"{stage} ({kind})" if kind else stage
+            lines.append(f"  {label:<17} -> {pick['auto']:<12} {pick['why']}")
         for name, state in info.get("backends", {}).items():
-            lines.append(f"  {'':<9}    {name}: {state}")
+            lines.append(f"  {'':<17}    {name}: {state}")
     return "\n".join(lines)

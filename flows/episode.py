@@ -172,7 +172,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     if until == "bind":
         return {"tracks": tracks, "source": source, "binding": binding}
     # 5. segment: a plan cut in common silences, at shot cuts, within the engine's memory
-    engine, engine_why = resolve_render_engine(m.render.engine, _models_dir())
+    engine, engine_why = resolve_render_engine(m.render.engine, _models_dir(), loaded.source_info.kind)
     plan = runner.run(
         plan_task, "plan", tracks, timeline, _plan_settings(m, engine), _line_specs(m), binding.shot_cuts
     )

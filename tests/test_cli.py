@@ -29,6 +29,7 @@ def test_doctor_reports_tools_and_auto_choices(capsys):
     assert report["tools"]["ffmpeg"]["found"]
     assert report["stages"]["separate"]["auto"] in {"dsp", "demucs"}
     assert report["stages"]["render"]["auto"] in {"preview", "multitalk"}
+    assert report["stages"]["render"]["by_source"]["video"]["auto"] in {"preview", "infinitetalk"}
     assert report["gpus"] == []  # CI and development machines have none
 
 

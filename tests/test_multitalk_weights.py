@@ -67,10 +67,10 @@ def test_real_shape_parameter_counts_on_the_meta_device():
 def test_both_layouts_load_strictly_and_identically(layout):
     source = shared_components().transformer
     settings = tiny_settings(models_dir=shared_models_dir(), base_layout=layout)
-    folders = w.resolve_folders(settings)
-    name = "base" if layout == "original" else "base-diffusers"
+    paths = w.resolve_weights(settings)
+    assert paths.dit_layout == ("base" if layout == "original" else "base-diffusers")
     model, report = w.load_transformer(
-        folders[name], name, folders["adapter"] / w.ADAPTER_FILE, 2, 16, "cpu", torch.float32
+        paths.dit, paths.dit_layout, paths.adapters["multitalk"], 2, 16, "cpu", torch.float32
     )
     assert report.problems() == []
     assert report.assigned == len(dict(source.named_parameters())) and report.adapter_keys == 26
@@ -138,7 +138,7 @@ def test_unexpected_or_overriding_keys_are_rejected(tmp_path):
 def test_check_weights_and_report(tmp_path):
     root = _copy_models(tmp_path)
     (root / w.WAV2VEC_REPO / "model.safetensors").unlink()
-    parts = {"encoders", "adapter", "wav2vec"}
+    parts = {"encoders", "multitalk", "infinitetalk-single", "infinitetalk-multi", "wav2vec"}
     assert {s.component for s in w.check_weights(root)} == {"base-diffusers", *parts}
     shutil.rmtree(root / w.BASE_DIFFUSERS_REPO / "transformer")
     statuses = w.check_weights(root, sha256=True)
@@ -178,7 +178,7 @@ def test_files_are_found_in_the_hugging_face_cache(tmp_path, monkeypatch):
     (repo / "snapshots" / commit).mkdir(parents=True)
     shutil.copy(shared_models_dir() / w.ADAPTER_REPO / w.ADAPTER_FILE, repo / "snapshots" / commit)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    located = w.locate(w.WEIGHT_SPECS["adapter"], models_dir=tmp_path / "empty")
+    located = w.locate(w.WEIGHT_SPECS["multitalk"], models_dir=tmp_path / "empty")
     assert located.folder == repo / "snapshots" / commit and located.missing == []
 
 

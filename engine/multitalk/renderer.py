@@ -187,3 +187,21 @@ def _peak_memory() -> dict[str, int]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["gpu_max_allocated"] = torch.cuda.max_memory_allocated()
     return peak
+
+
+class InfiniteTalkRenderer(MultiTalkRenderer):
+    """`infinitetalk`: the same engine with InfiniteTalk's adapter, `single/` for jobs of one person and
+    `multi/` for two, swapped in place when a job needs the other one (the 14B base stays loaded)."""
+
+    name = "infinitetalk"
+
+    def __init__(self, **settings: Any):
+        super().__init__(**{"product": "infinitetalk", **settings})
+
+    def adapt(self, job: RenderJob) -> RenderJob:
+        job = dataclasses.replace(super().adapt(job), mode="infinitetalk")
+        if not self.tiny:  # tiny pipelines are built in memory, without adapter files
+            from engine.multitalk.weights import use_adapter
+
+            use_adapter(self.pipeline.c.transformer, self.settings, len(job.persons))
+        return job

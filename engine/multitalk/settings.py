@@ -7,6 +7,7 @@ model shapes (the real 14B ones by default, `tiny.py` provides small ones for te
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +61,25 @@ BASE_DIFFUSERS_REPO = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 ADAPTER_REPO = "MeiGen-AI/MeiGen-MultiTalk"
 ADAPTER_FILE = "multitalk.safetensors"
 WAV2VEC_REPO = "TencentGameMate/chinese-wav2vec2-base"
+INFINITETALK_REPO = "MeiGen-AI/InfiniteTalk"
+# Adapter name -> (repo, file in the repo). One key layout for all three (ENGINE.md §3.7); InfiniteTalk trained
+# `single/` for one person and `multi/` for two (§0, §5.3).
+ADAPTERS: dict[str, tuple[str, str]] = {
+    "multitalk": (ADAPTER_REPO, ADAPTER_FILE),
+    "infinitetalk-single": (INFINITETALK_REPO, "single/infinitetalk.safetensors"),
+    "infinitetalk-multi": (INFINITETALK_REPO, "multi/infinitetalk.safetensors"),
+}
+PRODUCT_ADAPTERS = {
+    "multitalk": ("multitalk",),
+    "infinitetalk": ("infinitetalk-single", "infinitetalk-multi"),
+}
+MODELS_DIR_ENV = "DUBFLOW_MODELS_DIR"
+
+
+def models_dir_from_env() -> Path | None:
+    """The models folder named by $DUBFLOW_MODELS_DIR (None when unset): searched before the HF cache."""
+    value = os.environ.get(MODELS_DIR_ENV)
+    return Path(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -124,15 +144,37 @@ class EngineSettings:
     experimental_persons: bool = False  # allow > 2 persons (untrained ranges, §3.10)
     normalize_loudness: bool = True
     wav2vec_device: str = "cpu"  # upstream runs wav2vec2 on the CPU in fp32
+    # weights: the product's adapter ("auto": InfiniteTalk single/ or multi/ by the job's person count);
+    # `dit_file`: one .safetensors DiT (either key layout, config.json beside it) instead of a Wan folder
+    product: Literal["multitalk", "infinitetalk"] = "multitalk"
+    adapter: Literal["auto", "multitalk", "infinitetalk-single", "infinitetalk-multi"] = "auto"
+    dit_file: Path | None = None
 
     def torch_dtype(self) -> Any:
         import torch
 
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
 
+    def adapter_name(self, persons: int = 1) -> str:
+        """The adapter for a job of `persons`: the explicit one, else the product's (InfiniteTalk: `single/`
+        up to one person, `multi/` for two or more)."""
+        family = PRODUCT_ADAPTERS[self.product]
+        if self.adapter != "auto":
+            if self.adapter not in family:
+                raise ValueError(
+                    f"adapter: {self.adapter!r}; rule: one of {family} for product {self.product!r}"
+                )
+            return self.adapter
+        return family[0] if persons <= 1 else family[-1]
+
+    def adapter_names(self) -> tuple[str, ...]:
+        """Every adapter these settings may load (both InfiniteTalk files when `adapter` is auto)."""
+        return (self.adapter_name(),) if self.adapter != "auto" else PRODUCT_ADAPTERS[self.product]
+
     def to_json_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["models_dir"] = str(self.models_dir) if self.models_dir else None
+        data["dit_file"] = str(self.dit_file) if self.dit_file else None
         return data
 
 

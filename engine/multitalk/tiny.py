@@ -1,8 +1,9 @@
 """Tiny random configuration of every component (ENGINE.md §9.1): the whole render path on CPU in seconds.
 
 `tiny_components(seed)` builds the models in memory; `write_tiny_checkpoints(root)` saves them in the
-released on-disk layouts (original Wan DiT shards, diffusers folders, `multitalk.safetensors`, the
-wav2vec2 folder) so the real loaders in `weights.py` run in tests.
+released on-disk layouts (original Wan DiT shards, diffusers folders, `multitalk.safetensors`, InfiniteTalk's
+`single/` and `multi/infinitetalk.safetensors`, the wav2vec2 folder) so the real loaders in `weights.py` run
+in tests; `link_adapter_in_index` and `write_single_file_dit` give the other layouts the loader accepts.
 """
 
 from __future__ import annotations
@@ -231,12 +232,69 @@ def write_tiny_checkpoints(root: Any, components: Any, cfg: TinyConfig | None = 
     components.image_encoder.save_pretrained(diffusers / "image_encoder")
     components.vae.save_pretrained(diffusers / "vae")
     # adapter file with the upstream names, and the wav2vec2 folder
-    adapter = root / w.ADAPTER_REPO
-    adapter.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in state.items() if w.is_adapter_key(k)}, str(adapter / w.ADAPTER_FILE)
-    )
+    for name, (repo, file) in w.ADAPTERS.items():  # the three adapters differ (tests tell which one loaded)
+        (root / repo / file).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tiny_adapter_state(components, name), str(root / repo / file))
     wav = root / w.WAV2VEC_REPO
     components.wav2vec.model.save_pretrained(wav)
     Wav2Vec2FeatureExtractor(do_normalize=components.wav2vec.do_normalize).save_pretrained(wav)
     return root
+
+
+def tiny_adapter_state(components: Any, name: str) -> dict[str, torch.Tensor]:
+    """The adapter tensors written as adapter `name`: the tiny model's own for `multitalk`, perturbed with a
+    fixed seed per InfiniteTalk file, so a test can tell which file a model carries."""
+    from engine.multitalk import weights as w
+
+    state = {k: v.detach().contiguous() for k, v in components.transformer.state_dict().items()}
+    adapter = {k: v for k, v in state.items() if w.is_adapter_key(k)}
+    if name == "multitalk":
+        return adapter
+    gen = torch.Generator().manual_seed(list(w.ADAPTERS).index(name))
+    return {
+        k: (v + 0.1 * torch.randn(v.shape, generator=gen)).contiguous() for k, v in sorted(adapter.items())
+    }
+
+
+def link_adapter_in_index(wan_folder: Any, adapter_file: Any) -> Any:
+    """A Wan folder prepared as the MultiTalk README says: `multitalk.safetensors` copied in and the folder's
+    index json edited to map the adapter keys to it. Returns the copied file."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from engine.multitalk import weights as w
+
+    folder = Path(wan_folder)
+    target = Path(shutil.copy(adapter_file, folder / w.ADAPTER_FILE))
+    index_path = folder / w.ORIGINAL_INDEX
+    index = json.loads(index_path.read_text())
+    with safe_open(str(target), framework="pt") as f:
+        index["weight_map"].update(dict.fromkeys(f.keys(), target.name))  # noqa: SIM118 - not a mapping
+    index_path.write_text(json.dumps(index, indent=1))
+    return target
+
+
+def write_single_file_dit(components: Any, folder: Any, keys: str = "diffusers", config: bool = True) -> Any:
+    """The tiny DiT's base weights as one `diffusion_pytorch_model.safetensors` (no index) in `folder`, with
+    diffusers or original key names and, if `config`, the matching config.json. Returns the file."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from engine.multitalk import weights as w
+
+    folder, d = Path(folder), tiny_config().dit
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in components.transformer.state_dict().items()}
+    base = {k: v for k, v in state.items() if not w.is_adapter_key(k)}
+    if keys == "original":
+        base = {w.diffusers_to_original(k): v for k, v in base.items()}
+    save_file(base, str(folder / w.SINGLE_FILE))
+    if config:
+        cfg = {"_class_name": "WanTransformer3DModel", **d.diffusers_kwargs()}
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return folder / w.SINGLE_FILE
