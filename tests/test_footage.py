@@ -144,3 +144,31 @@ def test_tiny_multitalk_dubs_a_still_through_dubflow_run(tmp_path, capsys, monke
     assert "paste-back" not in {s["stage"] for s in record["stages"]}  # a still: the render is the picture
     qc = json.loads(Path(record["outputs"]["qc.json"]).read_text())
     assert qc["frames"] == qc["expected_frames"] == record["frames"]
+
+
+def _engine_takes_video() -> str | None:
+    """Why the engine cannot render V2V yet (None when it can): its validation refuses mode infinitetalk
+    until the engine-stream branch is merged."""
+    from engine.base import JobError, PersonInput, RenderJob
+    from engine.multitalk.tiny import tiny_config
+    from engine.multitalk.validation import resolve_job
+
+    job = RenderJob(Path("clip.mp4"), (PersonInput(np.zeros(640 * 9, np.float32)),), mode="infinitetalk")
+    try:
+        resolve_job(job, tiny_config().buckets)
+    except JobError as exc:
+        return f"needs the engine-stream merge (V2V in the engine): {exc}"
+    return None
+
+
+@pytest.mark.skipif(_engine_takes_video() is not None, reason=str(_engine_takes_video()))
+@pytest.mark.parametrize("vfr", [False, True], ids=["30fps", "vfr"])
+def test_tiny_infinitetalk_engine_dubs_a_video_through_dubflow_run(tmp_path, capsys, monkeypatch, vfr):
+    """The real engine code (tiny random weights) rendering V2V from the source's own frames."""
+    monkeypatch.setenv("DUBFLOW_ENGINE_OVERRIDES", "infinitetalk=tests.footage_fixtures:tiny_infinitetalk")
+    gaps = [0.02, 0.05, 0.03, 0.07, 0.04] * 12 if vfr else [1 / 30] * 60
+    source = write_moving_video(tmp_path / "clip.mp4", [float(t) for t in np.cumsum([0, *gaps])[:60]])
+    render = f"engine: infinitetalk, steps: 1, max_segment_s: 1, feather_px: {FEATHER}"
+    record = _run(_manifest(tmp_path, "clip.mp4", BOX, render, 2.0), tmp_path / "work", capsys)
+    assert {s["state"] for s in record["stages"] if s["stage"].startswith("render[")} == {"executed"}
+    _check_pasted_back(record, source, BOX, FEATHER)
