@@ -172,3 +172,19 @@ def test_tiny_infinitetalk_engine_dubs_a_video_through_dubflow_run(tmp_path, cap
     record = _run(_manifest(tmp_path, "clip.mp4", BOX, render, 2.0), tmp_path / "work", capsys)
     assert {s["state"] for s in record["stages"] if s["stage"].startswith("render[")} == {"executed"}
     _check_pasted_back(record, source, BOX, FEATHER)
+
+
+def test_the_preview_of_a_video_is_delivered_as_rendered(tmp_path, capsys):
+    """No weights: the preview draws on the full frame at 25 fps; nothing to paste back."""
+    times = [float(t) for t in np.cumsum([0, *[0.02, 0.05, 0.03, 0.07, 0.04] * 8])[:40]]
+    write_moving_video(tmp_path / "clip.mp4", times)
+    record = _run(_manifest(tmp_path, "clip.mp4", BOX, "engine: preview", 1.5), tmp_path / "work", capsys)
+    assert "paste-back" not in {s["stage"] for s in record["stages"]}
+    qc = json.loads(Path(record["outputs"]["qc.json"]).read_text())
+    assert (
+        qc["frames"]
+        == qc["expected_frames"]
+        == record["frames"]
+        == round(VideoFrames(tmp_path / "clip.mp4").duration * 25)
+    )
+    assert abs(qc["av_difference_seconds"]) <= 1 / 25
