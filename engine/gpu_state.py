@@ -15,6 +15,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib
 import os
@@ -22,6 +23,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,6 +31,7 @@ from engine.base import Renderer, create_renderer
 
 _lock = threading.Lock()
 _renderers: dict[str, Renderer] = {}
+_in_use: dict[str, threading.Lock] = {}  # one job at a time per resident renderer (see `using_renderer`)
 _gpu: str | None = None
 _gpu_handle: IO[str] | None = None  # held open for the life of the process: the slot is ours
 
@@ -53,6 +56,23 @@ def resident_renderer(name: str) -> Renderer:
         if key not in _renderers:
             _renderers[key] = _build(name, target)
         return _renderers[key]
+
+
+@contextlib.contextmanager
+def using_renderer(name: str) -> Iterator[Renderer]:
+    """The resident engine `name`, held by this thread for one job.
+
+    The flow's own task runner renders segments on threads, and a resident model is one object: two jobs
+    at once would share its per-call state (the Wan VAE keeps its causal-conv cache on the module, so two
+    encodes interleave into one latent of the wrong length) and its first lazy load. One loaded model
+    serves one job at a time, as one GPU does; other engines' jobs still run side by side.
+    """
+    renderer = resident_renderer(name)
+    key = f"{name}={engine_override(name) or ''}"
+    with _lock:
+        busy = _in_use.setdefault(key, threading.Lock())
+    with busy:
+        yield renderer
 
 
 def _build(name: str, target: str | None) -> Renderer:

@@ -15,9 +15,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import cache
 from pathlib import Path
 
@@ -359,6 +360,46 @@ class VideoFrames:
         if missing:
             raise MediaError(f"{self.path}: frames {missing[:5]} could not be decoded")
         return np.stack([got[int(i)] for i in wanted])
+
+
+def write_timed_video(
+    path: Path,
+    frames: Iterable[tuple[int, np.ndarray]],
+    time_base: Fraction,
+    *,
+    rate: float = FPS,
+    crf: int = 17,
+    preset: str = "medium",
+) -> int:
+    """(pts, (H, W, 3) uint8 RGB) pairs -> H.264 mp4 in which every frame keeps its own timestamp (pts in
+    `time_base`), so a variable-rate source stays variable-rate. Streamed: one frame in memory at a time,
+    encoded into a temp file beside `path` and renamed into place only on success. `rate` is the average
+    frame rate, a hint for the encoder's rate control. Returns the number of frames written."""
+    av = _import_av()
+    count = 0
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
+        stream = None
+        for pts, picture in frames:
+            if stream is None:
+                stream = _h264_stream(out, picture.shape[1], picture.shape[0], time_base, rate, crf, preset)
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = int(pts), time_base
+            out.mux(stream.encode(frame))
+            count += 1
+        if stream is None:
+            raise MediaError(f"{path}: no frames to encode")
+        out.mux(stream.encode())  # flush the encoder's delayed frames
+    return count
+
+
+def _h264_stream(out, width: int, height: int, time_base: Fraction, rate: float, crf: int, preset: str):
+    stream = out.add_stream("libx264", rate=Fraction(rate).limit_denominator(1001))
+    stream.width, stream.height = width, height
+    # 4:2:0 needs even sides; an odd-sized source keeps its size in 4:4:4 rather than losing a pixel row
+    stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+    stream.time_base = stream.codec_context.time_base = time_base
+    stream.options = {"crf": str(crf), "preset": preset}
+    return stream
 
 
 def _import_av():

@@ -28,6 +28,7 @@ from tasks.bind import bind_task
 from tasks.deliver import deliver_task
 from tasks.enhance import enhance_task
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
+from tasks.pasteback import pasteback_task
 from tasks.remix import MixTarget, remix_task
 from tasks.render import PersonSpec, RenderOptions, cut_audio_task, render_task
 from tasks.segment import EpisodePlan, PlanSettings, plan_task
@@ -183,12 +184,14 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     # 6. render every segment (fanned out), 7. stitch, 8. enhance
     log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))
     clips, plan = _render_all(m, ws, runner, plan, slices, source, engine, tracks)
-    picture = runner.run(
-        enhance_task,
-        "enhance",
-        runner.run(stitch_task, "stitch", clips, timeline.total_frames),
-        m.enhance.backend,
-    )
+    picture = runner.run(stitch_task, "stitch", clips, timeline.total_frames)
+    # 7b. a video source: the speakers pasted back onto its own frames, at its size and frame rate
+    pasted = loaded.source_info.kind == "video" and engine != "preview"
+    if pasted:
+        runner.progress.add_steps(1)
+        args = (source, picture, clips, _persons(m), m.render.composite, m.render.feather_px)
+        picture = runner.run(pasteback_task, "paste-back", *args)
+    picture = runner.run(enhance_task, "enhance", picture, m.enhance.backend)
     # 9. remix, 10. deliver. Diarised tracks share overlapped speech, so their sum would double it:
     # the dialogue stem is then the separated vocals themselves.
     diarised = vocals is not None and len(m.speakers) > 1 and not all(s.track for s in m.speakers)
@@ -218,6 +221,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         qc_extra,
         provenance,
         m.mix.model_dump(),
+        timeline.source_frames if pasted else timeline.total_frames,
     )
     outputs = _publish(ws, m.episode, delivery, plan, runner.extra_outputs)
     publish_qc_table(m.episode, ws, delivery.qc)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from prefect import task
 
 from engine.base import FPS
-from engine.media import count_video_frames, probe, read_audio, run_ffmpeg
+from engine.media import VideoFrames, count_video_frames, probe, read_audio, run_ffmpeg
 from tasks.qc import integrated_loudness, true_peak_dbtp
 from tasks.remix import Mix
 from tasks.speakers import MIX_RATE, Timeline
@@ -34,7 +34,10 @@ def deliver(
     qc_extra: dict,
     provenance: dict,
     target: dict,
+    expected_frames: int | None = None,
 ) -> Delivery:
+    """Mux the picture (copied, never re-encoded: a pasted-back video keeps every frame's own time) with
+    the mix; `expected_frames`: the picture's planned frame count (default: the 25 fps timeline's)."""
     with ws.scratch() as tmp:
         out = tmp / "episode.mp4"
         # Picture and sound have the same length by construction; never -shortest (it truncates).
@@ -62,7 +65,7 @@ def deliver(
             ],
             what="deliver mp4",
         )
-        qc = measure(out, timeline) | qc_extra
+        qc = measure(out, timeline.total_frames if expected_frames is None else expected_frames) | qc_extra
         qc["verdict"] = verdict(qc, target)
         mp4 = ws.put_file(out) if "mp4" in outputs else None
     srt = ws.put_bytes(to_srt(captions).encode(), ".srt") if "srt" in outputs and captions else None
@@ -72,17 +75,19 @@ def deliver(
     )
 
 
-def measure(mp4, timeline: Timeline) -> dict:
-    """What the delivered file really holds: durations, frames, loudness of its decoded AAC audio."""
+def measure(mp4, expected_frames: int) -> dict:
+    """What the delivered file really holds: frames and durations (the picture's from its frames' own
+    timestamps, at any frame rate), loudness of its decoded AAC audio."""
     info = probe(mp4)
     audio = read_audio(mp4, MIX_RATE)
     frames = count_video_frames(mp4)
+    video_seconds = VideoFrames(mp4).duration
     return {
         "frames": frames,
-        "expected_frames": timeline.total_frames,
-        "video_seconds": frames / FPS,
+        "expected_frames": expected_frames,
+        "video_seconds": round(video_seconds, 4),
         "audio_seconds": len(audio) / MIX_RATE,
-        "av_difference_seconds": round(len(audio) / MIX_RATE - frames / FPS, 4),
+        "av_difference_seconds": round(len(audio) / MIX_RATE - video_seconds, 4),
         "container_seconds": info.duration,
         "loudness_lufs": round(integrated_loudness(audio, MIX_RATE), 2),
         "true_peak_dbtp": round(true_peak_dbtp(audio), 2),

@@ -36,6 +36,8 @@ def enhance_picture(ws: Workspace, picture: Blob, backend: str) -> Blob:
                 "18",
                 "-pix_fmt",
                 "yuv420p",
+                "-fps_mode",
+                "passthrough",  # every frame keeps its own time: a variable-rate picture stays so
                 "-an",
                 str(out),
             ],

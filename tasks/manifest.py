@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine.media import MediaError, MediaInfo, probe
+from engine.media import MediaError, MediaInfo, VideoFrames, probe
 from tasks.yamlmarks import Mark, YamlProblem, load_marked
 
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -98,7 +98,19 @@ class SegmentOverride(Strict):
 
 
 class RenderSettings(Strict):
-    engine: Literal["auto", "preview", "multitalk"] = "auto"
+    engine: Literal["auto", "preview", "multitalk", "infinitetalk"] = Field(
+        "auto",
+        description="auto: infinitetalk for a video, multitalk for a still (with a GPU and weights), else preview;"
+        " multitalk takes stills only",
+    )
+    composite: Literal["paste_back", "full_frame"] = Field(
+        "paste_back",
+        description="video sources: paste the speakers' rendered regions back onto the original frames"
+        " (paste_back), or deliver the rendered frames scaled to the source size (full_frame)",
+    )
+    feather_px: int = Field(
+        16, ge=0, le=256, description="paste_back: soft edge around each speaker's box, in source pixels"
+    )
     size: Literal[480, 720] = 480
     steps: int = Field(8, ge=1, le=200)
     seed: int = Field(7, ge=0)
@@ -301,6 +313,7 @@ def _cross_check(
     _check_speakers(m, add, source_info, require_boxes)
     if not problems and source_info.width:
         _check_render_geometry(m, add, source_info)
+    _check_engine(m, add, source_info)
     _check_lines(m, add)
     _check_audio_plan(m, add)
     problems.sort(key=lambda p: (p.line, p.column))
@@ -313,6 +326,8 @@ def _check_media(m: Manifest, add) -> MediaInfo:
         source_info = probe(m.source)
         if source_info.kind == "audio":
             add(("source",), f"{m.source.name} has no picture; give a video or a still image")
+        elif source_info.kind == "video":
+            VideoFrames(m.source)  # every frame's timestamp, read now: a video PyAV cannot read fails here
     except MediaError as exc:
         add(("source",), f"{exc}; fix the path (relative to the manifest)")
     media: list[tuple[tuple, Path | None]] = [
@@ -389,6 +404,16 @@ def _check_render_geometry(m: Manifest, add, source: MediaInfo) -> None:
     for problem in geometry_problems(boxes, (source.width, source.height), m.render.size):
         if problem.severity == "error":
             add(_loc(problem.field), problem.message)
+
+
+def _check_engine(m: Manifest, add, source: MediaInfo) -> None:
+    """A request the engine cannot serve is refused here, not once per segment at render time."""
+    if m.render.engine == "multitalk" and source.kind == "video":
+        add(
+            ("render", "engine"),
+            f"multitalk animates a still, and {m.source.name} is a video; "
+            "use engine: infinitetalk (video-to-video) or auto",
+        )
 
 
 def _loc(field: str) -> tuple:

@@ -8,13 +8,14 @@ that line falls in.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from prefect import task
 
 from engine import gpu_state
 from engine.base import AUDIO_RATE, Caption, PersonInput, RenderJob
-from engine.media import write_wav
+from engine.media import is_still, write_wav
 from tasks.bind import boxes_for_segment, timed_boxes
 from tasks.segment import SegmentSpec
 from tasks.speakers import MIX_RATE, SAMPLES_PER_FRAME, load_track
@@ -30,7 +31,7 @@ class PersonSpec:
 
 @dataclass(frozen=True)
 class RenderOptions:
-    engine: str  # resolved: "preview" | "multitalk"
+    engine: str  # resolved: "preview" | "multitalk" | "infinitetalk"
     size: int
     steps: int
     seed: int
@@ -45,6 +46,11 @@ class Clip:
     video: Blob
     num_frames: int
     engine: str
+    start_frame: int = 0  # on the episode's 25 fps grid
+    crop: tuple[int, int, int, int] | None = (
+        None  # source pixels the frames cover (x0, y0, x1, y1); None: all
+    )
+    persons: tuple[str, ...] = ()  # ids of the persons the engine animated (paste-back composites these)
 
 
 def cut_segment_audio(
@@ -75,19 +81,24 @@ def render_segment(
     captions: tuple[tuple[float, float, str, int], ...],
     options: RenderOptions,
 ) -> Clip:
-    """Render one segment with the resolved engine; the clip has exactly segment.num_frames frames."""
+    """Render one segment with the resolved engine; the clip has exactly segment.num_frames frames.
+
+    A video source is rendered video-to-video from its own frames: the engine reads the reference frames
+    from `source_start_frame` on, through the exact 25 fps time map of engine.media.VideoFrames."""
     import soundfile as sf
 
+    animated = engine_persons(persons, segment, options.engine)
     job_persons = tuple(
         PersonInput(
             sf.read(str(ws.path(audio[p.id])), dtype="float32")[0], _job_box(p.box, segment), p.name or p.id
         )
-        for p in engine_persons(persons, segment, options.engine)
+        for p in animated
     )
     with ws.scratch() as tmp:
         job = RenderJob(
             source=ws.path(picture),
             persons=job_persons,
+            mode=job_mode(options.engine, ws.path(picture)),
             prompt=options.prompt,
             num_frames=segment.num_frames,
             source_start_frame=segment.start_frame,
@@ -99,9 +110,27 @@ def render_segment(
             captions=_job_captions(captions, segment),
             output=tmp / f"seg{segment.index:04d}.mp4",
         )
-        result = gpu_state.resident_renderer(options.engine).render(job)  # loaded once per worker
+        with gpu_state.using_renderer(
+            options.engine
+        ) as renderer:  # loaded once per worker, one job at a time
+            result = renderer.render(job)
         video = ws.put_file(result.path)
-    return Clip(segment.index, video, result.num_frames, options.engine)
+    crop = tuple(int(v) for v in result.crop) if result.crop is not None else None
+    return Clip(
+        segment.index,
+        video,
+        result.num_frames,
+        options.engine,
+        segment.start_frame,
+        crop,
+        tuple(p.id for p in animated),
+    )
+
+
+def job_mode(engine: str, source: Path) -> str:
+    """`infinitetalk` for a video source (V2V) and for the infinitetalk engine on a still (I2V); `multitalk`
+    otherwise (the manifest refuses multitalk with a video before any stage runs)."""
+    return "infinitetalk" if engine == "infinitetalk" or not is_still(source) else "multitalk"
 
 
 def engine_persons(

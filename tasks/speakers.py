@@ -15,7 +15,7 @@ import numpy as np
 from prefect import task
 
 from engine.base import FPS
-from engine.media import probe, read_audio, write_wav
+from engine.media import VideoFrames, probe, read_audio, write_wav
 from tasks.workspace import Blob, Workspace, stage_cache
 
 MIX_RATE = 48_000
@@ -24,8 +24,8 @@ SAMPLES_PER_FRAME = MIX_RATE // FPS  # 1920
 
 @dataclass(frozen=True)
 class Timeline:
-    total_frames: int
-    picture_frames: int | None  # a video source fixes the length; a still does not
+    total_frames: int  # the engines' 25 fps grid over the episode
+    source_frames: int | None = None  # a video source's own frames (any rate, VFR included); None: a still
 
     @property
     def total_samples(self) -> int:
@@ -39,12 +39,13 @@ class Timeline:
 def episode_timeline(
     ws: Workspace, source: Blob, source_kind: str, audio: list[Blob], extra_s: float = 0.0
 ) -> Timeline:
-    """Episode length in frames: the video's length, else the longest audio (or last line)."""
+    """Episode length in 25 fps frames: the video's own duration (its frames' timestamps, any frame rate),
+    else the longest audio (or last line)."""
     if source_kind == "video":
-        frames = max(1, int(round(probe(ws.path(source)).duration * FPS)))
-        return Timeline(frames, frames)
+        video = VideoFrames(ws.path(source))
+        return Timeline(video.num_frames25, video.count)
     longest = max([probe(ws.path(b)).duration for b in audio] + [extra_s])
-    return Timeline(max(1, math.ceil(longest * FPS - 1e-6)), None)
+    return Timeline(max(1, math.ceil(longest * FPS - 1e-6)))
 
 
 def conform_track(ws: Workspace, audio: Blob, timeline: Timeline) -> Blob:

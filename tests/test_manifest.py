@@ -167,3 +167,31 @@ def test_schema_json_is_up_to_date():
 def test_demo_manifest_is_valid_against_the_models():
     loaded = load_manifest(Path(__file__).parent.parent / "manifests" / "demo.yaml", check_media=False)
     assert loaded.manifest.speaker_ids() == ["ana", "ben"]
+
+
+VIDEO = GOOD.replace("scene.png", "scene.mp4").replace("engine: preview", "engine: multitalk")
+
+
+def test_multitalk_with_a_video_source_is_refused_up_front_at_its_line(media, capsys):
+    from tests.test_media_video import write_coded_video
+
+    write_coded_video(media / "scene.mp4", [i / 30 for i in range(30)], size=(640, 360))
+    path = write(media, VIDEO)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{path}:12:"), err
+    assert "render.engine: multitalk animates a still" in err[0] and "infinitetalk" in err[0]
+    assert "auto" in err[0] and "Traceback" not in err[0]
+    for fixed in ("engine: infinitetalk", "engine: auto"):
+        loaded = load_manifest(write(media, VIDEO.replace("engine: multitalk", fixed)))
+        assert loaded.source_info.kind == "video" and loaded.manifest.render.composite == "paste_back"
+
+
+def test_render_composite_is_one_of_two_and_multitalk_still_takes_stills(media):
+    loaded = load_manifest(
+        write(media, GOOD.replace("engine: preview", "engine: multitalk, composite: full_frame"))
+    )
+    assert loaded.manifest.render.composite == "full_frame"
+    with pytest.raises(ManifestError) as info:
+        load_manifest(write(media, GOOD.replace("size: 480", "size: 480, composite: overlay")))
+    assert "ep.yaml:12:" in str(info.value) and "overlay" in str(info.value)

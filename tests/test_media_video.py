@@ -78,3 +78,28 @@ def test_the_variable_rate_footage_sample_is_read_whole():
     gaps = np.diff(video.times)
     assert gaps.min() < 0.04 < gaps.max()  # really variable
     assert video.frames25([0, 75, 150]).shape == (3, 700, 700, 3)
+
+
+def test_the_timed_encoder_keeps_every_frames_own_timestamp(tmp_path):
+    from engine.media import write_timed_video
+
+    times = [0.0, 0.03, 0.05, 0.2, 0.21, 0.4, 0.41, 0.42, 0.6, 0.9]  # variable rate
+    frames = ((round(t * 1000), np.full((48, 64, 3), 8 * i, np.uint8)) for i, t in enumerate(times))
+    out = tmp_path / "timed.mp4"
+    assert write_timed_video(out, frames, Fraction(1, 1000), crf=0) == len(times)
+    video = VideoFrames(out)
+    np.testing.assert_allclose(video.times, times, atol=1e-3)
+    assert [level(f) for _, f in video.iter_frames()] == list(range(len(times)))
+    assert not list(tmp_path.glob(".*"))  # no temp file left beside it
+
+
+def test_a_failed_timed_encode_leaves_nothing(tmp_path):
+    from engine.media import write_timed_video
+
+    def broken():
+        yield 0, np.zeros((48, 64, 3), np.uint8)
+        raise RuntimeError("renderer died")
+
+    with pytest.raises(RuntimeError, match="died"):
+        write_timed_video(tmp_path / "x.mp4", broken(), Fraction(1, 1000))
+    assert list(tmp_path.iterdir()) == []

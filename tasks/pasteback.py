@@ -1,0 +1,152 @@
+"""paste-back: the rendered speakers composited onto the original video, at its own size and frame rate.
+
+The engine renders each segment at its bucket resolution, covering `Clip.crop` of the source (source
+pixels) on the 25 fps grid. Here every *source* frame is decoded with its own timestamp, mapped to the
+rendered frame nearest in time (`VideoFrames.grid25`), and each animated person's region of that rendered
+frame is scaled back into the crop rectangle and blended over the source through a feathered mask around
+the person's box (the box in effect at that frame). Outside the persons' regions the picture is the
+source, untouched. The result keeps every source frame and its timestamp: a variable-rate source stays
+variable-rate, with the same frame count and duration. One source frame and one rendered frame are held
+at a time, so host memory stays flat however long the episode.
+
+`full_frame` delivers the rendered frames scaled to the source size instead, at the source's timestamps.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from functools import lru_cache
+
+import numpy as np
+from prefect import task
+
+from engine.base import Box
+from engine.media import MediaError, VideoFrames, write_timed_video
+from tasks.bind import timed_boxes
+from tasks.render import Clip, PersonSpec
+from tasks.workspace import Blob, Workspace, stage_cache
+
+COMPOSITES = ("paste_back", "full_frame")
+CRF = 12  # the delivered picture is the source re-encoded once: keep it visually lossless (>= 40 dB PSNR)
+
+
+def paste_back(
+    ws: Workspace,
+    source: Blob,
+    picture: Blob,
+    clips: list[Clip],
+    persons: tuple[PersonSpec, ...],
+    composite: str = "paste_back",
+    feather_px: int = 16,
+) -> Blob:
+    """The stitched 25 fps render (`picture`) back onto the source video's own frames; returns the new
+    picture track (H.264, the source's size, frame count and timestamps)."""
+    if composite not in COMPOSITES:
+        raise ValueError(f"composite {composite!r} is unknown; use one of: {', '.join(COMPOSITES)}")
+    video, rendered = VideoFrames(ws.path(source)), VideoFrames(ws.path(picture))
+    regions = Regions(clips, persons, (video.width, video.height), feather_px)
+    frames = _composited(video, rendered, regions, composite == "full_frame")
+    with ws.scratch() as tmp:
+        out = tmp / "picture.mp4"
+        written = write_timed_video(out, frames, video.time_base, rate=video.count / video.duration, crf=CRF)
+        if written != video.count:
+            raise MediaError(f"paste-back wrote {written} frames, the source has {video.count}")
+        return ws.put_file(out)
+
+
+def _composited(
+    video: VideoFrames, rendered: VideoFrames, regions: Regions, full_frame: bool
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(pts, frame) for every source frame, in order: the rendered picture read forward only."""
+    grid = np.clip(video.grid25(np.arange(video.count)), 0, rendered.count - 1)
+    frames25 = rendered.iter_frames()
+    at, current = -1, None
+    for i, original in video.iter_frames():
+        while at < grid[i]:  # grid25 never goes back: frames are in presentation order
+            at, current = next(frames25)
+        if full_frame:
+            picture = _resize(current, (video.width, video.height))
+        else:
+            picture = regions.blend(original, current, int(grid[i]))
+        yield int(video.pts[i] - video.pts[0]), picture
+
+
+class Regions:
+    """Per 25 fps frame: the crop the rendered frame covers and the feathered mask of its animated persons."""
+
+    def __init__(
+        self, clips: list[Clip], persons: tuple[PersonSpec, ...], size: tuple[int, int], feather_px: int
+    ):
+        self.clips = sorted(clips, key=lambda c: c.start_frame)
+        self.starts = [c.start_frame for c in self.clips]
+        self.boxes = {p.id: sorted(timed_boxes(p.box), key=lambda b: b.start_frame) for p in persons}
+        self.size, self.feather = size, feather_px
+
+    def clip_at(self, frame25: int) -> Clip:
+        return self.clips[max(0, bisect.bisect_right(self.starts, frame25) - 1)]
+
+    def box_at(self, person: str, frame25: int) -> Box | None:
+        """The person's box in effect at `frame25`: the last one starting at or before it."""
+        boxes = self.boxes.get(person, [])
+        started = [b for b in boxes if b.start_frame <= frame25]
+        chosen = started[-1] if started else (boxes[0] if boxes else None)
+        return chosen.box if chosen else None
+
+    def blend(self, original: np.ndarray, rendered: np.ndarray, frame25: int) -> np.ndarray:
+        clip = self.clip_at(frame25)
+        crop = clip.crop or (0, 0, *self.size)
+        boxes = tuple(b for p in clip.persons if (b := self.box_at(p, frame25)) is not None)
+        mask, (x0, y0, x1, y1) = _mask(boxes, crop, self.size, self.feather)
+        if mask is None:
+            return original
+        scaled = _resize(rendered, (crop[2] - crop[0], crop[3] - crop[1]))
+        ours = scaled[y0 - crop[1] : y1 - crop[1], x0 - crop[0] : x1 - crop[0]].astype(np.float32)
+        theirs = original[y0:y1, x0:x1].astype(np.float32)
+        out = original.copy()
+        out[y0:y1, x0:x1] = np.rint(theirs + mask[..., None] * (ours - theirs)).astype(np.uint8)
+        return out
+
+
+@lru_cache(maxsize=64)  # boxes rarely change from frame to frame: one mask per (boxes, crop)
+def _mask(
+    boxes: tuple[Box, ...], crop: tuple[int, int, int, int], size: tuple[int, int], feather: int
+) -> tuple[np.ndarray | None, tuple[int, int, int, int]]:
+    """The blend weights (h, w) float32 in [0, 1] over the rectangle (x0, y0, x1, y1) that holds them: 1 on
+    each box, falling to 0 over `feather` pixels outside it, nothing outside the rendered crop."""
+    width, height = size
+    cx0, cy0, cx1, cy1 = max(0, crop[0]), max(0, crop[1]), min(width, crop[2]), min(height, crop[3])
+    grown = [(b.x0 - feather, b.y0 - feather, b.x1 + feather, b.y1 + feather) for b in boxes]
+    x0 = max(cx0, min((g[0] for g in grown), default=cx1))
+    y0 = max(cy0, min((g[1] for g in grown), default=cy1))
+    x1 = min(cx1, max((g[2] for g in grown), default=cx0))
+    y1 = min(cy1, max((g[3] for g in grown), default=cy0))
+    if x1 <= x0 or y1 <= y0:
+        return None, (0, 0, 0, 0)
+    xs, ys = np.arange(x0, x1), np.arange(y0, y1)
+    mask = np.zeros((y1 - y0, x1 - x0), np.float32)
+    for b in boxes:
+        mask = np.maximum(
+            mask, _ramp(ys, b.y0, b.y1, feather)[:, None] * _ramp(xs, b.x0, b.x1, feather)[None]
+        )
+    return mask, (x0, y0, x1, y1)
+
+
+def _ramp(coords: np.ndarray, lo: int, hi: int, feather: int) -> np.ndarray:
+    """1 inside [lo, hi), then linearly down to 0 at `feather` pixels outside (a hard edge for 0)."""
+    outside = np.maximum(np.maximum(lo - coords, coords - (hi - 1)), 0).astype(np.float32)
+    return np.clip(1.0 - outside / (feather + 1), 0.0, 1.0) if feather else (outside == 0).astype(np.float32)
+
+
+def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size[1], size[0], 3): bilinear, as the engine scaled the source down."""
+    if (frame.shape[1], frame.shape[0]) == size:
+        return frame
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR))
+
+
+pasteback_task = task(
+    paste_back, name="paste-back", cache_policy=stage_cache("tasks.pasteback"), persist_result=True
+)

@@ -1,0 +1,100 @@
+"""Generated footage and a stand-in V2V renderer for the paste-back path (tests only).
+
+`StandInV2V` keeps the real engine's output contract (ENGINE.md §1.1, §4.1, §5.7) without a model: it
+reads its frames from the source video through `VideoFrames` at `source_start_frame` on the 25 fps grid,
+cover-crops them to a fixed bucket, and returns clips of exactly `num_frames` frames at the bucket size
+covering `RenderResult.crop`. Its picture is the source's crop *inverted*, so anything of the render that
+leaks outside the persons' regions, or lands on the wrong frame, shows.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from engine.base import FPS, JobError, RenderJob, RenderResult
+from engine.media import VideoFrames, ffmpeg_exe, is_still
+from engine.video import Mp4Writer
+
+BUCKET = (48, 48)  # (h, w): square, so a wide source is cropped, and smaller, so the crop is scaled back up
+
+
+def moving_picture(i: int, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 smooth gradients that move and brighten with the frame index (no two alike)."""
+    w, h = size
+    x, y = np.meshgrid(np.arange(w), np.arange(h))
+    red = 60 + 50 * np.sin((x + 4 * i) / 9.0)
+    green = 60 + 50 * np.cos((y - 3 * i) / 7.0)
+    blue = np.full_like(red, 40 + 2 * i % 160)
+    return np.clip(np.stack([red, green, blue], axis=-1), 0, 255).astype(np.uint8)
+
+
+def write_moving_video(path: Path, times_s: list[float], size=(128, 64)) -> Path:
+    """An H.264 video (no sound) whose frame i, `moving_picture(i)`, is shown at times_s[i] (VFR allowed)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        stream.options = {"crf": "0", "bf": "0"}
+        for i, t in enumerate(times_s):
+            frame = av.VideoFrame.from_ndarray(moving_picture(i, size), format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def cover_crop(width: int, height: int, bucket: tuple[int, int] = BUCKET) -> tuple[int, int, int, int]:
+    """The centred source rectangle a cover-resize to `bucket` keeps (as the engine's framing does)."""
+    scale = max(bucket[0] / height, bucket[1] / width)
+    cw, ch = min(width, round(bucket[1] / scale)), min(height, round(bucket[0] / scale))
+    x0, y0 = (width - cw) // 2, (height - ch) // 2
+    return x0, y0, x0 + cw, y0 + ch
+
+
+class StandInV2V:
+    name = "infinitetalk"
+
+    def render(self, job: RenderJob, *, progress=None) -> RenderResult:
+        from PIL import Image
+
+        if job.mode != "infinitetalk" or is_still(job.source):
+            raise JobError(f"mode: {job.mode!r} with source {job.source}; rule: infinitetalk with a video")
+        video = VideoFrames(job.source)
+        crop = cover_crop(video.width, video.height)
+        n = job.resolved_num_frames()
+        with Mp4Writer(Path(job.output), ffmpeg_exe(), crf=12, preset="veryfast") as out:
+            for start in range(0, n, 25):  # a chunk at a time, like the engine
+                grid = np.arange(start, min(n, start + 25)) + job.source_start_frame
+                for frame in video.frames25(grid):
+                    part = frame[crop[1] : crop[3], crop[0] : crop[2]]
+                    small = np.asarray(Image.fromarray(part).resize(BUCKET[::-1], Image.BILINEAR))
+                    out.write(255 - small)
+        return RenderResult(Path(job.output), n, FPS, BUCKET[0], BUCKET[1], job.seed, crop=crop)
+
+
+def stand_in_v2v(**_: object) -> StandInV2V:
+    return StandInV2V()
+
+
+def tiny_infinitetalk(**settings: object):
+    """The real engine with tiny random weights in infinitetalk mode (V2V needs the engine branch)."""
+    from engine.multitalk import renderer
+
+    factory = getattr(renderer, "InfiniteTalkRenderer", renderer.MultiTalkRenderer)
+    return factory(tiny=True, **settings)
+
+
+def tiny_multitalk(**settings: object):
+    from engine.multitalk.renderer import MultiTalkRenderer
+
+    return MultiTalkRenderer(tiny=True, **settings)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

@@ -1,0 +1,42 @@
+"""Paste-back's geometry: which box holds at a frame, and a mask that is 1 on it and 0 beyond the feather."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.base import Box
+from tasks.pasteback import Regions, _mask
+from tasks.render import Clip, PersonSpec
+from tasks.workspace import Blob
+
+MOVING = PersonSpec(
+    "ana",
+    "Ana",
+    [{"from": 0, "to": 2, "box": [10, 10, 30, 30]}, {"from": 2, "to": None, "box": [50, 10, 70, 30]}],
+)
+STILL = PersonSpec("ben", "Ben", [80, 10, 100, 30])
+
+
+def _clip(start: int, persons: tuple[str, ...]) -> Clip:
+    return Clip(0, Blob("0" * 64, 1, ".mp4"), 25, "infinitetalk", start, (0, 0, 120, 60), persons)
+
+
+def test_the_box_in_effect_at_each_frame_and_only_the_animated_persons():
+    regions = Regions([_clip(25, ("ben",)), _clip(0, ("ana",))], (MOVING, STILL), (120, 60), 4)
+    assert regions.box_at("ana", 49) == Box(10, 10, 30, 30) and regions.box_at("ana", 50) == Box(
+        50, 10, 70, 30
+    )
+    assert regions.clip_at(24).persons == ("ana",) and regions.clip_at(25).persons == ("ben",)
+    original = np.zeros((60, 120, 3), np.uint8)
+    out = regions.blend(original, np.full_like(original, 200), 30)  # ben's segment: ana's face untouched
+    assert out[20, 90].tolist() == [200] * 3 and out[20, 20].tolist() == [0] * 3
+
+
+def test_the_mask_is_one_on_the_box_and_zero_past_the_feather_and_the_crop():
+    mask, (x0, y0, x1, y1) = _mask((Box(20, 20, 40, 40),), (0, 0, 100, 50), (100, 60), 5)
+    assert (x0, y0, x1, y1) == (15, 15, 45, 45)
+    full = np.zeros((60, 100), np.float32)
+    full[y0:y1, x0:x1] = mask
+    assert full[20:40, 20:40].min() == 1.0 and 0 < full[30, 42] < 1
+    assert full[:, :15].max() == 0 and full[:, 45:].max() == 0 and full[45:].max() == 0
+    assert _mask((Box(20, 20, 40, 40),), (50, 0, 100, 50), (100, 60), 5)[0] is None  # outside the crop
