@@ -30,7 +30,7 @@ from tasks.enhance import enhance_task
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
 from tasks.pasteback import pasteback_task
 from tasks.remix import MixTarget, remix_task
-from tasks.render import PersonSpec, RenderOptions, cut_audio_task, render_task
+from tasks.render import PersonSpec, RenderOptions, chain_successors, cut_audio_task, render_task
 from tasks.segment import EpisodePlan, PlanSettings, plan_task
 from tasks.separate import resolve_separate_backend, separate_task, weights_revision
 from tasks.speakers import conform_task, timeline_task, tts_task
@@ -183,7 +183,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     slices = runner.run(cut_audio_task, "cut-audio", tracks, list(plan.segments))
     # 6. render every segment (fanned out), 7. stitch, 8. enhance
     log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))
-    clips, plan = _render_all(m, ws, runner, plan, slices, source, engine, tracks)
+    clips, plan = _render_all(m, ws, runner, plan, slices, source, engine, tracks, binding.shot_cuts)
     picture = runner.run(stitch_task, "stitch", clips, timeline.total_frames)
     # 7b. a video source: the speakers pasted back onto its own frames, at its size and frame rate
     pasted = loaded.source_info.kind == "video" and engine != "preview"
@@ -349,27 +349,31 @@ def _persons(m: Manifest) -> tuple[PersonSpec, ...]:
 
 
 def _render_all(
-    m, ws: Workspace, runner: StageRunner, plan, slices, source: Blob, engine: str, tracks
+    m, ws: Workspace, runner: StageRunner, plan, slices, source: Blob, engine: str, tracks, shot_cuts=()
 ) -> tuple[list, EpisodePlan]:
     """Render every segment on the render workers; one that runs out of memory is split and its halves
     rendered instead (as many rounds as it takes). Clips come back in picture order, with the plan as
-    rendered: after a split, its segments carry `split_from` and the "split" flag."""
+    rendered: after a split, its segments carry `split_from` and the "split" flag. With render.chain the
+    segments of a shot render in order, each continuing from the one before (halves of a split do not)."""
     base = RenderOptions(
-        engine,
-        m.render.size,
-        m.render.steps,
-        m.render.seed,
-        m.render.prompt,
-        m.render.text_scale,
-        m.render.audio_scale,
+        engine=engine,
+        size=m.render.size,
+        steps=m.render.steps,
+        seed=m.render.seed,
+        prompt=m.render.prompt,
+        text_scale=m.render.text_scale,
+        audio_scale=m.render.audio_scale,
+        chain=m.render.chain,
     )
     jobs, clips, failed = list(zip(plan.segments, slices, strict=True)), {}, {}
+    links = chain_successors(plan.segments, tuple(shot_cuts), _persons(m), engine) if base.chain else {}
     splitter: SplitPlanner | None = None
     while jobs:
-        out_of_memory = _render_round(m, ws, runner, plan, jobs, source, base, clips, failed)
+        out_of_memory = _render_round(m, ws, runner, plan, jobs, source, base, clips, failed, links)
         if out_of_memory and splitter is None:
             splitter = SplitPlanner(ws, plan.plan, tracks)
         jobs = _split_round(runner, splitter, out_of_memory, tracks, failed) if out_of_memory else []
+        links = {}
     publish_segment_table(m.episode, runner.stages)
     if failed:
         raise SegmentsFailed(m.episode, failed)
@@ -379,31 +383,61 @@ def _render_all(
     return [dataclasses.replace(clip, segment=i) for i, clip in enumerate(ordered)], plan  # stitch order
 
 
-def _render_round(m, ws, runner: StageRunner, plan, jobs, source, base, clips: dict, failed: dict) -> list:
-    """Submit `jobs` largest first, settle each as it finishes; returns the segments that ran out of memory."""
+def _render_round(
+    m, ws, runner: StageRunner, plan, jobs, source, base, clips: dict, failed: dict, links: dict[int, int]
+) -> list:
+    """Submit `jobs` largest first, settle each as it finishes; returns the segments that ran out of memory.
+    A segment that continues another (`links`: index -> next index) is submitted when that one is done."""
     persons, calls, out_of_memory = _persons(m), {}, []  # calls: id(future) -> (future, label, args)
-    for seg, audio in sorted(jobs, key=lambda job: -job[0].num_frames):
+    waiting = {links[i]: None for i in links}  # chained segments wait for their predecessor
+    by_index = {seg.index: (seg, audio) for seg, audio in jobs}
+
+    def submit(seg, audio, previous: Blob | None) -> None:
         label = f"render[{m.episode}#{seg.index:02d}]"
-        args = (seg, source, audio, persons, plan.captions_for(seg), _segment_options(base, m, seg.index))
+        options = _segment_options(base, m, seg.index)
+        args = (seg, source, audio, persons, plan.captions_for(seg), options, previous)
         tsk = runner.bind(render_task, label).with_options(retry_condition_fn=_retry_unless_out_of_memory)
         if seg.index in runner.force_segments:
             tsk = tsk.with_options(refresh_cache=True)
         with render_slot(seg.num_frames):
             future = tsk.submit(ws, *args)
         calls[id(future)] = (future, label, args)
-    for future in as_completed([f for f, _, _ in calls.values()]):
-        _, label, args = calls[id(future)]
+
+    for seg, audio in sorted(jobs, key=lambda job: -job[0].num_frames):
+        if seg.index not in waiting:
+            submit(seg, audio, None)
+    while calls:
+        future = next(iter(as_completed([f for f, _, _ in calls.values()])))
+        _, label, args = calls.pop(id(future))
+        seg = args[0]
         future.wait()  # done, but its final state is only fetched by wait()
+        clip = None
         try:
             clip = runner.settle(render_task, label, args, future.state)
-            clips[args[0].start_frame] = clip
+            clips[seg.start_frame] = clip
         except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others' results
             if is_out_of_memory(exc):
-                out_of_memory.append((args[0], exc))
+                out_of_memory.append((seg, exc))
             else:
-                failed[args[0].index] = f"{type(exc).__name__}: {exc}"
-        runner.stages[-1] |= segment_facts(args[0], future)
+                failed[seg.index] = f"{type(exc).__name__}: {exc}"
+        runner.stages[-1] |= segment_facts(seg, future)
+        if seg.index in links:
+            _continue_chain(links, seg.index, clip, by_index, submit, failed)
     return out_of_memory
+
+
+def _continue_chain(links: dict[int, int], index: int, clip, by_index: dict, submit, failed: dict) -> None:
+    """Submit the segment that continues `index`; when `index` produced no clip, the rest of its chain
+    renders from scratch (an out-of-memory split is rendered in halves, unchained) or fails with it."""
+    after = links[index]
+    if clip is not None:
+        submit(*by_index[after], clip.state)
+    elif index in failed:
+        while after is not None:
+            failed[after] = f"not rendered: segment #{index} before it in its chain failed"
+            after = links.get(after)
+    else:
+        submit(*by_index[after], None)
 
 
 def _split_round(runner: StageRunner, splitter, out_of_memory: list, tracks, failed: dict) -> list:

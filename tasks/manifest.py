@@ -111,6 +111,11 @@ class RenderSettings(Strict):
     feather_px: int = Field(
         16, ge=0, le=256, description="paste_back: soft edge around each speaker's box, in source pixels"
     )
+    chain: bool = Field(
+        False,
+        description="carry the engine's motion frames across consecutive segments of one shot (seamless joins);"
+        " the segments of a shot then render one after another instead of side by side",
+    )
     size: Literal[480, 720] = 480
     steps: int = Field(8, ge=1, le=200)
     seed: int = Field(7, ge=0)

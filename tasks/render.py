@@ -21,6 +21,8 @@ from tasks.segment import SegmentSpec
 from tasks.speakers import MIX_RATE, SAMPLES_PER_FRAME, load_track
 from tasks.workspace import Blob, Workspace, stage_cache
 
+CHAIN_PERSONS = 2  # persons the engine binds at once (its trained limit): a chain animates them all
+
 
 @dataclass(frozen=True)
 class PersonSpec:
@@ -38,6 +40,7 @@ class RenderOptions:
     prompt: str
     text_scale: float
     audio_scale: float
+    chain: bool = False  # continue each segment from the previous one of its shot (render.chain)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class Clip:
         None  # source pixels the frames cover (x0, y0, x1, y1); None: all
     )
     persons: tuple[str, ...] = ()  # ids of the persons the engine animated (paste-back composites these)
+    state: Blob | None = (
+        None  # the engine's stream state after the last frame (render.chain: the next continues)
+    )
 
 
 def cut_segment_audio(
@@ -80,14 +86,19 @@ def render_segment(
     persons: tuple[PersonSpec, ...],
     captions: tuple[tuple[float, float, str, int], ...],
     options: RenderOptions,
+    previous: Blob | None = None,
 ) -> Clip:
     """Render one segment with the resolved engine; the clip has exactly segment.num_frames frames.
+
+    With `options.chain` the engine's stream state is kept, and `previous` (the state of the segment before
+    this one in its shot) makes the engine continue from it: the join is seamless, and a re-render of the
+    previous segment changes this one's cache key.
 
     A video source is rendered video-to-video from its own frames: the engine reads the reference frames
     from `source_start_frame` on, through the exact 25 fps time map of engine.media.VideoFrames."""
     import soundfile as sf
 
-    animated = engine_persons(persons, segment, options.engine)
+    animated = engine_persons(persons, segment, options.engine, chain=options.chain)
     job_persons = tuple(
         PersonInput(
             sf.read(str(ws.path(audio[p.id])), dtype="float32")[0], _job_box(p.box, segment), p.name or p.id
@@ -109,12 +120,15 @@ def render_segment(
             audio_scale=options.audio_scale,
             captions=_job_captions(captions, segment),
             output=tmp / f"seg{segment.index:04d}.mp4",
+            continue_from=ws.path(previous) if previous is not None else None,
+            state_output=tmp / "state.safetensors" if options.chain else None,
         )
         with gpu_state.using_renderer(
             options.engine
         ) as renderer:  # loaded once per worker, one job at a time
             result = renderer.render(job)
         video = ws.put_file(result.path)
+        state = ws.put_file(job.state_output) if job.state_output and job.state_output.exists() else None
     crop = tuple(int(v) for v in result.crop) if result.crop is not None else None
     return Clip(
         segment.index,
@@ -124,6 +138,7 @@ def render_segment(
         segment.start_frame,
         crop,
         tuple(p.id for p in animated),
+        state,
     )
 
 
@@ -134,14 +149,37 @@ def job_mode(engine: str, source: Path) -> str:
 
 
 def engine_persons(
-    persons: tuple[PersonSpec, ...], segment: SegmentSpec, engine: str
+    persons: tuple[PersonSpec, ...], segment: SegmentSpec, engine: str, *, chain: bool = False
 ) -> tuple[PersonSpec, ...]:
     """Who the engine animates: the preview shows everyone; MultiTalk binds the segment's speakers (at most
-    its person limit, chosen by the planner), or the first person, silent, when nobody speaks."""
-    if engine == "preview":
+    its person limit, chosen by the planner), or the first person, silent, when nobody speaks. In a chain
+    every person is animated in every segment when the engine can bind them all (a silent track is real
+    audio), so consecutive segments keep the same persons and can continue one from the other."""
+    if engine == "preview" or (chain and len(persons) <= CHAIN_PERSONS):
         return persons
     chosen = tuple(p for p in persons if p.id in segment.speakers)
     return chosen or persons[:1]
+
+
+def chain_successors(
+    segments: tuple[SegmentSpec, ...],
+    shot_cuts: tuple[int, ...],
+    persons: tuple[PersonSpec, ...],
+    engine: str,
+) -> dict[int, int]:
+    """render.chain: segment index -> the index of the segment that continues from it. A segment continues
+    the one that ends where it starts, in the same shot (no cut between: the picture would jump anyway),
+    with the same animated persons (the engine's state carries one audio context per person)."""
+    ordered = sorted(segments, key=lambda s: s.start_frame)
+    cuts = set(shot_cuts)
+    links = {}
+    for before, after in zip(ordered, ordered[1:], strict=False):
+        same_people = [p.id for p in engine_persons(persons, before, engine, chain=True)] == [
+            p.id for p in engine_persons(persons, after, engine, chain=True)
+        ]
+        if before.end_frame == after.start_frame and after.start_frame not in cuts and same_people:
+            links[before.index] = after.index
+    return links
 
 
 def _job_box(spec, segment: SegmentSpec):

@@ -98,3 +98,27 @@ def tiny_multitalk(**settings: object):
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+class RecordingRenderer:
+    """Wraps an engine and appends each job's chain facts to the JSON-lines file $DUBFLOW_TEST_JOB_LOG."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+
+    def render(self, job: RenderJob, *, progress=None) -> RenderResult:
+        import json
+        import os
+
+        entry = {
+            "start": job.source_start_frame,
+            "frames": job.num_frames,
+            "continues": job.continue_from is not None,
+        }
+        with open(os.environ["DUBFLOW_TEST_JOB_LOG"], "a") as log:
+            log.write(json.dumps(entry) + "\n")
+        return self.inner.render(job, progress=progress)
+
+
+def recording_tiny_infinitetalk(**settings: object) -> RecordingRenderer:
+    return RecordingRenderer(tiny_infinitetalk(**settings))

@@ -188,3 +188,46 @@ def test_the_preview_of_a_video_is_delivered_as_rendered(tmp_path, capsys):
         == round(VideoFrames(tmp_path / "clip.mp4").duration * 25)
     )
     assert abs(qc["av_difference_seconds"]) <= 1 / 25
+
+
+@pytest.mark.parametrize("chain", [False, True], ids=["independent", "chain"])
+def test_chained_segments_render_in_order_each_continuing_the_last(tmp_path, capsys, monkeypatch, chain):
+    """render.chain: the segments of one shot render one after the other, each from the engine state the
+    one before it left; without it they are independent (and may render side by side)."""
+    log = tmp_path / "jobs.jsonl"
+    monkeypatch.setenv("DUBFLOW_TEST_JOB_LOG", str(log))
+    monkeypatch.setenv(
+        "DUBFLOW_ENGINE_OVERRIDES", "infinitetalk=tests.footage_fixtures:recording_tiny_infinitetalk"
+    )
+    source = write_moving_video(tmp_path / "clip.mp4", [i / 25 for i in range(60)])
+    render = f"engine: infinitetalk, steps: 1, max_segment_s: 0.8, feather_px: {FEATHER}, chain: {str(chain).lower()}"
+    record = _run(_manifest(tmp_path, "clip.mp4", BOX, render, 2.4), tmp_path / "work", capsys)
+    jobs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(jobs) >= 3
+    if chain:
+        assert [j["start"] for j in jobs] == sorted(j["start"] for j in jobs)  # in picture order
+        assert [j["continues"] for j in jobs] == [False] + [True] * (len(jobs) - 1)
+        assert all(a["start"] + a["frames"] == b["start"] for a, b in zip(jobs, jobs[1:], strict=False))
+    else:
+        assert not any(j["continues"] for j in jobs)
+    _check_pasted_back(record, source, BOX, FEATHER)
+
+
+def test_a_chain_breaks_at_shot_cuts_gaps_and_changes_of_persons():
+    from tasks.render import PersonSpec, chain_successors
+    from tasks.segment import SegmentSpec
+
+    two = (PersonSpec("ana", "ana", [0, 0, 10, 10]), PersonSpec("ben", "ben", [20, 0, 30, 10]))
+    segments = tuple(
+        SegmentSpec(i, a, b, who)
+        for i, (a, b, who) in enumerate(
+            [(0, 30, ("ana",)), (30, 60, ("ben",)), (60, 90, ()), (90, 120, ("ana",)), (125, 150, ("ben",))]
+        )
+    )
+    # two persons: both animated everywhere, so only the shot cut at 90 and the gap at 120..125 break it
+    assert chain_successors(segments, (90,), two, "infinitetalk") == {0: 1, 1: 2}
+    three = (*two, PersonSpec("cy", "cy", [40, 0, 50, 10]))  # more than the engine binds: each its speakers
+    # ana | ben | nobody (ana animated, silent) | ana | gap | ben: only the silent stretch and ana continue
+    assert chain_successors(segments, (), three, "infinitetalk") == {2: 3}
+    same_speaker = tuple(SegmentSpec(i, 30 * i, 30 * (i + 1), ("ana",)) for i in range(3))
+    assert chain_successors(same_speaker, (), three, "infinitetalk") == {0: 1, 1: 2}
