@@ -562,19 +562,19 @@ def _first_tensor(out) -> torch.Tensor | None:
     )
 
 
-def finite_watch(parts) -> dict[str, list[int]]:
-    """Forward hooks counting [calls, calls with a non-finite output] per component (random weights must keep
+def finite_watch(parts) -> dict[str, dict[str, int]]:
+    """Forward hooks counting calls and calls with a non-finite output per component (random weights must keep
     activations finite, or the timings mean nothing)."""
     modules = {"dit": parts.transformer, "umt5": parts.text_encoder, "clip": parts.image_encoder,
                "vae_encoder": parts.vae.encoder, "vae_decoder": parts.vae.decoder,
                "wav2vec2": parts.wav2vec.model.encoder.layers[-1]}  # fmt: skip
-    counts = {name: [0, 0] for name in modules}
+    counts = {name: {"calls": 0, "nonfinite": 0} for name in modules}
 
     def hook(name):
         def count(module, args, out):
             tensor = _first_tensor(out)
-            counts[name][0] += 1
-            counts[name][1] += int(tensor is not None and not bool(torch.isfinite(tensor).all()))
+            counts[name]["calls"] += 1
+            counts[name]["nonfinite"] += int(tensor is not None and not bool(torch.isfinite(tensor).all()))
 
         return count
 
@@ -628,6 +628,8 @@ def measured_render(pipe, job, device: str) -> dict:
             stage_peak[stage] = max(stage_peak[stage] or 0.0, peak)
             torch.cuda.reset_peak_memory_stats()
         stage_rss[stage] = max(stage_rss[stage] or 0.0, rss_gib() or 0.0)
+        if stage != "audio":  # live, so a run cut short by `timeout` still shows how far it got
+            print(f"    {stage:8} {done}/{total}  {dt:8.3f} s", flush=True)
 
     def sink(frames: np.ndarray) -> None:
         emitted[0] += len(frames)
@@ -676,10 +678,11 @@ def print_run(label: str, run: dict) -> None:
         )
 
 
-def run_gpu_stream(args: argparse.Namespace) -> dict:
+def run_gpu_stream(args: argparse.Namespace, save=lambda report: None) -> dict:
     """2 streamed chunks through `MultiTalkPipeline.render` (InfiniteTalk V2V, then the 1-chunk baseline and
     MultiTalk I2V as the budget allows): at the real 480p shape with random weights on CUDA, or `--shape
-    tiny` (tiny.py) on any device to check the same code path."""
+    tiny` (tiny.py) on any device to check the same code path. `save(report)` runs after the build and after
+    every render, so a run stopped by its `timeout` leaves what it measured."""
     import tempfile
 
     from engine.multitalk.pipeline import MultiTalkPipeline
@@ -709,13 +712,14 @@ def run_gpu_stream(args: argparse.Namespace) -> dict:
         parts, built = tiny_stream_components(device)
         settings = EngineSettings(device=device, dtype="fp32")
     report["build"] = {"s": time.perf_counter() - start, "components": built, "rss_gib": rss_gib()}
+    report["runs"] = runs = {}
     if device == "cuda":
         report["build"]["gpu_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
     print(f"device {name}; {shape.name} shape; built in {report['build']['s']:.1f} s: "
           + ", ".join(f"{k} {v['weights_gib'] * 1024:.1f} MiB" for k, v in built.items() if "weights_gib" in v))  # fmt: skip
-    nonfinite = finite_watch(parts)
+    report["finite"] = finite_watch(parts)  # filled in as the renders run
+    save(report)
     pipe = MultiTalkPipeline(parts, settings, shape.buckets, shape.motion_frames)
-    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         main_mode, *others = args.modes
         longest = max(shape.frames(m, STREAM_CHUNKS) for m in args.modes)
@@ -742,8 +746,7 @@ def run_gpu_stream(args: argparse.Namespace) -> dict:
                     break
                 continue
             print_run(label, run)
-    report["runs"] = runs
-    report["finite"] = {k: {"calls": c, "nonfinite": n} for k, (c, n) in nonfinite.items()}
+            save(report)
     report["peak_rss_gib"] = peak_rss_gib()
     main = runs.get(plan[0][0], {})
     if "error" not in main:
@@ -829,10 +832,14 @@ def main() -> None:
         print(json.dumps(stream_one(args.stream_one, args.mode, args.steps, args.threads)))
         return
     if args.gpu_stream:
-        report = run_gpu_stream(args)
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            Path(args.out, "engine_gpu_stream.json").write_text(json.dumps(report, indent=1, default=str))
+
+        def save(report: dict) -> None:
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                Path(args.out, "engine_gpu_stream.json").write_text(json.dumps(report, indent=1, default=str))
+
+        report = run_gpu_stream(args, save)
+        save(report)
         if "s_per_chunk" not in report:
             sys.exit("--gpu-stream: the streamed render failed (see the report)")
         return
