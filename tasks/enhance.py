@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from engine.media import MediaError, count_video_frames, run_ffmpeg
+from engine.media import MediaError, VideoFrames, count_video_frames, probe, run_ffmpeg
 from tasks.workspace import Blob, Workspace, stage_cache
 
 FILTERS = {"ffmpeg": "hqdn3d=1.5:1.5:6:6,unsharp=5:5:0.6:5:5:0.0"}
@@ -20,6 +20,10 @@ def enhance_picture(ws: Workspace, picture: Blob, backend: str) -> Blob:
     if backend not in FILTERS:
         raise ValueError(f"enhance backend {backend!r} is unknown; use one of: none, {', '.join(FILTERS)}")
     frames = count_video_frames(ws.path(picture))
+    info = probe(ws.path(picture))
+    time_base = VideoFrames(ws.path(picture)).time_base
+    # 4:2:0 needs even sizes; paste-back keeps an odd-sized source's size in 4:4:4, and so does this
+    pix_fmt = ["-pix_fmt", "yuv420p"] if info.width % 2 == 0 and info.height % 2 == 0 else []
     with ws.scratch() as tmp:
         out = tmp / "enhanced.mp4"
         run_ffmpeg(
@@ -34,10 +38,13 @@ def enhance_picture(ws: Workspace, picture: Blob, backend: str) -> Blob:
                 "veryfast",
                 "-crf",
                 "18",
-                "-pix_fmt",
-                "yuv420p",
+                *pix_fmt,
                 "-fps_mode",
-                "passthrough",  # every frame keeps its own time: a variable-rate picture stays so
+                "passthrough",  # every frame keeps its own time: a variable-rate picture stays so ...
+                "-enc_time_base",
+                str(time_base),  # ... in the input's own time base (the encoder's default 1/rate rounds
+                "-video_track_timescale",  # the times away, and so would the mp4 track's)
+                str(time_base.denominator),
                 "-an",
                 str(out),
             ],
