@@ -489,7 +489,10 @@ def _provenance(m: Manifest, ws: Workspace, source: Blob, raw: dict, backend: st
         "inputs": {"source": source.sha256, **{f"track:{k}": v.sha256 for k, v in raw.items()}},
         "plan": plan.plan.sha256,
         "code": {
-            **{name: code_version(name) for name in ("tasks.render", "tasks.remix", "tasks.deliver")},
+            **{
+                name: code_version(name)
+                for name in ("tasks.render", "tasks.pasteback", "tasks.remix", "tasks.deliver")
+            },
             f"engine:{engine}": code_version(engine_target(engine).partition(":")[0]),
         },
     }
