@@ -77,7 +77,7 @@ def write_episode(folder: Path, seconds: float, max_segment_s: float, steps: int
 
 
 def dub(folder: Path, chain: bool, args: argparse.Namespace) -> dict:
-    """`dubflow run` of the episode; the run record, the rendered boundaries and the chained ones."""
+    """`dubflow run` of the episode: its stitched picture, the plan's boundaries and cuts, the chained starts."""
     from flows.cli import main as dubflow
 
     manifest = write_episode(folder, args.seconds, args.max_segment_s, args.steps, chain)
