@@ -77,7 +77,7 @@ def write_episode(folder: Path, seconds: float, max_segment_s: float, steps: int
 
 
 def dub(folder: Path, chain: bool, args: argparse.Namespace) -> dict:
-    """`dubflow run` of the episode: its stitched picture, the plan's boundaries and cuts, the chained starts."""
+    """`dubflow run` of the episode: its stitched picture, the boundaries and cuts, the chained starts."""
     from flows.cli import main as dubflow
 
     manifest = write_episode(folder, args.seconds, args.max_segment_s, args.steps, chain)
@@ -125,17 +125,14 @@ def measure_source(source: Path, boundaries: list[int], total: int) -> dict:
 
 
 def print_mode(name: str, r: dict) -> None:
-    e, f = "delta_e", "flow"
-    print(
-        f"{name}: {len(r['seams'])} seams at {r.get('boundaries', '')}, {r['ordinary_pairs']} ordinary pairs"
-        + (f", {len(r['continued'])} continued, dubflow run {r['run_s']:.0f} s" if "continued" in r else "")
-    )
-    print(
-        f"  colour ΔE00  seam mean {r['seam_mean'][e]:7.2f}  max {r['seam_max'][e]:7.2f}   ordinary median "
-        f"{r['ordinary'][e]['median']:7.2f}  p90 {r['ordinary'][e]['p90']:7.2f}   seam/ordinary {r['ratio'][e]:6.2f}"
-    )
-    print(f"  flow px      seam mean {r['seam_mean'][f]:7.2f}  max {r['seam_max'][f]:7.2f}   ordinary median "
-          f"{r['ordinary'][f]['median']:7.2f}  p90 {r['ordinary'][f]['p90']:7.2f}   seam/ordinary {r['ratio'][f]:6.2f}")  # fmt: skip
+    runs = f", {len(r['continued'])} continued, dubflow run {r['run_s']:.0f} s" if "continued" in r else ""
+    print(f"{name}: {len(r['seams'])} seams at {r['boundaries']}, {r['ordinary_pairs']} ordinary pairs{runs}")
+    for key, label in (("delta_e", "colour ΔE00"), ("flow", "flow px")):
+        seam, ordinary = f"{r['seam_mean'][key]:6.2f}  max {r['seam_max'][key]:6.2f}", r["ordinary"][key]
+        print(
+            f"  {label:11}  seam mean {seam}   ordinary median {ordinary['median']:6.2f}  p90"
+            f" {ordinary['p90']:6.2f}   seam/ordinary {r['ratio'][key]:6.2f}"
+        )
 
 
 def main() -> None:

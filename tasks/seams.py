@@ -1,4 +1,4 @@
-"""seams: how visible the joins between rendered segments are, against the picture's own frame-to-frame change.
+"""seams: how visible the joins between rendered segments are, against the picture's own change per frame.
 
 A seam is the pair of frames (b - 1, b) where segment b begins. Two figures per pair of frames: the CIEDE2000
 colour difference of their mean Lab colours (a jump in colour or exposure) and the mean Farneback optical
