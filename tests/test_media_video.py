@@ -23,7 +23,9 @@ def write_coded_video(path: Path, times_s: list[float], size=(64, 48)) -> Path:
         stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
         stream.options = {"crf": "0", "bf": "0"}
         for i, t in enumerate(times_s):
-            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 8 * i, np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(
+                np.full((size[1], size[0], 3), 8 * i, np.uint8), format="rgb24"
+            )
             frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
