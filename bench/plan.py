@@ -240,7 +240,7 @@ def _scored(
     proposal: Mapping[str, Sequence], tracks: Mapping[str, np.ndarray], shots: list
 ) -> tuple[int, int]:
     """(speaker-shots bound to the right face, speaker-shots where the speaker talks)."""
-    from tasks.bind import iou
+    from tasks.boxes import iou
 
     right = talking = 0
     bounds = [start for start, _ in shots] + [200]
@@ -258,7 +258,8 @@ def _scored(
 def _left_to_right(path: Path, tracks: Mapping[str, np.ndarray], shots: list, detector) -> dict:
     """Baseline: faces of each shot's first frame, given to the speakers in manifest order, left to right."""
     from engine.media import read_frames
-    from tasks.bind import TimedBox, detect_faces
+    from tasks.boxes import TimedBox
+    from tasks.proposals import detect_faces
 
     frames = {start: None for start, _ in shots}
     for t, frame in enumerate(read_frames(path, 320)):
@@ -274,7 +275,7 @@ def _left_to_right(path: Path, tracks: Mapping[str, np.ndarray], shots: list, de
 
 def bench_binding(scenes_per_size: int, seed: int = 11) -> None:
     from engine.base import EngineSetupError
-    from tasks.bind import haar_face_detector, propose_boxes
+    from tasks.proposals import haar_face_detector, propose_boxes
 
     try:
         detector = haar_face_detector()
