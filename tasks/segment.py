@@ -17,8 +17,10 @@ whole chunk's call and a seam, so the planner avoids one unless (the rule, in or
 - the episode, or a shot, is shorter than that: it is one segment;
 - the length limit is under two chunks: the minimum drops to half the limit (rounded up), the largest minimum that
   still lets every stretch longer than the limit be cut into pieces no shorter than it;
-- avoiding it would take a forced cut inside speech: the picture of a word is worth more than one chunk's time.
- Among the plans that satisfy the rules the planner minimises estimated render time
+- avoiding it would take a forced cut inside speech, or put more people in a segment than the engine renders:
+  the picture of a word is worth more than one chunk's time.
+
+Among the plans that satisfy the rules the planner minimises estimated render time
 (engine/memory.py) and, with several GPUs, the makespan of a longest-first schedule.
 """
 
