@@ -1,11 +1,11 @@
-# dubflow: `make demo` sets everything up and dubs the demo episode; `make test` runs the suite.
+# dubflow: `make demo` sets everything up and dubs the demo episode; `make test` runs the suite (`make test-fast` skips the slow tests).
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= cpu-all,bind,dev,ops
+EXTRAS ?= cpu-all,bind,test,ops
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system demo test lint format schema bench clean server server-stop deploy worker workers
+.PHONY: setup system demo test test-fast lint format schema bench clean server server-stop deploy worker workers
 
 setup: system $(VENV)/.installed
 
@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/dubflow demo
 
-test: setup
+test: setup  ## everything, the slow end-to-end and server tests included
 	$(BIN)/python -m pytest -q
+
+test-fast: setup  ## the quick loop: no end-to-end flows, servers or workers (pytest -m "not slow")
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -61,7 +61,8 @@ def bench_fanout(root: Path, n_workers: int) -> dict[str, float]:
     from prefect.futures import wait
 
     from flows import heartbeats
-    from flows.workers import render_slot, render_task_runner, start_workers, stop_workers
+    from flows.placement import render_slot
+    from flows.workers import render_task_runner, start_workers, stop_workers
 
     heartbeats.install()  # as the real flows do (flows/episode.py): a flow's end does not wait on it
 

@@ -3,9 +3,12 @@
     python bench/plan.py            # 22-minute three-speaker episode + generated talking scenes
     python bench/plan.py --quick    # a shorter run
 
-Planner: planning time, segment count, share of cuts in silences, longest segment vs the memory limit, planned
-makespan on 1, 2, 4 and 8 GPUs vs the ideal (total / GPUs). Baseline, run side by side: a greedy planner that cuts
-at the last silence before the limit (what the walkthrough did by hand), with the same time model.
+Planner: planning time, segment count, share of cuts in silences, longest segment vs the memory limit, shortest
+segment and the count under one chunk (81 frames: each costs a whole chunk's call), planned makespan on 1, 2, 4 and
+8 GPUs vs the ideal (total / GPUs); on the three-speaker episode and on a two-speaker dialogue over a still rendered
+by the preview engine (time per frame, no per-call overhead: where one-frame slivers showed up). Baseline, run side
+by side: a greedy planner that cuts at the last silence before the limit (what the walkthrough did by hand), with the
+same time model.
 Binding: share of speakers bound to the right face on generated videos (two and three people) where the talking
 person's mouth opens with their track; baseline: binding speakers to faces left to right.
 """
@@ -27,7 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from engine.base import AUDIO_RATE, FPS, Box  # noqa: E402
 from engine.media import ffmpeg_exe  # noqa: E402
-from engine.memory import GiB, RenderSettings, estimate_seconds, max_frames_that_fit  # noqa: E402
+from engine.memory import (  # noqa: E402
+    CHUNK_FRAMES,
+    GiB,
+    RenderSettings,
+    estimate_seconds,
+    max_frames_that_fit,
+)
 from tasks.segment import SegmentPlan, frame_rms, makespan, plan_segments, speech_activity  # noqa: E402
 
 FaceSpot = tuple[int, int, int]  # centre x, centre y, half height of the face ellipse (pixels)
@@ -157,25 +166,28 @@ def _share_quiet(cuts: Sequence[int], quiet: np.ndarray) -> float:
 
 def _plan_row(plan: SegmentPlan, quiet: np.ndarray, greedy: list[float], gpus: int, plan_ms: float) -> str:
     cuts = [s.end_frame for s in plan.segments[:-1]]
-    longest = max(s.num_frames for s in plan.segments)
+    lengths = [s.num_frames for s in plan.segments]
+    short = sum(n < CHUNK_FRAMES for n in lengths)
     return (
         f"{gpus:>4} {plan_ms:>8.0f} {len(plan.segments):>5} {_share_quiet(cuts, quiet):>10.0%} "
-        f"{plan.cut_counts().get('forced', 0):>6} {longest:>4}/{plan.max_frames:<4} {plan.total_seconds / 3600:>8.2f} "
+        f"{plan.cut_counts().get('forced', 0):>6} {max(lengths):>4}/{plan.max_frames:<4} {min(lengths):>8} {short:>6} "
+        f"{plan.total_seconds / 3600:>8.2f} "
         f"{plan.makespan_s() / plan.ideal_s():>14.3f} {len(greedy):>5} {sum(greedy) / 3600:>8.2f} "
         f"{makespan(greedy, gpus) / (sum(greedy) / gpus):>14.3f}"
     )
 
 
-def bench_planner(minutes: float, seed: int = 5) -> None:
+def bench_planner(minutes: float, names: Sequence[str] = ("ana", "ben", "cy"), seed: int = 5) -> None:
     rng = np.random.default_rng(seed)
-    tracks = conversation(["ana", "ben", "cy"], minutes * 60, rng)
+    tracks = conversation(names, minutes * 60, rng)
     started = time.perf_counter()
     activity = {n: speech_activity(a, AUDIO_RATE) for n, a in tracks.items()}
     energy = {n: frame_rms(a, AUDIO_RATE) for n, a in tracks.items()}
     vad_s = time.perf_counter() - started
     total = min(len(a) for a in activity.values())
     quiet = np.all([20 * np.log10(e[:total] + 1e-10) <= -40 for e in energy.values()], axis=0)
-    print(f"episode: {minutes:g} min, 3 speakers, {total} frames; VAD {vad_s:.2f} s for 3 tracks")
+    n = len(names)
+    print(f"\nepisode: {minutes:g} min, {n} speakers, {total} frames; VAD {vad_s:.2f} s for {n} tracks")
     workers = {
         "streaming engine (keeps the motion frames only), H100 80 GB, 64 GiB host": (RenderSettings(), 64),
         # 18 GiB: the walkthrough's machine as this model sees it: a 17 s piece fits, the 27 s line does not.
@@ -183,12 +195,17 @@ def bench_planner(minutes: float, seed: int = 5) -> None:
             RenderSettings(keep_frames="host_fp32", offload="model"),
             18,
         ),
+        "preview engine (CPU, no weights; a still as the source), 64 GiB host": (
+            RenderSettings(engine="preview"),
+            64,
+        ),
     }
     for label, (settings, host_gib) in workers.items():
         limit = max_frames_that_fit(80 * GiB, host_gib * GiB, settings)
         print(f"\n{label}: memory limit {limit} frames ({limit / FPS:.1f} s)")
         print(
             f"{'GPUs':>4} {'plan ms':>8} {'segs':>5} {'in silence':>10} {'forced':>6} {'longest':>9} "
+            f"{'shortest':>8} {'<chunk':>6} "
             f"{'render h':>8} {'makespan/ideal':>14} | greedy: {'segs':>5} {'render h':>8} {'makespan/ideal':>14}"
         )
         greedy = [estimate_seconds(n, settings) for n in greedy_plan(activity, total, limit, 8)]
@@ -223,7 +240,7 @@ def _scored(
     proposal: Mapping[str, Sequence], tracks: Mapping[str, np.ndarray], shots: list
 ) -> tuple[int, int]:
     """(speaker-shots bound to the right face, speaker-shots where the speaker talks)."""
-    from tasks.bind import iou
+    from tasks.boxes import iou
 
     right = talking = 0
     bounds = [start for start, _ in shots] + [200]
@@ -241,7 +258,8 @@ def _scored(
 def _left_to_right(path: Path, tracks: Mapping[str, np.ndarray], shots: list, detector) -> dict:
     """Baseline: faces of each shot's first frame, given to the speakers in manifest order, left to right."""
     from engine.media import read_frames
-    from tasks.bind import TimedBox, detect_faces
+    from tasks.boxes import TimedBox
+    from tasks.proposals import detect_faces
 
     frames = {start: None for start, _ in shots}
     for t, frame in enumerate(read_frames(path, 320)):
@@ -257,7 +275,7 @@ def _left_to_right(path: Path, tracks: Mapping[str, np.ndarray], shots: list, de
 
 def bench_binding(scenes_per_size: int, seed: int = 11) -> None:
     from engine.base import EngineSetupError
-    from tasks.bind import haar_face_detector, propose_boxes
+    from tasks.proposals import haar_face_detector, propose_boxes
 
     try:
         detector = haar_face_detector()
@@ -294,6 +312,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 5-minute episode and 2 scenes per size")
     args = parser.parse_args()
     bench_planner(5 if args.quick else 22)
+    bench_planner(5, names=("ana", "ben"))
     bench_binding(2 if args.quick else 6)
 
 

@@ -161,6 +161,6 @@ def create_renderer(name: str, **settings: Any) -> Renderer:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise EngineSetupError(
-            f"engine {name!r} cannot be imported ({exc}); install it with pip install -e '.[render]'"
+            f"engine {name!r} cannot be imported ({exc}); its packages are in dubflow's core: pip install -e ."
         ) from exc
     return getattr(module, attr)(**settings)

@@ -8,12 +8,14 @@ Nothing here was re-measured on a GPU for dubflow's own engine yet: when one is 
 The engine streams chunks of F = 4n+1 frames (ENGINE.md §5.1), so its GPU peak is set by the chunk, not by the
 segment length; what grows with length is whatever the engine keeps of the decoded frames. The reference
 keeps every frame as fp32 in host RAM (4.57 MiB per frame at 480p), which is what ran the walkthrough out of RAM.
-No torch, no Prefect: plain arithmetic the planner and `dubflow plan` can call anywhere.
+No Prefect and no torch at import: plain arithmetic the planner and `dubflow plan` can call anywhere
+(worker_memory imports torch lazily to ask the GPU what is free).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,6 +61,11 @@ VAE_720_TIME_FACTOR = 2.31  # pixels ratio; extrapolated
 PCIE_BYTES_PER_S = 25e9  # effective PCIe 4.0 x16 for streamed blocks: an estimate, not measured
 SEGMENT_OVERHEAD_S = 3.0  # per segment: wav2vec2 + text encoding + job setup: an estimate, not measured
 
+# The engine's chunk F (ENGINE.md §5.1: 81 frames, 3.24 s, the length MultiTalk was trained on). It is also the
+# shortest segment worth an engine call: a shorter segment still renders one whole chunk (chunk_count) and adds a
+# seam, so the planner merges shorter pieces into their neighbours (min_useful_frames, tasks/segment.py).
+CHUNK_FRAMES = 81
+
 # Preview engine (CPU, no weights): an honest small model, not measured on the preview renderer itself.
 PREVIEW_HOST_BASE = 0.3  # python + numpy + PIL + an ffmpeg pipe
 PREVIEW_FRAMES_IN_FLIGHT = 8  # frames buffered towards the encoder pipe
@@ -83,7 +90,7 @@ class RenderSettings:
     vae_dtype: Literal["bf16", "fp32"] = "fp32"  # the reference decodes in fp32
     vae_tiled: bool = False
     compile: bool = False
-    frame_num: int = 81  # chunk length F, 4n+1
+    frame_num: int = CHUNK_FRAMES  # chunk length F, 4n+1
     motion_frames: int | None = None  # M; None: the mode's default, 25 (multitalk) or 9 (infinitetalk)
     keep_frames: Literal["stream", "host_fp32", "host_uint8"] = "stream"  # host_fp32 = the reference
 
@@ -118,6 +125,12 @@ def chunk_count(frames: int, settings: RenderSettings) -> int:
     """K chunks of F frames advancing by F - M (ENGINE.md §5.1); a short segment still renders one full chunk."""
     step = settings.frame_num - settings.motion
     return 1 if frames <= settings.frame_num else 1 + math.ceil((frames - settings.frame_num) / step)
+
+
+def min_useful_frames(settings: RenderSettings) -> int:
+    """The shortest segment worth its own engine call: one chunk, which a shorter segment costs anyway. The preview
+    engine keeps the same figure: its segments have no chunks, but each one is still a job, an encoder and a seam."""
+    return settings.frame_num
 
 
 def _latent_frames(settings: RenderSettings) -> int:
@@ -211,3 +224,13 @@ def max_frames_that_fit(
         else:
             high = mid - 1
     return low - (low - 1) % 4  # round down to 4n+1
+
+
+def worker_memory() -> tuple[int, int]:
+    """(free GPU bytes on cuda:0 or 0, available host bytes) of this machine: the budgets max_frames_that_fit takes."""
+    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        import torch  # lazily: the planner runs without torch
+    except ImportError:
+        return 0, host
+    return (torch.cuda.mem_get_info(0)[0] if torch.cuda.is_available() else 0), host

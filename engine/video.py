@@ -17,6 +17,14 @@ import numpy as np
 from engine.base import FPS, EngineSetupError
 
 
+class EncodeError(EngineSetupError):
+    """ffmpeg could not encode the rendered frames (a build without libx264, a full disk, a frame size it refuses).
+
+    An EngineSetupError, not a MediaError: the fault is this machine's encoder or disk, not the user's media, and
+    it fails the same way on a retry; handlers of EngineSetupError (the renderers, `dubflow doctor`) still see it.
+    """
+
+
 class Mp4Writer:
     """uint8 RGB frames, (H, W, 3) or (n, H, W, 3) per `write`; ffmpeg starts with the first write (the
     picture size comes with it)."""
@@ -49,7 +57,7 @@ class Mp4Writer:
         self.proc.stdin.close()
         error = self.proc.stderr.read().decode(errors="replace").strip()
         if self.proc.wait() != 0:
-            raise EngineSetupError(
+            raise EncodeError(
                 f"ffmpeg failed to encode {self.path.name} ({self.proc.returncode}): {error[-500:]}"
             )
 

@@ -10,8 +10,8 @@ import json
 from typing import Any
 
 from engine.base import FPS
+from flows.placement import worker_of
 from flows.progress import artifact_key
-from flows.workers import worker_of
 from tasks.workspace import Blob, Workspace
 
 

@@ -301,7 +301,8 @@ def cmd_plan(file: ManifestArg, workspace: WorkspaceOpt = None) -> int:
     code, result = _run_until(file, workspace, "plan")
     if result is None:
         return code
-    from tasks.segment import SegmentPlan, format_plan_table
+    from flows.display import format_plan_table
+    from tasks.segment import SegmentPlan
     from tasks.workspace import Workspace
 
     plan = SegmentPlan.from_json(Workspace(workspace).path(result["plan"].plan).read_text())

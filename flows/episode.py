@@ -22,8 +22,8 @@ from engine.selection import resolve_render_engine
 from flows import heartbeats
 from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
 from flows.memory_split import SplitPlanner, is_out_of_memory
+from flows.placement import render_slot
 from flows.progress import EpisodeProgress, artifact_key
-from flows.workers import render_slot
 from tasks.bind import bind_task
 from tasks.deliver import deliver_task
 from tasks.enhance import enhance_task
@@ -396,7 +396,7 @@ def _render_round(
         label = f"render[{m.episode}#{seg.index:02d}]"
         options = _segment_options(base, m, seg.index)
         args = (seg, source, audio, persons, plan.captions_for(seg), options, previous)
-        tsk = runner.bind(render_task, label).with_options(retry_condition_fn=_retry_unless_out_of_memory)
+        tsk = runner.bind(render_task, label).with_options(retry_condition_fn=_retry_if_transient)
         if seg.index in runner.force_segments:
             tsk = tsk.with_options(refresh_cache=True)
         with render_slot(seg.num_frames):
@@ -458,12 +458,17 @@ def _split_round(runner: StageRunner, splitter, out_of_memory: list, tracks, fai
     return list(zip(halves, slices, strict=True))
 
 
-def _retry_unless_out_of_memory(task, task_run, state) -> bool:
-    """A transient failure is retried on the spot; out of memory goes to the split path instead."""
+def _retry_if_transient(task, task_run, state) -> bool:
+    """A transient failure is retried on the spot. Not retried: out of memory (the split path takes it), and what
+    fails the same way again: bad input (ValueError: JobError, ManifestError, MediaError, BindingError) and a
+    machine without what the engine needs (EngineSetupError: MissingWeightsError, EncodeError)."""
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - deciding on the error is the point
-        return not is_out_of_memory(exc)
+        fails_again = {cls.__name__ for cls in type(exc).__mro__} & {"ValueError", "EngineSetupError"}
+        return (
+            not is_out_of_memory(exc) and not fails_again
+        )  # by name: it may have crossed a process boundary
     return True
 
 

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -87,38 +86,6 @@ def episode_flow(workspace: str | Path | None = None):
 
     runner = render_task_runner(workspace)
     return dub_episode if runner is None else dub_episode.with_options(task_runner=runner)
-
-
-@contextlib.contextmanager
-def render_slot(frames: int) -> Iterator[None]:
-    """Submissions inside take one GPU of a worker and queue largest first (a no-op without Dask)."""
-    if not _on_dask():
-        yield
-        return
-    import dask
-
-    with dask.annotate(resources={"GPU": 1}, priority=int(frames)):
-        yield
-
-
-def worker_of(future: Any) -> str:
-    """Which render worker ran a submitted segment ('flow' when it ran in the flow's own threads)."""
-    wrapped = getattr(future, "wrapped_future", None)
-    if wrapped is None or not hasattr(wrapped, "client"):
-        return "flow"
-    try:
-        holders = wrapped.client.who_has([wrapped]).get(wrapped.key, ())
-        workers = wrapped.client.scheduler_info(n_workers=-1)["workers"]
-    except Exception:  # noqa: BLE001 - a label for a table; never worth failing a render over
-        return "?"
-    return ",".join(str(workers.get(h, {}).get("name", h)) for h in holders) or "?"
-
-
-def _on_dask() -> bool:
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    return ctx is not None and type(ctx.task_runner).__name__ == "DaskTaskRunner"
 
 
 # ---------------------------------------------------------------------------------------------- start, stop, status

@@ -11,7 +11,16 @@ of preference (the planner pays a penalty for each kind below "silence" and neve
 - ``forced``: inside speech, at the quietest frame, only when nothing else allows a segment under the length limit.
 
 The engine renders clips of 4n+1 frames (ENGINE.md §5.1), so inside a gap the cut is placed where the segment
-before it has 4n+1 frames. Among the plans that satisfy the rules the planner minimises estimated render time
+before it has 4n+1 frames. A segment shorter than one chunk (engine/memory.py min_useful_frames, 81 frames) costs a
+whole chunk's call and a seam, so the planner avoids one unless (the rule, in order):
+
+- the episode, or a shot, is shorter than that: it is one segment;
+- the length limit is under two chunks: the minimum drops to half the limit (rounded up), the largest minimum that
+  still lets every stretch longer than the limit be cut into pieces no shorter than it;
+- avoiding it would take a forced cut inside speech, or put more people in a segment than the engine renders:
+  the picture of a word is worth more than one chunk's time.
+
+Among the plans that satisfy the rules the planner minimises estimated render time
 (engine/memory.py) and, with several GPUs, the makespan of a longest-first schedule.
 """
 
@@ -20,7 +29,6 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
@@ -30,12 +38,24 @@ import numpy as np
 from prefect import task
 
 from engine.base import FPS, OutOfMemory
-from engine.memory import GiB, RenderSettings, estimate_peak, estimate_seconds, max_frames_that_fit
+from engine.memory import (
+    GiB,
+    RenderSettings,
+    estimate_peak,
+    estimate_seconds,
+    max_frames_that_fit,
+    min_useful_frames,
+    worker_memory,
+)
 from tasks.workspace import Blob, Workspace, stage_cache
 
 CUT_KINDS = ("end", "silence", "shot", "pause", "turn", "forced")
 # Penalties in "seconds of render time": a worse cut kind always loses to any amount of render time.
-_PENALTY = {"end": 0.0, "silence": 0.0, "shot": 0.0, "pause": 1e5, "turn": 2e5, "forced": 1e9}
+# A forced cut must outweigh every short segment any episode could have (over 1e5 frames: more than an hour).
+_PENALTY = {"end": 0.0, "silence": 0.0, "shot": 0.0, "pause": 1e5, "turn": 2e5, "forced": 1e12}
+# A segment shorter than the plan's min_frames (a whole chunk's call for less): worse than a pause or turn cut,
+# better than a crowded segment or a forced cut.
+_SHORT_PENALTY = 1e6
 # A segment with more speakers than the engine binds: worse than a pause or turn cut, better than a forced one.
 _CROWD_PENALTY = 1e7
 # A forced cut per speaker it splits and for its loudness (_forced_cost): above padding, below a pause.
@@ -131,6 +151,7 @@ class SegmentPlan:
     n_gpus: int = 1
     shot_cuts: tuple[int, ...] = ()
     settings: RenderSettings = field(default_factory=RenderSettings)
+    min_frames: int = 1  # shorter segments only where the rules in the module docstring allow them
 
     @property
     def total_seconds(self) -> float:
@@ -294,11 +315,14 @@ def _best_cuts(
     cap: int,
     seconds: np.ndarray,
     max_persons: int,
+    min_frames: int = 1,
 ) -> list[int]:
     """Cheapest chain of cuts from lo to hi with every piece at most `cap` frames.
 
-    Cost of a piece = estimated render seconds + penalties (worse cut kind, over the person limit, not 4n+1).
+    Cost of a piece = estimated render seconds + penalties (worse cut kind, over the person limit, not 4n+1,
+    shorter than `min_frames` unless it is all of [lo, hi)).
     """
+    shortest = min(min_frames, hi - lo)
     pos = np.array([lo, *sorted(cuts), hi])
     penalty = np.array([0.0] + [_PENALTY[cuts[c]] for c in sorted(cuts)] + [0.0])
     forced = np.flatnonzero(penalty == _PENALTY["forced"])
@@ -310,7 +334,9 @@ def _best_cuts(
         i0 = int(np.searchsorted(pos, pos[j] - cap))
         length = pos[j] - pos[i0:j]
         persons = ((at_nodes[:, j : j + 1] - at_nodes[:, i0:j]) > 0).sum(0)
-        piece = seconds[length] + _CROWD_PENALTY * (persons > max_persons)
+        piece = (
+            seconds[length] + _CROWD_PENALTY * (persons > max_persons) + _SHORT_PENALTY * (length < shortest)
+        )
         if j < len(pos) - 1:
             piece = piece + _PAD_PENALTY * (length % 4 != 1)
         total = cost[i0:j] + piece + penalty[j]
@@ -365,7 +391,9 @@ def _plan(tracks: _Tracks, frame: SegmentPlan, seconds: np.ndarray) -> SegmentPl
     ends: list[tuple[int, str]] = []
     for lo, hi in zip(bounds, bounds[1:], strict=False):
         cuts = _candidates(tracks, lo, hi, frame.min_gap_frames, frame.max_frames)
-        chain = _best_cuts(tracks, lo, hi, cuts, frame.max_frames, seconds, frame.max_persons)
+        chain = _best_cuts(
+            tracks, lo, hi, cuts, frame.max_frames, seconds, frame.max_persons, frame.min_frames
+        )
         ends += [(c, cuts.get(c, "shot" if c < frame.total_frames else "end")) for c in chain]
     starts = [0] + [end for end, _ in ends[:-1]]
     segments = tuple(
@@ -386,8 +414,10 @@ def plan_segments(
     n_gpus: int = 1,
     energy: Mapping[str, np.ndarray] | None = None,
     settings: RenderSettings | None = None,
+    min_frames: int | None = None,
 ) -> SegmentPlan:
-    """Cut [0, total_frames) into render segments of at most `max_frames` frames.
+    """Cut [0, total_frames) into render segments of at most `max_frames` frames, and none shorter than
+    `min_frames` (default: one engine chunk, min_useful_frames) but where the module docstring's rules allow.
 
     `activity` maps speaker id -> bool per frame (speech_activity); `energy` (optional) maps the same ids to frame
     RMS (frame_rms), used to place forced cuts at the quietest frame and to pick the loudest speakers of a crowded
@@ -401,7 +431,10 @@ def plan_segments(
     settings = settings or RenderSettings()
     tracks = _tracks(activity, total_frames, energy)
     shots = tuple(sorted({int(c) for c in shot_cuts if 0 < c < total_frames}))
-    frame = SegmentPlan((), total_frames, max_frames, min_gap_frames, max_persons, n_gpus, shots, settings)
+    shortest = min(min_useful_frames(settings) if min_frames is None else min_frames, (max_frames + 1) // 2)
+    frame = SegmentPlan(
+        (), total_frames, max_frames, min_gap_frames, max_persons, n_gpus, shots, settings, shortest
+    )
     seconds = np.array([0.0] + [estimate_seconds(n, settings) for n in range(1, max_frames + 1)])
     plan = _plan(tracks, frame, seconds)
     return _balance(plan, tracks) if n_gpus > 1 else plan
@@ -416,7 +449,7 @@ def _balance(plan: SegmentPlan, tracks: _Tracks) -> SegmentPlan:
     best = current = plan
     for _ in range(4 * plan.n_gpus):
         longest = max(current.segments, key=lambda s: (s.est_seconds, -s.start_frame))
-        split = _split(current, longest, tracks, kinds=("silence",))
+        split = _split(current, longest, tracks, kinds=("silence",), min_frames=plan.min_frames)
         if split is None:
             break
         current = split
@@ -432,9 +465,10 @@ def _balance(plan: SegmentPlan, tracks: _Tracks) -> SegmentPlan:
 
 
 def _split(
-    plan: SegmentPlan, old: Segment, tracks: _Tracks, kinds: Sequence[str] = CUT_KINDS
+    plan: SegmentPlan, old: Segment, tracks: _Tracks, kinds: Sequence[str] = CUT_KINDS, min_frames: int = 1
 ) -> SegmentPlan | None:
-    """`plan` with `old` cut in two at its best inner cut of one of `kinds` (None if it has none).
+    """`plan` with `old` cut in two at its best inner cut of one of `kinds`, both halves at least `min_frames`
+    long (None if it has none).
 
     Best = the best cut kind (silence, pause, turn, then forced), in the middle half of the segment, the quietest
     for a forced cut, keeping the first half 4n+1, nearest the middle. The halves get new ids and
@@ -443,7 +477,8 @@ def _split(
     if old.num_frames < 2:
         return None
     cuts = _candidates(tracks, old.start_frame, old.end_frame, plan.min_gap_frames, old.num_frames - 1)
-    allowed = [c for c in cuts if cuts[c] in kinds]
+    lo, hi = old.start_frame + min_frames, old.end_frame - min_frames
+    allowed = [c for c in cuts if cuts[c] in kinds and lo <= c <= hi]
     if not allowed:
         return None
     middle, quarter = (old.start_frame + old.end_frame) / 2, old.num_frames / 4
@@ -516,55 +551,6 @@ def render_with_splits(
             plan = split_segment(plan, segment.index, activity, energy=energy)
             queue[:0] = [s for s in plan.segments if s.split_from == segment.index]
     return plan, results
-
-
-# ---------------------------------------------------------------------------------------------- the table
-
-
-def _timecode(frame: int) -> str:
-    minutes, seconds = divmod(frame / FPS, 60)
-    return f"{int(minutes):02d}:{seconds:05.2f}"
-
-
-def format_plan_table(plan: SegmentPlan) -> str:
-    """The plan as a text table for `dubflow plan FILE`, with totals, makespan and every rule that was bent."""
-    header = (
-        f"{'seg':>4} {'start':>8} {'end':>8} {'frames':>6} {'speakers':<20} {'end cut':<7} {'GPU GiB':>7} "
-    )
-    header += f"{'host GiB':>8} {'est s':>7}  flags"
-    rows = [header, "-" * len(header)]
-    for s in plan.segments:
-        speakers = ",".join(s.speakers) + (f" (+{','.join(s.extra_speakers)})" if s.extra_speakers else "")
-        rows.append(
-            f"{s.index:>4} {_timecode(s.start_frame):>8} {_timecode(s.end_frame):>8} {s.num_frames:>6} "
-            f"{speakers or '-':<20} {s.end_cut:<7} {s.gpu_bytes / GiB:>7.1f} {s.host_bytes / GiB:>8.1f} "
-            f"{s.est_seconds:>7.0f}  {', '.join(s.flags)}"
-        )
-    return "\n".join(rows + _plan_summary(plan))
-
-
-def _plan_summary(plan: SegmentPlan) -> list[str]:
-    longest = max(s.num_frames for s in plan.segments)
-    lines = [
-        "",
-        f"{len(plan.segments)} segments, {plan.total_frames} frames ({_timecode(plan.total_frames)}); longest "
-        f"{longest} of max {plan.max_frames} frames; cuts: "
-        + (", ".join(f"{n} {k}" for k, n in plan.cut_counts().items()) or "none"),
-        f"estimated render {plan.total_seconds:.0f} s; makespan on {plan.n_gpus} GPU(s) {plan.makespan_s():.0f} s "
-        f"vs ideal {plan.ideal_s():.0f} s ({plan.makespan_s() / max(plan.ideal_s(), 1e-9):.2f}x)",
-    ]
-    for s in plan.segments:
-        if s.end_cut == "forced":
-            lines.append(
-                f"WARNING segment {s.index} ends in a forced cut inside speech at {_timecode(s.end_frame)}: no "
-                f"silence, pause or turn between speakers within the {plan.max_frames}-frame limit"
-            )
-        if s.extra_speakers:
-            lines.append(
-                f"WARNING segment {s.index}: {len(s.speakers) + len(s.extra_speakers)} people talk; rendered with "
-                f"the loudest {','.join(s.speakers)}, {','.join(s.extra_speakers)} as background"
-            )
-    return lines
 
 
 # ---------------------------------------------------------------------------------------------- the Prefect stage
@@ -680,18 +666,6 @@ def _max_frames(settings: PlanSettings) -> int:
             size=render.size,
         )
     return frames
-
-
-def worker_memory() -> tuple[int, int]:
-    """(free GPU bytes on cuda:0 or 0, available host bytes)."""
-    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        import torch
-
-        gpu = torch.cuda.mem_get_info(0)[0] if torch.cuda.is_available() else 0
-    except ImportError:
-        gpu = 0
-    return gpu, host
 
 
 plan_task = task(plan_episode, name="plan", cache_policy=stage_cache("tasks.segment"), persist_result=True)

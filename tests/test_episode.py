@@ -15,7 +15,10 @@ import soundfile as sf
 from flows.cli import main
 from tasks.demo import BOXES, LINES
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("prefect_server"),
+]  # end-to-end through a Prefect server
 FRAME = 1 / 25
 
 

@@ -10,7 +10,10 @@ import pytest
 from flows.batch import dub_batch, find_manifests
 from tests.test_ops_rerun import fake_engine, write_manifest  # noqa: F401 - fixture
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("prefect_server"),
+]  # end-to-end through a Prefect server
 
 
 def _artifact(key: str):

@@ -12,7 +12,10 @@ from flows.cli import main
 from flows.rerun import cached_segments, failed_segments, parse_segments, rendered_segments, segment_stages
 from tasks.demo import BOXES, LINES
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("prefect_server"),
+]  # end-to-end through a Prefect server
 
 
 def write_manifest(folder: Path, media: dict[str, Path], episode: str, extra_render: str = "") -> Path:

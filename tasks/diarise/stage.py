@@ -1,0 +1,235 @@
+"""The diarise stage: choose a backend, diarise, name the clusters, write the RTTM, mapping.json and one gated
+track per manifest speaker; and its Prefect task."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+
+from engine.base import ProgressHook
+from engine.media import MediaError
+from tasks.diarise.embedded import EmbeddedDiariser, EmbeddedSettings
+from tasks.diarise.naming import name_clusters
+from tasks.diarise.pyannote_backend import PYANNOTE_PIPELINES, diarise_pyannote
+from tasks.diarise.turns import Turn, gate, merge_turns, to_16k, write_rttm, write_text_atomic
+from tasks.separate import check_not_silent, read_audio, write_audio
+from tasks.workspace import Blob, Workspace, stage_cache
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "embedded", "pyannote")
+ORDERS = ("first-appearance", "most-speech")
+
+
+@dataclass(frozen=True)
+class SpeakerRef:
+    id: str
+    voice_sample: Path | None = None
+
+
+@dataclass(frozen=True)
+class Diarisation:
+    rttm: Path
+    tracks: dict[str, Path]
+    mapping: dict[str, str]
+    backend: str
+    warnings: tuple[str, ...] = ()
+    model: str = ""  # e.g. "silero-vad==6.2.3 + resemblyzer==0.1.4", or the pyannote pipeline
+
+
+def resolve_diarise_backend(backend: str) -> tuple[str, str]:
+    """Return (backend, why): `auto` prefers pyannote when it imports, else the embedded diariser."""
+    if backend not in BACKENDS:
+        raise ValueError(f"diarise backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend, f"{backend} requested"
+    # pyannote's telemetry is on by default: turn it off before the first import
+    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+    try:
+        import pyannote.audio  # noqa: F401
+    except Exception as exc:  # a broken torchaudio raises OSError, not ImportError
+        return "embedded", f"pyannote.audio unavailable ({type(exc).__name__}); using the embedded diariser"
+    return "pyannote", "pyannote.audio is installed"
+
+
+def diarise(
+    vocals: Path,
+    speakers: Sequence[SpeakerRef],
+    out_dir: Path,
+    *,
+    backend: str = "auto",
+    num_speakers: int | None = None,
+    order: str = "first-appearance",
+    pinned: dict[str, str] | None = None,
+    progress: ProgressHook | None = None,
+    pipeline: str = "community-1",
+    models_dir: Path | None = None,
+    settings: EmbeddedSettings | None = None,
+    device: str = "cpu",
+) -> Diarisation:
+    """Diarise `vocals`, name the clusters after `speakers`, write RTTM, mapping.json and one track each."""
+    speakers = check_speakers(speakers, order, pinned, num_speakers)
+    chosen, why = resolve_diarise_backend(backend)
+    log.info("diarise %s: backend %s (%s)", vocals, chosen, why)
+    audio, rate = read_audio(Path(vocals))
+    check_not_silent(audio, Path(vocals))
+    notes: list[str] = []
+    if audio.shape[0] > 1:
+        notes.append(f"{Path(vocals).name}: {audio.shape[0]} channels downmixed to mono")
+    mono = audio.mean(axis=0)
+    wav16 = to_16k(mono, rate)
+    if chosen == "pyannote":
+        turns = diarise_pyannote(wav16, num_speakers, pipeline=pipeline, models_dir=models_dir, device=device)
+        voice = None
+    else:
+        voice = EmbeddedDiariser(settings or EmbeddedSettings())
+        turns = voice.run(wav16, num_speakers=num_speakers, progress=progress)
+    if not turns:
+        raise MediaError(f"{vocals}: no speech found; check that this is the dialogue track")
+    mapping, naming_notes = name_clusters(
+        turns, speakers, order=order, pinned=pinned, centroids=voice.centroids if voice else None, wav16=wav16
+    )
+    notes += naming_notes
+    for note in notes:
+        log.warning("diarise: %s", note)
+    named = sorted(
+        (Turn(t.start, t.end, mapping[t.label]) for t in turns), key=lambda t: (t.start, t.end, t.label)
+    )
+    record = {
+        "backend": chosen,
+        "model": PYANNOTE_PIPELINES.get(pipeline, pipeline)
+        if chosen == "pyannote"
+        else embedded_model_name(),
+        "settings": asdict(voice.settings) if voice else {"pipeline": pipeline, "num_speakers": num_speakers},
+        "mapping": mapping,
+        "speakers": [s.id for s in speakers],
+        "warnings": notes,
+    }
+    return write_outputs(named, mono, rate, Path(out_dir), Path(vocals).stem, record)
+
+
+def embedded_model_name() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pinned(package: str) -> str:
+        try:
+            return f"{package}=={version(package)}"
+        except PackageNotFoundError:
+            return package
+
+    return f"{pinned('silero-vad')} + {pinned('resemblyzer')}"
+
+
+def use_given_tracks(tracks: dict[str, Path], out_dir: Path) -> Diarisation:
+    """The manifest gives one track per speaker: skip diarisation, check the tracks share one timeline,
+    and write the RTTM from each track's own speech (for subtitles and QC)."""
+    if not tracks:
+        raise ValueError("use_given_tracks needs at least one speaker track")
+    turns, timeline = [], None
+    for speaker, path in sorted(tracks.items()):
+        audio, rate = read_audio(Path(path))
+        if timeline is not None and timeline != (rate, audio.shape[1]):
+            raise MediaError(
+                f"{path}: speaker tracks must share one sample rate and length; got {rate} Hz x {audio.shape[1]} "
+                f"samples, the first track has {timeline[0]} Hz x {timeline[1]}"
+            )
+        timeline = (rate, audio.shape[1])
+        regions = EmbeddedDiariser(EmbeddedSettings()).speech_regions(to_16k(audio.mean(axis=0), rate))
+        turns += [Turn(round(a, 3), round(b, 3), speaker) for a, b in regions]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rttm = write_rttm(out_dir / "diarisation.rttm", merge_turns(turns), "given")
+    mapping = {s: s for s in sorted(tracks)}
+    silent = tuple(
+        f"speaker {s}: its track has no speech" for s in sorted(tracks) if s not in {t.label for t in turns}
+    )
+    return Diarisation(rttm=rttm, tracks=dict(tracks), mapping=mapping, backend="given", warnings=silent)
+
+
+def check_speakers(
+    speakers: Sequence[SpeakerRef], order: str, pinned: dict[str, str] | None, num_speakers: int | None = None
+) -> list[SpeakerRef]:
+    ids = [s.id for s in speakers]
+    if not ids:
+        raise ValueError("diarise needs at least one manifest speaker")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"speaker ids must be unique, got {ids}")
+    if order not in ORDERS:
+        raise ValueError(f"speaker order {order!r} is unknown; use one of {', '.join(ORDERS)}")
+    if num_speakers is not None and not 1 <= num_speakers <= EmbeddedSettings().max_speakers:
+        raise ValueError(
+            f"num_speakers={num_speakers} must be between 1 and {EmbeddedSettings().max_speakers}"
+        )
+    unknown = sorted(set((pinned or {}).values()) - set(ids))
+    if unknown:
+        raise ValueError(f"pinned mapping names unknown speakers {unknown}; manifest speakers are {ids}")
+    for ref in speakers:
+        if ref.voice_sample is not None and not Path(ref.voice_sample).is_file():
+            raise MediaError(f"speaker {ref.id}: voice_sample {ref.voice_sample} not found")
+    return list(speakers)
+
+
+def write_outputs(
+    turns: list[Turn], mono: np.ndarray, rate: int, out_dir: Path, uri: str, record: dict
+) -> Diarisation:
+    """RTTM, one gated track per speaker in `record["speakers"]`, and `record` itself as mapping.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged = merge_turns(turns)
+    rttm = write_rttm(out_dir / "diarisation.rttm", merged, uri)
+    tracks = {}
+    for speaker in record["speakers"]:
+        gain = gate([(t.start, t.end) for t in merged if t.label == speaker], len(mono), rate)
+        tracks[speaker] = write_audio(out_dir / f"{speaker}.wav", (mono * gain).astype(np.float32), rate)
+    write_text_atomic(out_dir / "mapping.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return Diarisation(
+        rttm=rttm,
+        tracks=tracks,
+        mapping=record["mapping"],
+        backend=record["backend"],
+        warnings=tuple(record["warnings"]),
+        model=record["model"],
+    )
+
+
+@dataclass(frozen=True)
+class DiarisedTracks:
+    tracks: dict[str, Blob]
+    rttm: Blob
+    mapping: Blob  # mapping.json: cluster label -> speaker id (pin it with diarise.mapping in the manifest)
+    backend: str
+    warnings: tuple[str, ...]
+
+
+def diarise_stage(
+    ws: Workspace, vocals: Blob, speakers: list[tuple[str, Blob | None]], settings: dict
+) -> DiarisedTracks:
+    """Workspace form of `diarise`; `settings` holds the resolved backend, order rule and pinned mapping."""
+    refs = [SpeakerRef(sid, ws.path(sample) if sample else None) for sid, sample in speakers]
+    with ws.scratch() as tmp:
+        result = diarise(
+            ws.path(vocals),
+            refs,
+            tmp,
+            backend=settings["backend"],
+            num_speakers=len(refs),
+            order=settings["order"],
+            pinned=settings.get("mapping") or None,
+        )
+        mapping = ws.put_json(result.mapping)
+        tracks = {sid: ws.put_file(path) for sid, path in result.tracks.items()}
+        return DiarisedTracks(tracks, ws.put_file(result.rttm), mapping, result.backend, result.warnings)
+
+
+diarise_task = task(
+    diarise_stage,
+    name="diarise",
+    cache_policy=stage_cache("tasks.diarise.stage"),
+    persist_result=True,
+)
