@@ -209,6 +209,10 @@ _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Packages whose version cannot change what a stage writes (orchestration, terminal output): upgrading
 # them must not re-render a season. Forgetting one here costs a recompute, never a stale artefact.
 OUTPUT_NEUTRAL = frozenset({"prefect", "rich"})
+# Render tasks compute their keys on several threads at once; CPython 3.11's ast.parse is not safe to run
+# concurrently ("AST constructor recursion depth mismatch"), and a key that fails to compute leaves the
+# result uncached. One import-graph walk at a time.
+_code_lock = threading.RLock()
 
 
 @cache
@@ -217,7 +221,8 @@ def code_version(*roots: str) -> str:
     through imports (lazy ones inside functions included), the versions of the third-party packages
     those modules import, and the ffmpeg build when the media layer is reached. Nothing is imported:
     hashing an engine must not load torch into the flow."""
-    project, external = reached_modules(*roots)
+    with _code_lock:
+        project, external = reached_modules(*roots)
     digest = hashlib.sha256()
     for name in project:
         digest.update(f"{name}\0".encode())
@@ -235,6 +240,11 @@ def reached_modules(*roots: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
     Parent packages count (their __init__ runs on import); `from pkg import name` counts pkg.name when it
     is a module. Standard-library imports are left out."""
+    with _code_lock:
+        return _walk_imports(roots)
+
+
+def _walk_imports(roots: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     import sys
 
     project: set[str] = set()
