@@ -33,7 +33,7 @@ from engine.media import ffmpeg_exe  # noqa: E402
 from engine.memory import (  # noqa: E402
     CHUNK_FRAMES,
     GiB,
-    RenderSettings,
+    RenderCost,
     estimate_seconds,
     max_frames_that_fit,
 )
@@ -189,14 +189,14 @@ def bench_planner(minutes: float, names: Sequence[str] = ("ana", "ben", "cy"), s
     n = len(names)
     print(f"\nepisode: {minutes:g} min, {n} speakers, {total} frames; VAD {vad_s:.2f} s for {n} tracks")
     workers = {
-        "streaming engine (keeps the motion frames only), H100 80 GB, 64 GiB host": (RenderSettings(), 64),
+        "streaming engine (keeps the motion frames only), H100 80 GB, 64 GiB host": (RenderCost(), 64),
         # 18 GiB: the walkthrough's machine as this model sees it: a 17 s piece fits, the 27 s line does not.
         "reference-like engine (every frame kept as fp32 in host RAM), H100 80 GB, 18 GiB host": (
-            RenderSettings(keep_frames="host_fp32", offload="model"),
+            RenderCost(keep_frames="host_fp32", offload="model"),
             18,
         ),
         "preview engine (CPU, no weights; a still as the source), 64 GiB host": (
-            RenderSettings(engine="preview"),
+            RenderCost(engine="preview"),
             64,
         ),
     }

@@ -73,7 +73,7 @@ PREVIEW_SECONDS_PER_FRAME = 0.004  # drawing boxes and labels on a 480p frame, p
 
 
 @dataclass(frozen=True)
-class RenderSettings:
+class RenderCost:
     """The render choices that decide memory and time (ENGINE.md §1.2 and §6)."""
 
     engine: Literal["multitalk", "infinitetalk", "preview"] = "multitalk"
@@ -121,23 +121,23 @@ class MemoryEstimate:
         return self.gpu_bytes <= gpu_budget_bytes and self.host_bytes <= host_budget_bytes
 
 
-def chunk_count(frames: int, settings: RenderSettings) -> int:
+def chunk_count(frames: int, settings: RenderCost) -> int:
     """K chunks of F frames advancing by F - M (ENGINE.md §5.1); a short segment still renders one full chunk."""
     step = settings.frame_num - settings.motion
     return 1 if frames <= settings.frame_num else 1 + math.ceil((frames - settings.frame_num) / step)
 
 
-def min_useful_frames(settings: RenderSettings) -> int:
+def min_useful_frames(settings: RenderCost) -> int:
     """The shortest segment worth its own engine call: one chunk, which a shorter segment costs anyway. The preview
     engine keeps the same figure: its segments have no chunks, but each one is still a job, an encoder and a seam."""
     return settings.frame_num
 
 
-def _latent_frames(settings: RenderSettings) -> int:
+def _latent_frames(settings: RenderCost) -> int:
     return (settings.frame_num - 1) // 4 + 1
 
 
-def _weights_gib(settings: RenderSettings) -> tuple[float, float]:
+def _weights_gib(settings: RenderCost) -> tuple[float, float]:
     """(resident on the GPU, streamed from pinned host RAM) DiT weights in GiB."""
     scale = QUANTIZED_WEIGHT_FACTOR if settings.quantize else 1.0
     resident = settings.resident_blocks if settings.offload == "group" else DIT_BLOCKS
@@ -146,14 +146,14 @@ def _weights_gib(settings: RenderSettings) -> tuple[float, float]:
     return (resident * BLOCK_WEIGHTS + NON_BLOCK_WEIGHTS) * scale, streamed * BLOCK_WEIGHTS * scale
 
 
-def _vae_decode_gib(settings: RenderSettings) -> float:
+def _vae_decode_gib(settings: RenderCost) -> float:
     dtype = "bf16" if settings.vae_tiled else settings.vae_dtype  # tiled was measured in bf16 only
     base, per_latent = VAE_DECODE[(dtype, settings.vae_tiled)]
     scale = VAE_720_FACTOR if settings.size == 720 and not settings.vae_tiled else 1.0
     return base * scale + per_latent * _latent_frames(settings)
 
 
-def _kept_frame_bytes(frames: int, settings: RenderSettings) -> int:
+def _kept_frame_bytes(frames: int, settings: RenderCost) -> int:
     """Host bytes held for decoded frames: all of them (reference) or only the motion-frame tail (streaming)."""
     if settings.keep_frames == "host_fp32":
         return 2 * frames * FRAME_BYTES_FP32[settings.size]  # x2: the final torch.cat copies them
@@ -162,7 +162,7 @@ def _kept_frame_bytes(frames: int, settings: RenderSettings) -> int:
     return settings.motion * FRAME_BYTES_FP32[settings.size]
 
 
-def estimate_peak(frames: int, settings: RenderSettings) -> MemoryEstimate:
+def estimate_peak(frames: int, settings: RenderCost) -> MemoryEstimate:
     """Peak GPU and host bytes of rendering one segment of `frames` frames."""
     if settings.engine == "preview":
         frame = FRAME_BYTES_UINT8[settings.size]
@@ -179,14 +179,14 @@ def estimate_peak(frames: int, settings: RenderSettings) -> MemoryEstimate:
     return MemoryEstimate(int(gpu * GiB), int(host * GiB) + _kept_frame_bytes(frames, settings))
 
 
-def _dit_forward_seconds(settings: RenderSettings) -> float:
+def _dit_forward_seconds(settings: RenderCost) -> float:
     kilo_tokens = _latent_frames(settings) * TOKENS_PER_LATENT_FRAME[settings.size] / 1000
     a, b = DIT_SECONDS
     seconds = a * kilo_tokens + b * kilo_tokens**2
     return seconds * (COMPILED_TIME_FACTOR if settings.compile else 1.0)
 
 
-def _chunk_seconds(settings: RenderSettings) -> float:
+def _chunk_seconds(settings: RenderCost) -> float:
     compute = _dit_forward_seconds(settings) * settings.cfg_passes * settings.steps
     # Streamed blocks are read once per forward, or once per step when the passes are batched; the transfer
     # overlaps compute (prefetch), so the slower of the two sets the pace.
@@ -199,7 +199,7 @@ def _chunk_seconds(settings: RenderSettings) -> float:
     return max(compute, transfer) + vae
 
 
-def estimate_seconds(frames: int, settings: RenderSettings) -> float:
+def estimate_seconds(frames: int, settings: RenderCost) -> float:
     """Render seconds of one segment on one H100 (eager unless settings.compile), model resident."""
     if settings.engine == "preview":
         return PREVIEW_SECONDS_PER_FRAME * frames
@@ -207,7 +207,7 @@ def estimate_seconds(frames: int, settings: RenderSettings) -> float:
 
 
 def max_frames_that_fit(
-    gpu_budget_bytes: int, host_budget_bytes: int, settings: RenderSettings, *, ceiling: int = 1000
+    gpu_budget_bytes: int, host_budget_bytes: int, settings: RenderCost, *, ceiling: int = 1000
 ) -> int:
     """The longest segment (4n+1 frames, at most `ceiling`) whose estimated peak fits both budgets; 0 if none.
 

@@ -306,7 +306,7 @@ def cmd_plan(file: ManifestArg, workspace: WorkspaceOpt = None) -> int:
     from tasks.workspace import Workspace
 
     plan = SegmentPlan.from_json(Workspace(workspace).path(result["plan"].plan).read_text())
-    print(f"engine: {result['engine']}")
+    print("\n".join(result["settings"].describe()))  # exactly what a run of this manifest will do
     print(format_plan_table(plan))
     return 0
 

@@ -18,12 +18,12 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 from engine.base import FPS, engine_target
-from engine.selection import resolve_render_engine
 from flows import heartbeats
 from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
 from flows.memory_split import SplitPlanner, is_out_of_memory
 from flows.placement import render_slot
 from flows.progress import EpisodeProgress, artifact_key
+from flows.resolve import detect_machine, resolve_run
 from tasks.bind import bind_task
 from tasks.deliver import deliver_task
 from tasks.enhance import enhance_task
@@ -31,7 +31,7 @@ from tasks.manifest import LoadedManifest, Manifest, load_manifest
 from tasks.pasteback import pasteback_task
 from tasks.remix import MixTarget, remix_task
 from tasks.render import PersonSpec, RenderOptions, chain_successors, cut_audio_task, render_task
-from tasks.segment import EpisodePlan, PlanSettings, plan_task
+from tasks.segment import EpisodePlan, plan_task
 from tasks.separate import resolve_separate_backend, separate_task, weights_revision
 from tasks.speakers import conform_task, timeline_task, tts_task
 from tasks.stitch import stitch_task
@@ -139,6 +139,8 @@ def _run_episode(
 
 def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, until: str | None) -> dict:
     m = loaded.manifest
+    # 0. the manifest's choices on this machine, for every stage (refused here when they cannot run)
+    run = resolve_run(m, loaded.source_info.kind, detect_machine(ws.root), _models_dir())
     # 1. inputs into the store (content-addressed: a moved or touched file stays cached)
     source = ws.put_file(m.source, move=False)
     dialogue = ws.put_file(m.audio.dialogue, move=False) if m.audio.dialogue else None
@@ -172,18 +174,16 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     if until == "bind":
         return {"tracks": tracks, "source": source, "binding": binding}
     # 5. segment: a plan cut in common silences, at shot cuts, within the engine's memory
-    engine, engine_why = resolve_render_engine(m.render.engine, _models_dir(), loaded.source_info.kind)
-    plan = runner.run(
-        plan_task, "plan", tracks, timeline, _plan_settings(m, engine), _line_specs(m), binding.shot_cuts
-    )
+    engine, engine_why = run.engine, run.engine_why
+    plan = runner.run(plan_task, "plan", tracks, timeline, run.plan, _line_specs(m), binding.shot_cuts)
     if until == "plan":
-        return {"plan": plan, "engine": engine}
+        return {"plan": plan, "engine": engine, "settings": run}
     runner.progress.add_steps(len(plan.segments))
     runner.planned = [seg.index for seg in plan.segments]
     slices = runner.run(cut_audio_task, "cut-audio", tracks, list(plan.segments))
     # 6. render every segment (fanned out), 7. stitch, 8. enhance
     log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))
-    clips, plan = _render_all(m, ws, runner, plan, slices, source, engine, tracks, binding.shot_cuts)
+    clips, plan = _render_all(m, ws, runner, plan, slices, source, run.render, tracks, binding.shot_cuts)
     picture = runner.run(stitch_task, "stitch", clips, timeline.total_frames)
     # 7b. a video source: the speakers pasted back onto its own frames, at its size and frame rate
     pasted = loaded.source_info.kind == "video" and engine != "preview"
@@ -315,16 +315,6 @@ def _line_specs(m: Manifest) -> tuple:
     return tuple((ln.start, ln.end, ln.text, order[ln.speaker]) for ln in m.lines)
 
 
-def _plan_settings(m: Manifest, engine: str) -> PlanSettings:
-    max_s = m.render.max_segment_s
-    return PlanSettings(
-        engine=engine,
-        size=m.render.size,
-        max_segment_s=None if max_s == "auto" else max_s,
-        min_gap_s=m.render.min_gap_s,
-    )
-
-
 def _publish_contact_sheet(ws: Workspace, runner: StageRunner, episode: str, binding) -> None:
     """The contact sheet beside the outputs and as a Prefect image artifact (a data: URI renders in the UI)."""
     import base64
@@ -349,24 +339,22 @@ def _persons(m: Manifest) -> tuple[PersonSpec, ...]:
 
 
 def _render_all(
-    m, ws: Workspace, runner: StageRunner, plan, slices, source: Blob, engine: str, tracks, shot_cuts=()
+    m,
+    ws: Workspace,
+    runner: StageRunner,
+    plan,
+    slices,
+    source: Blob,
+    base: RenderOptions,
+    tracks,
+    shot_cuts=(),
 ) -> tuple[list, EpisodePlan]:
     """Render every segment on the render workers; one that runs out of memory is split and its halves
     rendered instead (as many rounds as it takes). Clips come back in picture order, with the plan as
     rendered: after a split, its segments carry `split_from` and the "split" flag. With render.chain the
     segments of a shot render in order, each continuing from the one before (halves of a split do not)."""
-    base = RenderOptions(
-        engine=engine,
-        size=m.render.size,
-        steps=m.render.steps,
-        seed=m.render.seed,
-        prompt=m.render.prompt,
-        text_scale=m.render.text_scale,
-        audio_scale=m.render.audio_scale,
-        chain=m.render.chain,
-    )
     jobs, clips, failed = list(zip(plan.segments, slices, strict=True)), {}, {}
-    links = chain_successors(plan.segments, tuple(shot_cuts), _persons(m), engine) if base.chain else {}
+    links = chain_successors(plan.segments, tuple(shot_cuts), _persons(m), base.engine) if base.chain else {}
     splitter: SplitPlanner | None = None
     while jobs:
         out_of_memory = _render_round(m, ws, runner, plan, jobs, source, base, clips, failed, links)

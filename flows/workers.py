@@ -15,50 +15,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from flows.cluster import ClusterState, count_gpus, process_alive, read_state, state_file
+
 REPO = Path(__file__).resolve().parent.parent
-STATE_NAME = "workers.json"
 
 
 class WorkersError(RuntimeError):
     """The render workers cannot be started, reached or stopped; the message says what to do."""
 
 
-@dataclass(frozen=True)
-class ClusterState:
-    address: str
-    scheduler_pid: int
-    worker_pid: int
-    workers: int
-    engine: str
-    gpus: int
-    log: str
-
-
 # ---------------------------------------------------------------------------------------------- which runner
-
-
-def state_file(workspace: str | Path | None = None) -> Path:
-    from tasks.workspace import DEFAULT_ROOT
-
-    root = Path(workspace or os.environ.get("DUBFLOW_WORKSPACE") or DEFAULT_ROOT).resolve()
-    return root / STATE_NAME
-
-
-def read_state(workspace: str | Path | None = None) -> ClusterState | None:
-    path = state_file(workspace)
-    if not path.exists():
-        return None
-    state = ClusterState(**json.loads(path.read_text()))
-    return state if _alive(state.scheduler_pid) else None
 
 
 def scheduler_address(workspace: str | Path | None = None) -> str | None:
@@ -89,14 +63,6 @@ def episode_flow(workspace: str | Path | None = None):
 
 
 # ---------------------------------------------------------------------------------------------- start, stop, status
-
-
-def count_gpus() -> int:
-    """GPUs nvidia-smi can see (0 without a driver)."""
-    if not shutil.which("nvidia-smi"):
-        return 0
-    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 def start_workers(
@@ -232,23 +198,11 @@ def _terminate(state: ClusterState) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(p) for p in (state.worker_pid, state.scheduler_pid)):
+    while time.monotonic() < deadline and any(
+        process_alive(p) for p in (state.worker_pid, state.scheduler_pid)
+    ):
         time.sleep(0.2)
     for pid in (state.worker_pid, state.scheduler_pid):
-        if _alive(pid):
+        if process_alive(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours is not alive
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
-    except OSError:
-        return True

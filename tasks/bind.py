@@ -20,7 +20,7 @@ from engine.media import is_still, video_size
 from tasks.boxes import (
     Binding,
     BindingError,
-    Problem,
+    BindingProblem,
     TimedBox,
     boxes_for_segment,
     intersection,
@@ -37,7 +37,7 @@ __all__ = [  # the stage's own names, and those other modules import from here
     "BindingError",
     "BindingRecord",
     "BindResult",
-    "Problem",
+    "BindingProblem",
     "TimedBox",
     "bind_stage",
     "bind_task",
@@ -60,11 +60,11 @@ def check_binding(
     shot_cuts: Sequence[int] = (),
     size: int = 480,
     min_talk_frames: int = 5,
-) -> list[Problem]:
+) -> list[BindingProblem]:
     """Located problems of a binding: box geometry (errors), overlaps, and speech where a speaker has no box."""
     width, height = frame_size
     scale = size / min(width, height)  # the engine's bucket (ENGINE.md §4.1) is within ~7 % of this scale
-    problems: list[Problem] = []
+    problems: list[BindingProblem] = []
     for s, (name, timed) in enumerate(boxes.items()):
         for j, b in enumerate(timed):
             field = f"speakers[{s}].box" + (f"[{j}]" if len(timed) > 1 else "")
@@ -74,30 +74,34 @@ def check_binding(
     return problems
 
 
-def _box_problems(box: Box, width: int, height: int, scale: float, field: str, name: str) -> list[Problem]:
+def _box_problems(
+    box: Box, width: int, height: int, scale: float, field: str, name: str
+) -> list[BindingProblem]:
     coords = f"[{box.x0}, {box.y0}, {box.x1}, {box.y1}]"
     if box.x1 <= box.x0 or box.y1 <= box.y0:
         return [
-            Problem("error", f"{name}: box {coords} is empty or inverted (x1 > x0 and y1 > y0)", field, name)
+            BindingProblem(
+                "error", f"{name}: box {coords} is empty or inverted (x1 > x0 and y1 > y0)", field, name
+            )
         ]
     if box.x0 < 0 or box.y0 < 0 or box.x1 > width or box.y1 > height:
         message = f"{name}: box {coords} reaches outside the {width}x{height} picture; clip it to the frame"
-        return [Problem("error", message, field, name)]
+        return [BindingProblem("error", message, field, name)]
     side = min(box.width, box.height) * scale
     if side < 16:  # one DiT token is 16x16 render pixels (VAE 8x, patch 2): the mask would cover no token
         message = (
             f"{name}: box {coords} is {side:.0f} px at render size, under one 16-px token: make it larger"
         )
-        return [Problem("error", message, field, name)]
+        return [BindingProblem("error", message, field, name)]
     if side < 64:
         message = (
             f"{name}: box {coords} is only {side:.0f} px at render size; lips will lack detail (>= 64 px)"
         )
-        return [Problem("warning", message, field, name)]
+        return [BindingProblem("warning", message, field, name)]
     return []
 
 
-def _overlap_problems(boxes: Binding) -> list[Problem]:
+def _overlap_problems(boxes: Binding) -> list[BindingProblem]:
     names, problems = list(boxes), []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -105,7 +109,7 @@ def _overlap_problems(boxes: Binding) -> list[Problem]:
             if worst > 0.2:
                 severity = "error" if worst > 0.5 else "warning"
                 message = f"{a} and {b}: boxes overlap by {worst:.0%} of the smaller one; the engine cannot tell them apart"
-                problems.append(Problem(severity, message, f"speakers[{names.index(b)}].box", b))
+                problems.append(BindingProblem(severity, message, f"speakers[{names.index(b)}].box", b))
     return problems
 
 
@@ -123,7 +127,7 @@ def _same_time(p: TimedBox, q: TimedBox) -> bool:
 
 def _unboxed_speech(
     boxes: Binding, activity: Mapping[str, np.ndarray], shot_cuts: Sequence[int], min_frames: int
-) -> list[Problem]:
+) -> list[BindingProblem]:
     problems = []
     for s, (name, active) in enumerate(activity.items()):
         bounds = [0, *sorted(c for c in shot_cuts if 0 < c < len(active)), len(active)]
@@ -137,7 +141,7 @@ def _unboxed_speech(
                     f"{name} talks for {talking / FPS:.1f} s in shot {k} ({lo / FPS:.2f}-{hi / FPS:.2f} s) "
                     "without a box: off screen, or bind it"
                 )
-                problems.append(Problem("warning", message, f"speakers[{s}].box", name))
+                problems.append(BindingProblem("warning", message, f"speakers[{s}].box", name))
     return problems
 
 
@@ -148,11 +152,11 @@ def _unboxed_speech(
 class BindResult:
     boxes: dict[str, list[TimedBox]]  # pinned boxes only: a proposal reaches them through the manifest
     shot_cuts: tuple[int, ...]
-    problems: tuple[Problem, ...]
+    problems: tuple[BindingProblem, ...]
     contact_sheet: Path
 
     @property
-    def errors(self) -> list[Problem]:
+    def errors(self) -> list[BindingProblem]:
         return [p for p in self.problems if p.severity == "error"]
 
 
@@ -197,7 +201,7 @@ def bind_stage(ws: Workspace, source: Blob, tracks: dict[str, Blob], boxes: dict
     return BindingRecord(sheet, result.shot_cuts, tuple(p.message for p in result.problems))
 
 
-def geometry_problems(boxes: dict, frame_size: tuple[int, int], size: int) -> list[Problem]:
+def geometry_problems(boxes: dict, frame_size: tuple[int, int], size: int) -> list[BindingProblem]:
     """The checks that need no audio (box size at render scale, overlaps), for manifest validation."""
     binding = {sid: timed_boxes(spec) for sid, spec in boxes.items() if spec is not None}
     return check_binding(binding, frame_size, {}, size=size)

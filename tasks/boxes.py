@@ -31,7 +31,7 @@ class TimedBox:
 
 
 @dataclass(frozen=True)
-class Problem:
+class BindingProblem:
     severity: Literal["error", "warning"]  # error: the manifest must change; warning: a QC note
     message: str
     field: str = ""  # manifest path, e.g. "speakers[1].box[0]", for the loader to turn into FILE:LINE:COL

@@ -34,7 +34,7 @@ BoxList = Annotated[
 ]
 
 
-class TimedBox(Strict):
+class TimedBoxSpec(Strict):
     """A box that holds from `from` to `to` (seconds on the episode timeline)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -46,14 +46,14 @@ class TimedBox(Strict):
 class Speaker(Strict):
     id: str = Field(pattern=SLUG, description="name used everywhere for this speaker's track")
     name: str | None = Field(None, description="display name (defaults to id)")
-    box: BoxList | list[TimedBox] | None = Field(None, description="where this person is on screen")
+    box: BoxList | list[TimedBoxSpec] | None = Field(None, description="where this person is on screen")
     track: Path | None = Field(None, description="this speaker's own dialogue track (skips diarisation)")
     voice_sample: Path | None = Field(None, description="enrolment clip used to name the diarised track")
     voice: str | None = Field(None, description="TTS voice for lines mode")
 
     def box_spec(self) -> list | None:
         """The box as plain data: [x0, y0, x1, y1], or [{from, to, box}, ...] in seconds (tasks/bind.py reads it)."""
-        if isinstance(self.box, list) and self.box and isinstance(self.box[0], TimedBox):
+        if isinstance(self.box, list) and self.box and isinstance(self.box[0], TimedBoxSpec):
             return [{"from": b.start, "to": b.end, "box": list(b.box)} for b in self.box]
         return None if self.box is None else list(self.box)
 
@@ -437,7 +437,7 @@ def _check_box(box: list[int], loc: tuple, add, source: MediaInfo) -> None:
         add(loc, f"box {box} lies outside the {source.width}x{source.height} source frame; keep it inside")
 
 
-def _check_timed_boxes(boxes: list[TimedBox], loc: tuple, add, source: MediaInfo) -> None:
+def _check_timed_boxes(boxes: list[TimedBoxSpec], loc: tuple, add, source: MediaInfo) -> None:
     last_end = -math.inf
     for j, tb in enumerate(boxes):
         end = math.inf if tb.end is None else tb.end

@@ -40,7 +40,7 @@ from prefect import task
 from engine.base import FPS, OutOfMemory
 from engine.memory import (
     GiB,
-    RenderSettings,
+    RenderCost,
     estimate_peak,
     estimate_seconds,
     max_frames_that_fit,
@@ -150,7 +150,7 @@ class SegmentPlan:
     max_persons: int = 2
     n_gpus: int = 1
     shot_cuts: tuple[int, ...] = ()
-    settings: RenderSettings = field(default_factory=RenderSettings)
+    settings: RenderCost = field(default_factory=RenderCost)
     min_frames: int = 1  # shorter segments only where the rules in the module docstring allow them
 
     @property
@@ -176,7 +176,7 @@ class SegmentPlan:
     def from_json(cls, text: str) -> SegmentPlan:
         data = json.loads(text)
         segments = tuple(Segment(**_tuples(s)) for s in data.pop("segments"))
-        settings = RenderSettings(**data.pop("settings"))
+        settings = RenderCost(**data.pop("settings"))
         return cls(segments=segments, settings=settings, **_tuples(data))
 
 
@@ -413,7 +413,7 @@ def plan_segments(
     max_persons: int = 2,
     n_gpus: int = 1,
     energy: Mapping[str, np.ndarray] | None = None,
-    settings: RenderSettings | None = None,
+    settings: RenderCost | None = None,
     min_frames: int | None = None,
 ) -> SegmentPlan:
     """Cut [0, total_frames) into render segments of at most `max_frames` frames, and none shorter than
@@ -421,14 +421,14 @@ def plan_segments(
 
     `activity` maps speaker id -> bool per frame (speech_activity); `energy` (optional) maps the same ids to frame
     RMS (frame_rms), used to place forced cuts at the quietest frame and to pick the loudest speakers of a crowded
-    segment. `settings` drives the memory and time estimates (engine/memory.py; default RenderSettings()).
+    segment. `settings` drives the memory and time estimates (engine/memory.py; default RenderCost()).
     """
     if total_frames < 1 or max_frames < 1 or min_gap_frames < 1 or max_persons < 1 or n_gpus < 1:
         raise ValueError(
             f"total_frames={total_frames}, max_frames={max_frames}, min_gap_frames={min_gap_frames}, "
             f"max_persons={max_persons} and n_gpus={n_gpus} must all be >= 1"
         )
-    settings = settings or RenderSettings()
+    settings = settings or RenderCost()
     tracks = _tracks(activity, total_frames, energy)
     shots = tuple(sorted({int(c) for c in shot_cuts if 0 < c < total_frames}))
     shortest = min(min_useful_frames(settings) if min_frames is None else min_frames, (max_frames + 1) // 2)
@@ -572,11 +572,17 @@ class SegmentSpec:
 
 @dataclass(frozen=True)
 class PlanSettings:
+    """What the planner needs of the manifest and the machine (flows/resolve.py builds it, once per run)."""
+
     engine: str
     size: int
-    max_segment_s: float | None  # None: from the memory model and this worker's memory
+    max_segment_s: float | None  # None: from the memory model and the render worker's memory
     min_gap_s: float
-    n_gpus: int = 1
+    n_gpus: int = 1  # segments rendered at once: balancing aims at this many workers
+    steps: int = 8  # the time model scales with steps and guidance passes
+    cfg_passes: int = 3
+    gpu_bytes: int | None = None  # a render worker's GPU and host memory; None: this machine's, now
+    host_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -604,7 +610,7 @@ def plan_episode(
     audio = {sid: load_track(ws, blob) for sid, blob in tracks.items()}
     activity = {sid: speech_activity(a, MIX_RATE) for sid, a in audio.items()}
     energy = {sid: frame_rms(a, MIX_RATE) for sid, a in audio.items()}
-    max_frames = _max_frames(settings)
+    max_frames = max_segment_frames(settings)
     plan = plan_segments(
         activity,
         timeline.total_frames,
@@ -613,7 +619,7 @@ def plan_episode(
         energy=energy,
         n_gpus=settings.n_gpus,
         shot_cuts=shot_cuts,
-        settings=_render_settings(settings),
+        settings=_render_cost(settings),
     )
     specs = tuple(SegmentSpec(s.index, s.start_frame, s.end_frame, s.speakers) for s in plan.segments)
     captions = caption_times(lines, [activity[sid] for sid in tracks], timeline.total_frames)
@@ -645,19 +651,19 @@ def _speech_end(active: np.ndarray, start_s: float, limit_s: float, pause_frames
     return end_frame / FPS
 
 
-def _render_settings(settings: PlanSettings) -> RenderSettings:
-    return RenderSettings(
-        engine=settings.engine if settings.engine in ("multitalk", "preview") else "preview",
-        size=settings.size,
-    )
+def _render_cost(settings: PlanSettings) -> RenderCost:
+    engine = settings.engine if settings.engine in ("multitalk", "infinitetalk", "preview") else "preview"
+    return RenderCost(engine=engine, size=settings.size, steps=settings.steps, cfg_passes=settings.cfg_passes)
 
 
-def _max_frames(settings: PlanSettings) -> int:
+def max_segment_frames(settings: PlanSettings) -> int:
     """The manifest's limit, or the longest segment that fits this worker's GPU and host memory."""
     if settings.max_segment_s is not None:
         return max(1, int(settings.max_segment_s * FPS))
-    render = _render_settings(settings)
-    gpu, host = worker_memory()
+    render = _render_cost(settings)
+    gpu, host = (
+        worker_memory() if settings.gpu_bytes is None else (settings.gpu_bytes, settings.host_bytes or 0)
+    )
     frames = max_frames_that_fit(gpu if render.engine != "preview" else host, host, render)
     if frames < 1:
         raise OutOfMemory(

@@ -13,7 +13,7 @@ from engine import memory
 from engine.base import FPS, OutOfMemory
 from engine.memory import (
     GiB,
-    RenderSettings,
+    RenderCost,
     chunk_count,
     estimate_peak,
     estimate_seconds,
@@ -174,7 +174,7 @@ def test_the_default_minimum_is_one_chunk_and_slivers_of_silence_merge() -> None
     total = 2000
     runs = [(s, s + 70 + (s % 7)) for s in range(0, total - 100, 83)]
     activity = {"ana": talk(total, *runs[0::2]), "ben": talk(total, *runs[1::2])}
-    for render in (RenderSettings(), RenderSettings(engine="preview")):
+    for render in (RenderCost(), RenderCost(engine="preview")):
         plan = plan_segments(activity, total, max_frames=997, settings=render)
         check_rules(plan, activity)
         assert plan.min_frames == min_useful_frames(render) == 81
@@ -364,7 +364,7 @@ def test_unsplittable_out_of_memory_is_raised() -> None:
 
 
 def test_estimates_come_from_the_memory_model() -> None:
-    reference_like = RenderSettings(keep_frames="host_fp32")
+    reference_like = RenderCost(keep_frames="host_fp32")
     activity = {"ana": np.ones(500, bool)}
     streaming = plan_segments(activity, 500, max_frames=500).segments[0]
     keeping = plan_segments(activity, 500, max_frames=500, settings=reference_like).segments[0]
@@ -403,37 +403,37 @@ def test_worker_memory_reports_this_machine() -> None:
 def test_memory_model_reproduces_the_measured_h100_figures() -> None:
     """MEMORY.md: 480p 81-frame forward 4.22-4.27 s eager; 720p 81-frame DiT 15.95 GiB reserved beyond weights;
     an 80 GB card with everything resident fits the fp32 decode at 480p (35.7 + 12.6 GiB)."""
-    one_pass = RenderSettings(steps=1, cfg_passes=1, vae_dtype="bf16", vae_tiled=True)
+    one_pass = RenderCost(steps=1, cfg_passes=1, vae_dtype="bf16", vae_tiled=True)
     chunk = estimate_seconds(81, one_pass) - memory.SEGMENT_OVERHEAD_S
     vae = memory.VAE_DECODE_S_PER_LATENT["bf16"] * 21 * memory.VAE_TILED_TIME_FACTOR
     assert chunk - vae - memory.VAE_ENCODE_S_PER_CHUNK["bf16"] == pytest.approx(4.24, rel=0.03)
-    dit_720 = RenderSettings(size=720, vae_dtype="bf16", vae_tiled=True)
+    dit_720 = RenderCost(size=720, vae_dtype="bf16", vae_tiled=True)
     weights = 40 * memory.BLOCK_WEIGHTS + memory.NON_BLOCK_WEIGHTS
     overhead = memory.CUDA_CONTEXT + weights + memory.VAE_WEIGHTS["bf16"] + memory.CONDITIONING
     assert estimate_peak(81, dit_720).gpu_bytes / GiB - overhead == pytest.approx(15.95, abs=0.05)
-    assert estimate_peak(81, RenderSettings()).gpu_bytes < 79.2 * GiB
+    assert estimate_peak(81, RenderCost()).gpu_bytes < 79.2 * GiB
 
 
 def test_memory_model_explains_the_walkthrough_out_of_memory() -> None:
     """The reference keeps fp32 frames in host RAM: on an 18 GiB host a 17 s piece fits and the 27 s line does not."""
-    reference = RenderSettings(keep_frames="host_fp32", offload="model")
+    reference = RenderCost(keep_frames="host_fp32", offload="model")
     limit = max_frames_that_fit(80 * GiB, 18 * GiB, reference)
     assert 17 * FPS <= limit < 27 * FPS and limit % 4 == 1
-    assert max_frames_that_fit(80 * GiB, 18 * GiB, RenderSettings()) == 997  # streaming: only the ceiling
-    assert max_frames_that_fit(40 * GiB, 64 * GiB, RenderSettings()) == 0  # 35 GiB of weights + decode: no
+    assert max_frames_that_fit(80 * GiB, 18 * GiB, RenderCost()) == 997  # streaming: only the ceiling
+    assert max_frames_that_fit(40 * GiB, 64 * GiB, RenderCost()) == 0  # 35 GiB of weights + decode: no
 
 
 def test_memory_model_options_move_the_numbers_the_right_way() -> None:
-    base = RenderSettings()
-    streamed = RenderSettings(offload="group", resident_blocks=2)
+    base = RenderCost()
+    streamed = RenderCost(offload="group", resident_blocks=2)
     assert estimate_peak(81, streamed).gpu_bytes < estimate_peak(81, base).gpu_bytes - 30 * GiB
     assert estimate_peak(81, streamed).host_bytes > estimate_peak(81, base).host_bytes + 30 * GiB
-    assert estimate_peak(81, RenderSettings(quantize="fp8")).gpu_bytes < estimate_peak(81, base).gpu_bytes
-    assert estimate_peak(81, RenderSettings(cfg_batch=True)).gpu_bytes > estimate_peak(81, base).gpu_bytes
-    assert estimate_seconds(81, RenderSettings(compile=True)) < estimate_seconds(81, base)
+    assert estimate_peak(81, RenderCost(quantize="fp8")).gpu_bytes < estimate_peak(81, base).gpu_bytes
+    assert estimate_peak(81, RenderCost(cfg_batch=True)).gpu_bytes > estimate_peak(81, base).gpu_bytes
+    assert estimate_seconds(81, RenderCost(compile=True)) < estimate_seconds(81, base)
     assert chunk_count(81, base) == 1 and chunk_count(137, base) == 2 and chunk_count(138, base) == 3
-    assert chunk_count(153, RenderSettings(engine="infinitetalk")) == 2  # 9 motion frames: 72 new per chunk
-    preview = RenderSettings(engine="preview")
+    assert chunk_count(153, RenderCost(engine="infinitetalk")) == 2  # 9 motion frames: 72 new per chunk
+    preview = RenderCost(engine="preview")
     assert estimate_peak(10_000, preview).gpu_bytes == 0 and estimate_peak(10_000, preview).host_bytes < GiB
     with pytest.raises(ValueError, match="4n\\+1"):
-        RenderSettings(frame_num=80)
+        RenderCost(frame_num=80)

@@ -1,0 +1,64 @@
+"""What this workspace's render cluster is: the state `dubflow workers start` records, and the GPUs here.
+
+Read by the workers' own commands (flows/workers.py) and by the run's settings (flows/resolve.py); it starts
+nothing and imports no flow, so the episode flow can ask it without reaching the code that starts flows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE_NAME = "workers.json"
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    address: str
+    scheduler_pid: int
+    worker_pid: int
+    workers: int
+    engine: str
+    gpus: int
+    log: str
+
+
+def state_file(workspace: str | Path | None = None) -> Path:
+    from tasks.workspace import DEFAULT_ROOT
+
+    root = Path(workspace or os.environ.get("DUBFLOW_WORKSPACE") or DEFAULT_ROOT).resolve()
+    return root / STATE_NAME
+
+
+def read_state(workspace: str | Path | None = None) -> ClusterState | None:
+    path = state_file(workspace)
+    if not path.exists():
+        return None
+    state = ClusterState(**json.loads(path.read_text()))
+    return state if process_alive(state.scheduler_pid) else None
+
+
+def count_gpus() -> int:
+    """GPUs nvidia-smi can see (0 without a driver)."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return True

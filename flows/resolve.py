@@ -1,0 +1,119 @@
+"""One resolution of a manifest and the machine into every stage's settings.
+
+The run and `dubflow plan` both call `resolve_run`, so the plan a user previews is the plan a run makes:
+the engine `auto` picks and why, the render workers the segments are balanced over, the memory the
+segments are sized for, and the render options every segment gets. Machine figures are totals, not what
+happens to be free at this moment, so an unchanged episode keeps its cache keys run after run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.memory import GiB
+from engine.selection import resolve_render_engine
+from flows.cluster import count_gpus, read_state
+from tasks.manifest import Manifest
+from tasks.render import RenderOptions
+from tasks.segment import PlanSettings, max_segment_frames
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where the segments render: how many at once, and the memory of one render worker."""
+
+    render_slots: int  # render workers (one per GPU), or 1 on a machine without workers or GPUs
+    gpu_bytes: int  # total memory of one render GPU; 0: rendering on the CPU
+    host_bytes: int  # total memory of a render worker's host
+    where: str
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    engine: str  # resolved: preview | multitalk | infinitetalk
+    engine_why: str
+    machine: Machine
+    plan: PlanSettings
+    render: RenderOptions
+
+    def describe(self) -> list[str]:
+        """What a run will do, as `dubflow plan` prints it above the segment table."""
+        m, p, r = self.machine, self.plan, self.render
+        gpu = f"{m.gpu_bytes / GiB:.0f} GiB GPU" if m.gpu_bytes else "no GPU"
+        limit = f"{p.max_segment_s:g} s (manifest)" if p.max_segment_s else "from the memory model"
+        return [
+            f"engine: {self.engine} ({self.engine_why})",
+            f"machine: {m.where}: {m.render_slots} render slot(s), {gpu}, {m.host_bytes / GiB:.0f} GiB host",
+            f"segments: at {p.size}p, longest {limit}, cut in silences of {p.min_gap_s:g} s or more, "
+            f"balanced over {p.n_gpus} slot(s)",
+            f"render: {r.steps} steps x {p.cfg_passes} guidance passes, seed {r.seed}, "
+            f"text {r.text_scale:g} / audio {r.audio_scale:g}"
+            + (", chained within shots" if r.chain else ""),
+        ]
+
+
+def resolve_run(m: Manifest, source_kind: str, machine: Machine, models_dir: Path | None) -> RunSettings:
+    """The manifest's choices on this machine, for every stage: engine, plan and render settings."""
+    engine, why = resolve_render_engine(m.render.engine, models_dir, source_kind)
+    passes = 2 if _is_unit(m.render.text_scale) else 3  # ENGINE.md §4.4: text scale 1 drops a pass
+    max_s = m.render.max_segment_s
+    plan = PlanSettings(
+        engine=engine,
+        size=m.render.size,
+        max_segment_s=None if max_s == "auto" else max_s,
+        min_gap_s=m.render.min_gap_s,
+        n_gpus=machine.render_slots,
+        steps=m.render.steps,
+        cfg_passes=passes,
+        gpu_bytes=machine.gpu_bytes,
+        host_bytes=machine.host_bytes,
+    )
+    render = RenderOptions(
+        engine=engine,
+        size=m.render.size,
+        steps=m.render.steps,
+        seed=m.render.seed,
+        prompt=m.render.prompt,
+        text_scale=m.render.text_scale,
+        audio_scale=m.render.audio_scale,
+        chain=m.render.chain,
+    )
+    max_segment_frames(plan)  # an engine that cannot fit this machine is refused now, before any stage runs
+    return RunSettings(engine, why, machine, plan, render)
+
+
+def detect_machine(workspace: str | Path | None = None) -> Machine:
+    """The render workers of this workspace when they run (`dubflow workers start`), else this machine."""
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    gpus, gpu_bytes = count_gpus(), _gpu_total_bytes()
+    state = read_state(workspace)
+    if state is not None:
+        return Machine(max(1, state.workers), gpu_bytes, host, f"render workers at {state.address}")
+    if os.environ.get("DUBFLOW_SCHEDULER"):  # workers elsewhere: their count is the operator's to give
+        slots = int(os.environ.get("DUBFLOW_RENDER_SLOTS", "1"))
+        return Machine(max(1, slots), gpu_bytes, host, f"render workers at {os.environ['DUBFLOW_SCHEDULER']}")
+    return Machine(max(1, gpus), gpu_bytes, host, "this machine")
+
+
+def _gpu_total_bytes() -> int:
+    """Total memory of the smallest GPU nvidia-smi lists (0 without one); no torch import."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    done = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    sizes = [int(line) for line in done.stdout.split() if line.strip().isdigit()]
+    return min(sizes) * 2**20 if sizes else 0
+
+
+def _is_unit(scale: float) -> bool:
+    import math
+
+    return math.isclose(scale, 1.0)
