@@ -27,15 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
+from engine.media import read_channels  # noqa: E402
 from tasks.diarise import EmbeddedDiariser, EmbeddedSettings, Turn, diarisation_error_rate, read_rttm  # noqa: E402
-from tasks.separate import read_audio, separate_dsp  # noqa: E402
+from tasks.separate import separate_dsp  # noqa: E402
 from tests.audio_fixtures import RATE, conversation, mix_at, music, say, si_sdr, write_wav  # noqa: E402
 
 DER_GOAL = {"clean": 0.05, "music -12 dB": 0.05, "5-min episode": 0.05, "3 speakers": 0.20}
 
 
 def load_sample(sample_dir: Path) -> tuple[np.ndarray, list[Turn]]:
-    audio, rate = read_audio(sample_dir / "sample.wav")
+    audio, rate = read_channels(sample_dir / "sample.wav")
     assert rate == RATE, rate
     return audio[0], read_rttm(sample_dir / "sample.rttm")
 

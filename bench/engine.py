@@ -126,8 +126,8 @@ def stream_one(seconds: float, mode: str, steps: int, threads: int) -> dict:
     import tempfile
 
     from engine.base import PersonInput, RenderJob
+    from engine.media import ffmpeg_exe
     from engine.multitalk.pipeline import MultiTalkPipeline
-    from engine.multitalk.renderer import find_ffmpeg
     from engine.multitalk.tiny import TINY_MOTION_FRAMES, tiny_components, tiny_config, tiny_settings
     from engine.video import Mp4Writer
 
@@ -146,7 +146,7 @@ def stream_one(seconds: float, mode: str, steps: int, threads: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        with Mp4Writer(Path(tmp) / "segment.mp4", find_ffmpeg()) as sink:
+        with Mp4Writer(Path(tmp) / "segment.mp4", ffmpeg_exe()) as sink:
             out = pipe.render(job, progress=progress, sink=sink.write)
         wall = time.perf_counter() - start
     per_chunk = np.diff(stamps)
@@ -324,7 +324,8 @@ def step_flops(cfg, geo: Geometry, passes: int) -> float:
 
 def run_gpu(args: argparse.Namespace) -> dict:
     """The real 14B shape on CUDA in bf16; with --check-on-cpu the same code at the tiny shape on the CPU."""
-    from engine.multitalk.pipeline import Components, MultiTalkPipeline
+    from engine.multitalk.components import Components
+    from engine.multitalk.pipeline import MultiTalkPipeline
     from engine.multitalk.settings import DiTConfig, EngineSettings
     from engine.multitalk.tiny import tiny_config
 
@@ -473,7 +474,7 @@ def real_components(device: str, dtype: torch.dtype, wav2vec_device: str):
     )
 
     from engine.multitalk.audio import Wav2VecEncoder
-    from engine.multitalk.pipeline import Components
+    from engine.multitalk.components import Components
     from engine.multitalk.settings import DiTConfig
     from engine.multitalk.tiny import tiny_tokenizer
 

@@ -19,6 +19,8 @@ from engine.media import FPS  # one frame rate for every layer, defined at the b
 
 AUDIO_RATE = 16_000  # every engine takes 16 kHz mono float32 per person
 
+MODELS_DIR_ENV = "DUBFLOW_MODELS_DIR"
+
 ProgressHook = Callable[..., None]  # progress(stage, completed, total, **info)
 
 
@@ -137,6 +139,15 @@ _REGISTRY: dict[str, str] = {
     "multitalk": "engine.multitalk.renderer:MultiTalkRenderer",
     "infinitetalk": "engine.multitalk.renderer:InfiniteTalkRenderer",
 }
+
+
+def models_dir_from_env() -> Path | None:
+    """The models folder named by $DUBFLOW_MODELS_DIR (None when unset): searched before the HF and torch
+    hub caches by every backend that loads weights. The one place this variable is read."""
+    import os
+
+    value = os.environ.get(MODELS_DIR_ENV)
+    return Path(value) if value else None
 
 
 def register_engine(name: str, target: str) -> None:

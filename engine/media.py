@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 FPS = 25  # the engines' frame rate (engine.base.FPS; repeated here so the bottom layer imports nothing)
@@ -171,16 +173,13 @@ def read_audio(path: Path, sample_rate: int) -> np.ndarray:
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> Path:
-    """Write float audio as 32-bit float WAV, atomically and byte-for-byte reproducibly.
-
-    Not libsndfile: it adds a PEAK chunk holding the write time to float WAVs, so the same
-    samples would hash differently on every run and defeat the content-addressed cache.
-    """
-    from scipy.io import wavfile
-
-    with atomic_path(path) as tmp:
-        wavfile.write(tmp, sample_rate, np.ascontiguousarray(audio, dtype=np.float32))
-    return path
+    """Write (samples,) or (channels, samples) float audio as 32-bit float WAV, atomically and byte-for-byte
+    reproducibly (FloatWavWriter: no libsndfile PEAK chunk holding the write time, which would make the same
+    samples hash differently on every run and defeat the content-addressed cache)."""
+    audio = np.asarray(audio)
+    with FloatWavWriter(path, sample_rate, audio.shape[0] if audio.ndim == 2 else 1) as out:
+        out.write(audio)
+    return Path(path)
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
@@ -408,3 +407,112 @@ def _import_av():
     except ImportError:
         raise MediaError("video decoding needs PyAV: pip install av") from None
     return av
+
+
+# ---------------------------------------------------------------------------------------------- audio files
+
+
+@contextmanager
+def open_audio(path: Path) -> Iterator[sf.SoundFile]:
+    """Open any audio file for block reads; what libsndfile cannot read is decoded by ffmpeg first."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"{path}: audio file not found")
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path}: audio file is empty (0 bytes); re-export it")
+    try:
+        handle = sf.SoundFile(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            sf.SoundFile(str(_decode_with_ffmpeg(path, Path(tmp)))) as f,
+        ):
+            yield _check_opened(f, path)
+        return
+    with handle:
+        yield _check_opened(handle, path)
+
+
+def _check_opened(handle: sf.SoundFile, path: Path) -> sf.SoundFile:
+    if handle.frames == 0:
+        raise MediaError(f"{path}: audio file has no samples; re-export it")
+    return handle
+
+
+def read_block(handle: sf.SoundFile, start: int, end: int, path: Path) -> np.ndarray:
+    """Samples [start, end) as float32 (channels, n)."""
+    handle.seek(start)
+    block = handle.read(end - start, dtype="float32", always_2d=True).T
+    if not np.all(np.isfinite(block)):
+        raise MediaError(f"{path}: audio contains NaN/inf samples; re-export it")
+    return np.ascontiguousarray(block)
+
+
+def read_channels(path: Path) -> tuple[np.ndarray, int]:
+    """Read any audio file as float32 (channels, samples); ffmpeg decodes what soundfile cannot."""
+    with open_audio(path) as handle:
+        return read_block(handle, 0, handle.frames, Path(path)), int(handle.samplerate)
+
+
+def _decode_with_ffmpeg(path: Path, tmp: Path) -> Path:
+    try:
+        exe = ffmpeg_exe()
+    except MediaError:
+        raise MediaError(
+            f"{path}: cannot decode this format without ffmpeg; install ffmpeg or convert to WAV"
+        ) from None
+    wav = tmp / "decoded.wav"
+    cmd = [exe, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-c:a", "pcm_f32le", str(wav)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not wav.is_file():
+        first = (done.stderr.strip().splitlines() or ["unknown format"])[-1]
+        raise MediaError(f"{path}: not a readable audio file ({first}); re-export it as WAV")
+    return wav
+
+
+class FloatWavWriter:
+    """32-bit float WAV written block by block to a temp file, renamed into place on success.
+
+    The header is ours, not libsndfile's: libsndfile adds a PEAK chunk with a timestamp to float WAVs,
+    so the same samples would not give the same bytes."""
+
+    def __init__(self, path: Path, rate: int, channels: int):
+        self.path, self.rate, self.channels, self.frames = Path(path), rate, channels, 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".wav", dir=self.path.parent)
+        self.tmp, self.file = Path(tmp), os.fdopen(fd, "wb")
+        self.file.write(self._header())
+
+    def _header(self) -> bytes:
+        data = self.frames * self.channels * 4
+        fmt = struct.pack(
+            "<HHIIHH", 3, self.channels, self.rate, self.rate * self.channels * 4, self.channels * 4, 32
+        )
+        return (
+            b"RIFF"
+            + struct.pack("<I", 36 + data)
+            + b"WAVEfmt "
+            + struct.pack("<I", 16)
+            + fmt
+            + b"data"
+            + struct.pack("<I", data)
+        )
+
+    def write(self, block: np.ndarray) -> None:
+        """block: (channels, n) or (n,) float."""
+        frames = block.T if block.ndim == 2 else block[:, None]
+        self.file.write(np.ascontiguousarray(frames, dtype="<f4").tobytes())
+        self.frames += frames.shape[0]
+
+    def __enter__(self) -> FloatWavWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.file.seek(0)
+            self.file.write(self._header())
+        self.file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)

@@ -467,7 +467,7 @@ def cmd_models(
     ] = None,
 ) -> int:
     """MultiTalk / InfiniteTalk weights: check presence and checksums, or download them."""
-    from engine.multitalk.settings import models_dir_from_env
+    from engine.base import models_dir_from_env
     from engine.multitalk.weights import (
         DEFAULT_COMPONENTS,
         ENGINE_COMPONENTS,

@@ -6,7 +6,7 @@ import importlib.util
 import shutil
 import subprocess
 
-from engine.multitalk.settings import models_dir_from_env
+from engine.base import models_dir_from_env
 
 
 def doctor_report() -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
-from engine.base import FPS, engine_target
+from engine.base import FPS, engine_target, models_dir_from_env
 from flows import heartbeats
 from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
 from flows.memory_split import SplitPlanner, is_out_of_memory
@@ -140,7 +139,7 @@ def _run_episode(
 def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, until: str | None) -> dict:
     m = loaded.manifest
     # 0. the manifest's choices on this machine, for every stage (refused here when they cannot run)
-    run = resolve_run(m, loaded.source_info.kind, detect_machine(ws.root), _models_dir())
+    run = resolve_run(m, loaded.source_info.kind, detect_machine(ws.root), models_dir_from_env())
     # 1. inputs into the store (content-addressed: a moved or touched file stays cached)
     source = ws.put_file(m.source, move=False)
     dialogue = ws.put_file(m.audio.dialogue, move=False) if m.audio.dialogue else None
@@ -148,12 +147,12 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     backend, why = (
         ("none", "disabled in the manifest")
         if m.separate.backend == "none"
-        else resolve_separate_backend(m.separate.backend, m.separate.model, _models_dir())
+        else resolve_separate_backend(m.separate.backend, m.separate.model, models_dir_from_env())
     )
     log.info("separate: %s (%s)", backend, why)
     vocals, dub_instrumental = dialogue, None
     if dialogue is not None and not m.audio.clean and backend != "none":
-        revision = weights_revision(backend, m.separate.model, _models_dir())
+        revision = weights_revision(backend, m.separate.model, models_dir_from_env())
         sep = runner.run(separate_task, "separate[dialogue]", dialogue, backend, m.separate.model, revision)
         vocals, dub_instrumental = sep.vocals, sep.instrumental
     bed = _bed(m, loaded, ws, runner, backend, dub_instrumental)
@@ -258,7 +257,7 @@ def _bed(m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner
         return ws.put_file(m.audio.music_and_effects, move=False)
     original = m.audio.original or (m.source if loaded.source_info.has_audio else None)
     if original is not None and backend != "none":
-        revision = weights_revision(backend, m.separate.model, _models_dir())
+        revision = weights_revision(backend, m.separate.model, models_dir_from_env())
         sep = runner.run(
             separate_task,
             "separate[original]",
@@ -512,11 +511,6 @@ def _publish(ws: Workspace, episode: str, delivery, plan, extra: dict[str, Blob]
     except Exception:  # noqa: BLE001, S110 - an artifact is a convenience, the files are the product
         pass
     return outputs
-
-
-def _models_dir() -> Path | None:
-    value = os.environ.get("DUBFLOW_MODELS_DIR")
-    return Path(value) if value else None
 
 
 def _error_text(state) -> str:

@@ -29,10 +29,10 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from prefect import task
@@ -521,36 +521,6 @@ def split_segment(
         replace(s, flags=(*s.flags, "split")) if s.split_from == index else s for s in split.segments
     )
     return replace(split, segments=flagged)
-
-
-Result = TypeVar("Result")
-
-
-def render_with_splits(
-    plan: SegmentPlan,
-    render: Callable[[Segment], Result],
-    activity: Mapping[str, np.ndarray],
-    *,
-    energy: Mapping[str, np.ndarray] | None = None,
-    min_frames: int = 1,
-) -> tuple[SegmentPlan, dict[int, Result]]:
-    """Render every segment; one that raises OutOfMemory is split at its best inner cut and its halves retried.
-
-    Returns the final plan (splits recorded) and each rendered segment's result by segment id. A segment of
-    `min_frames` frames or fewer that still runs out of memory re-raises: no split can help it.
-    """
-    results: dict[int, Result] = {}
-    queue = list(plan.segments)
-    while queue:
-        segment = queue.pop(0)
-        try:
-            results[segment.index] = render(segment)
-        except OutOfMemory:
-            if segment.num_frames <= max(1, min_frames):
-                raise
-            plan = split_segment(plan, segment.index, activity, energy=energy)
-            queue[:0] = [s for s in plan.segments if s.split_from == segment.index]
-    return plan, results
 
 
 # ---------------------------------------------------------------------------------------------- the Prefect stage

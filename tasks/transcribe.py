@@ -26,8 +26,9 @@ import numpy as np
 from prefect import task
 
 from engine.base import EngineSetupError, MissingWeightsError
+from engine.media import read_channels
 from tasks.diarise import Turn, read_rttm, to_16k
-from tasks.separate import check_not_silent, read_audio
+from tasks.separate import check_not_silent
 from tasks.workspace import Blob, Workspace, stage_cache
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def transcribe(
     """Word-timed transcript of `audio` (seconds on the input's timeline), speakers from the RTTM if given."""
     chosen, why = resolve_transcribe_backend(backend)
     log.info("transcribe %s: backend %s (%s)", audio, chosen, why)
-    samples, rate = read_audio(Path(audio))
+    samples, rate = read_channels(Path(audio))
     check_not_silent(samples, Path(audio))
     if chosen == "whisperx":
         words = transcribe_whisperx(Path(audio), language=language, model=str(model or "tiny.en"))

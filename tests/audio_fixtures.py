@@ -183,6 +183,6 @@ def si_sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
 
 def write_wav(path: Path, audio: np.ndarray, rate: int = RATE) -> Path:
     """(samples,) or (channels, samples) as a float WAV, the way every stage writes its audio."""
-    from tasks.separate import write_audio
+    from engine.media import write_wav
 
-    return write_audio(path, np.asarray(audio, dtype=np.float32), rate)
+    return write_wav(path, np.asarray(audio, dtype=np.float32), rate)

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from engine.base import EngineSetupError, JobError, MissingWeightsError, OutOfMemory
-from engine.media import MediaError, ffmpeg_exe
+from engine.media import MediaError, ffmpeg_exe, read_channels
 from engine.video import EncodeError, Mp4Writer
 from flows.episode import _retry_if_transient
 from tasks.bind import BindingError
 from tasks.manifest import ManifestError
-from tasks.separate import read_audio
 
 
 class _Failed:
@@ -72,4 +71,4 @@ def test_unusable_audio_is_a_media_error(tmp_path: Path) -> None:
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
     with pytest.raises(MediaError, match="empty"):
-        read_audio(empty)
+        read_channels(empty)

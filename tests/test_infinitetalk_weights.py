@@ -312,7 +312,7 @@ def test_infinitetalk_engine_is_registered():
 
 
 def test_models_dir_is_read_from_the_environment_in_one_place(monkeypatch, tmp_path):
-    from engine.multitalk.settings import models_dir_from_env
+    from engine.base import models_dir_from_env
 
     monkeypatch.delenv("DUBFLOW_MODELS_DIR", raising=False)
     assert models_dir_from_env() is None

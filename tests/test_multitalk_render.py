@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from engine.base import Box, EngineSetupError, JobError, PersonInput, Renderer, create_renderer
-from engine.multitalk.renderer import MultiTalkRenderer, find_ffmpeg, write_mp4
+from engine.media import ffmpeg_exe
+from engine.multitalk.renderer import MultiTalkRenderer, write_mp4
 from tests.conftest_multitalk import (
     LEFT,
     RIGHT,
@@ -34,7 +35,7 @@ def renderer():
 
 
 def _decoded_frames(path, width, height) -> np.ndarray:
-    cmd = [find_ffmpeg(), "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    cmd = [ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     raw = subprocess.run(cmd, capture_output=True, check=True).stdout
     return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import memory
-from engine.base import FPS, OutOfMemory
+from engine.base import FPS
 from engine.memory import (
     GiB,
     RenderCost,
@@ -26,7 +26,6 @@ from tasks.segment import (
     SegmentPlan,
     frame_rms,
     plan_segments,
-    render_with_splits,
     speech_activity,
     split_segment,
 )
@@ -320,25 +319,20 @@ def test_speech_activity_hangover_bridges_short_stops() -> None:
 
 
 def test_out_of_memory_splits_only_the_failing_segment() -> None:
+    """The flow's split path (flows/memory_split.py): each segment over the fake memory limit is split at its
+    best inner cut, the halves again while they still fail; every other segment is left alone."""
     total = 600
     runs = [(s, s + 40) for s in range(0, total, 60)]  # pauses of 20 frames every 60
     activity = {"ana": talk(total, *runs)}
     plan = plan_segments(activity, total, max_frames=400, min_gap_frames=8)
-    calls: list[tuple[int, int]] = []
-
-    def fake_render(segment: Segment) -> int:
-        calls.append((segment.start_frame, segment.end_frame))
-        if segment.num_frames > 150:
-            raise OutOfMemory("fake", frames=segment.num_frames)
-        return segment.num_frames
-
-    final, results = render_with_splits(plan, fake_render, activity)
+    final = plan
+    while failing := [s for s in final.segments if s.num_frames > 150]:  # out of memory above 150 frames
+        for segment in failing:
+            final = split_segment(final, segment.index, activity)
     check_rules(final, activity)
-    assert all(s.num_frames <= 150 for s in final.segments)
-    assert set(results) == {s.index for s in final.segments}
     assert any(s.split_from is not None for s in final.segments)
     untouched = [s for s in plan.segments if s.num_frames <= 150]
-    assert all(s in final.segments and calls.count((s.start_frame, s.end_frame)) == 1 for s in untouched)
+    assert all(s in final.segments for s in untouched)
     assert all(s.end_cut != "forced" for s in final.segments)
 
 
@@ -353,14 +347,10 @@ def test_split_picks_an_inner_silence_near_the_middle() -> None:
     assert first.split_from == second.split_from == only.index and "split" in first.flags
 
 
-def test_unsplittable_out_of_memory_is_raised() -> None:
-    plan = plan_segments({"ana": np.ones(10, bool)}, 10, max_frames=10)
-
-    def always_fails(segment: Segment) -> None:
-        raise OutOfMemory("fake")
-
-    with pytest.raises(OutOfMemory):
-        render_with_splits(plan, always_fails, {"ana": np.ones(10, bool)})
+def test_a_one_frame_segment_cannot_be_split() -> None:
+    plan = plan_segments({"ana": np.ones(1, bool)}, 1, max_frames=1)
+    with pytest.raises(ValueError, match="cannot be split"):
+        split_segment(plan, plan.segments[0].index, {"ana": np.ones(1, bool)})
 
 
 def test_estimates_come_from_the_memory_model() -> None:

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from engine.base import AUDIO_RATE, JobError, OutOfMemory, ProgressHook, RenderJob
-from engine.multitalk.audio import Wav2VecEncoder, normalize_loudness, null_windows, pad_tracks
+from engine.multitalk.audio import normalize_loudness, null_windows, pad_tracks
 from engine.multitalk.colour import lab_stats, match_colours
+from engine.multitalk.components import Components
 from engine.multitalk.conditioning import (
     Framing,
     Source,
@@ -69,18 +70,6 @@ from engine.multitalk.validation import ResolvedJob, resolve_job
 TRANSIENT_BYTES_PER_TOKEN = 4.80 * 2**30 / 32_760
 
 FrameSink = Callable[[np.ndarray], None]  # receives (t, H, W, 3) uint8 frames, chunk by chunk
-
-
-@dataclass
-class Components:
-    """The loaded models. `transformer` is a MultiTalkTransformer3DModel."""
-
-    transformer: Any
-    vae: Any  # diffusers AutoencoderKLWan
-    text_encoder: Any  # transformers UMT5EncoderModel
-    tokenizer: Any
-    image_encoder: Any  # transformers CLIPVisionModel
-    wav2vec: Wav2VecEncoder
 
 
 @dataclass

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -21,12 +20,12 @@ import numpy as np
 from engine.base import (
     AUDIO_RATE,
     FPS,
-    EngineSetupError,
     MissingWeightsError,
     ProgressHook,
     RenderJob,
     RenderResult,
 )
+from engine.media import ffmpeg_exe
 from engine.multitalk.settings import EngineSettings
 from engine.video import Mp4Writer
 
@@ -49,23 +48,9 @@ def available(models_dir: Path | str | None = None) -> tuple[bool, str]:
     return True, "CUDA device and weights present"
 
 
-def find_ffmpeg() -> str:
-    exe = shutil.which("ffmpeg")
-    if exe:
-        return exe
-    try:
-        import imageio_ffmpeg
-
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except (ImportError, RuntimeError) as exc:
-        raise EngineSetupError(
-            "ffmpeg not found: install it (apt-get install ffmpeg) or imageio-ffmpeg"
-        ) from exc
-
-
 def write_mp4(frames: np.ndarray, path: Path, fps: int = FPS) -> None:
     """(N, H, W, 3) uint8 -> H.264 mp4, atomically (see engine.video.Mp4Writer)."""
-    with Mp4Writer(path, find_ffmpeg(), fps=fps) as out:
+    with Mp4Writer(path, ffmpeg_exe(), fps=fps) as out:
         out.write(frames)
 
 
@@ -123,7 +108,7 @@ class MultiTalkRenderer:
     def render(self, job: RenderJob, *, progress: ProgressHook | None = None) -> RenderResult:
         start = time.perf_counter()
         job = self.adapt(job)
-        sink = Mp4Writer(Path(job.output), find_ffmpeg()) if job.output is not None else None
+        sink = Mp4Writer(Path(job.output), ffmpeg_exe()) if job.output is not None else None
         with sink or contextlib.nullcontext():
             out = self.pipeline.render(job, progress=progress, sink=sink.write if sink is not None else None)
         if job.state_output is not None:

@@ -7,7 +7,6 @@ model shapes (the real 14B ones by default, `tiny.py` provides small ones for te
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,13 +75,6 @@ PRODUCT_ADAPTERS = {
     "multitalk": ("multitalk",),
     "infinitetalk": ("infinitetalk-single", "infinitetalk-multi"),
 }
-MODELS_DIR_ENV = "DUBFLOW_MODELS_DIR"
-
-
-def models_dir_from_env() -> Path | None:
-    """The models folder named by $DUBFLOW_MODELS_DIR (None when unset): searched before the HF cache."""
-    value = os.environ.get(MODELS_DIR_ENV)
-    return Path(value) if value else None
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ def tiny_components(seed: int = 0, cfg: TinyConfig | None = None) -> Any:
     )
 
     from engine.multitalk.audio import Wav2VecEncoder
-    from engine.multitalk.pipeline import Components
+    from engine.multitalk.components import Components
     from engine.multitalk.transformer import MultiTalkTransformer3DModel
 
     cfg = cfg or tiny_config()

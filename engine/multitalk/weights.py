@@ -657,7 +657,7 @@ def _load_all(paths: WeightPaths, settings: EngineSettings, dtype: torch.dtype, 
     from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
     from engine.multitalk.audio import Wav2VecEncoder
-    from engine.multitalk.pipeline import Components
+    from engine.multitalk.components import Components
 
     enc = paths.encoders
     wav2vec = Wav2VecEncoder.from_folder(paths.wav2vec, settings.wav2vec_device)

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.base import EngineSetupError, ProgressHook
+from engine.media import read_channels
 from tasks.diarise.turns import FRAME_S, RATE, Turn, to_16k, turn_key
-from tasks.separate import check_not_silent, read_audio
+from tasks.separate import check_not_silent
 
 VAD_EXTRA = "pip install -e '.[vad]'"
 
@@ -181,7 +182,7 @@ def embed_segments(wav16: np.ndarray, spans: Sequence[tuple[float, float]]) -> n
 
 def embed_clip(path: Path) -> np.ndarray:
     """One d-vector for a whole enrolment clip (windows over its speech, averaged, normalised)."""
-    audio, rate = read_audio(Path(path))
+    audio, rate = read_channels(Path(path))
     check_not_silent(audio, Path(path))
     wav16 = to_16k(audio.mean(axis=0), rate)
     diariser = EmbeddedDiariser(EmbeddedSettings())

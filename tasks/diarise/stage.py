@@ -14,12 +14,12 @@ import numpy as np
 from prefect import task
 
 from engine.base import ProgressHook
-from engine.media import MediaError
+from engine.media import MediaError, read_channels, write_wav
 from tasks.diarise.embedded import EmbeddedDiariser, EmbeddedSettings
 from tasks.diarise.naming import name_clusters
 from tasks.diarise.pyannote_backend import PYANNOTE_PIPELINES, diarise_pyannote
 from tasks.diarise.turns import Turn, gate, merge_turns, to_16k, write_rttm, write_text_atomic
-from tasks.separate import check_not_silent, read_audio, write_audio
+from tasks.separate import check_not_silent
 from tasks.workspace import Blob, Workspace, stage_cache
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def diarise(
     speakers = check_speakers(speakers, order, pinned, num_speakers)
     chosen, why = resolve_diarise_backend(backend)
     log.info("diarise %s: backend %s (%s)", vocals, chosen, why)
-    audio, rate = read_audio(Path(vocals))
+    audio, rate = read_channels(Path(vocals))
     check_not_silent(audio, Path(vocals))
     notes: list[str] = []
     if audio.shape[0] > 1:
@@ -134,7 +134,7 @@ def use_given_tracks(tracks: dict[str, Path], out_dir: Path) -> Diarisation:
         raise ValueError("use_given_tracks needs at least one speaker track")
     turns, timeline = [], None
     for speaker, path in sorted(tracks.items()):
-        audio, rate = read_audio(Path(path))
+        audio, rate = read_channels(Path(path))
         if timeline is not None and timeline != (rate, audio.shape[1]):
             raise MediaError(
                 f"{path}: speaker tracks must share one sample rate and length; got {rate} Hz x {audio.shape[1]} "
@@ -186,7 +186,7 @@ def write_outputs(
     tracks = {}
     for speaker in record["speakers"]:
         gain = gate([(t.start, t.end) for t in merged if t.label == speaker], len(mono), rate)
-        tracks[speaker] = write_audio(out_dir / f"{speaker}.wav", (mono * gain).astype(np.float32), rate)
+        tracks[speaker] = write_wav(out_dir / f"{speaker}.wav", (mono * gain).astype(np.float32), rate)
     write_text_atomic(out_dir / "mapping.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
     return Diarisation(
         rttm=rttm,
