@@ -553,6 +553,7 @@ class PlanSettings:
     cfg_passes: int = 3
     gpu_bytes: int | None = None  # a render worker's GPU and host memory; None: this machine's, now
     host_bytes: int | None = None
+    cost_model: str | None = None  # whose memory and time model sizes the segments; None: the engine's
 
 
 @dataclass(frozen=True)
@@ -622,7 +623,8 @@ def _speech_end(active: np.ndarray, start_s: float, limit_s: float, pause_frames
 
 
 def _render_cost(settings: PlanSettings) -> RenderCost:
-    engine = settings.engine if settings.engine in ("multitalk", "infinitetalk", "preview") else "preview"
+    model = settings.cost_model or settings.engine
+    engine = model if model in ("multitalk", "infinitetalk", "preview") else "preview"
     return RenderCost(engine=engine, size=settings.size, steps=settings.steps, cfg_passes=settings.cfg_passes)
 
 

@@ -3,6 +3,8 @@ run does (engine, render slots, memory, steps), and the planner sees every choic
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from engine.memory import GiB, estimate_seconds
@@ -31,9 +33,8 @@ def test_steps_and_guidance_passes_reach_the_planner(manifest):
     two_pass = resolve_run(manifest(", steps: 8, text_scale: 1.0"), "image", ONE_H100, None)
     assert (few.plan.steps, many.plan.steps, two_pass.plan.cfg_passes) == (8, 40, 2)
     assert few.render.steps == few.plan.steps and many.render.steps == 40  # one source for both stages
-    cost = {name: _render_cost(r.plan) for name, r in [("few", few), ("many", many), ("two", two_pass)]}
-    for c in cost.values():
-        object.__setattr__(c, "engine", "multitalk")  # time the real engine's model, not the preview's
+    runs = [("few", few), ("many", many), ("two", two_pass)]  # timed with the real engine's model:
+    cost = {name: _render_cost(replace(r.plan, cost_model="multitalk")) for name, r in runs}
     assert estimate_seconds(400, cost["many"]) > 4 * estimate_seconds(400, cost["few"]) > 0
     assert estimate_seconds(400, cost["two"]) < estimate_seconds(400, cost["few"])
 
@@ -46,7 +47,7 @@ def test_the_machine_sets_balancing_and_memory(manifest):
     wide, narrow = resolve_run(m, "image", four, None), resolve_run(m, "image", small, None)
     assert (wide.plan.n_gpus, narrow.plan.n_gpus) == (4, 1)
     assert (wide.plan.gpu_bytes, narrow.plan.host_bytes) == (141 * GiB, 64 * GiB)
-    real = [r.plan.__class__(**{**r.plan.__dict__, "engine": "infinitetalk"}) for r in (wide, narrow)]
+    real = [replace(r.plan, engine="infinitetalk", cost_model="infinitetalk") for r in (wide, narrow)]
     assert _render_cost(real[0]).engine == "infinitetalk"  # planned with its own memory model
     assert max_segment_frames(real[0]) >= max_segment_frames(real[1]) > 0  # both workers fit a segment
 
@@ -71,3 +72,21 @@ def test_an_engine_that_cannot_fit_the_machine_is_refused_before_any_stage(manif
     with pytest.raises(OutOfMemory, match="infinitetalk engine at 480p does not fit"):
         resolve_run(m, "video", Machine(1, 24 * GiB, 64 * GiB, "a 24 GB card"), None)
     assert resolve_run(m, "video", ONE_H100, None).engine == "infinitetalk"
+
+
+def test_an_overridden_engine_is_planned_as_what_it_is(manifest, monkeypatch):
+    """DUBFLOW_ENGINE_OVERRIDES puts another implementation (a tiny model on the CPU) in place of the engine:
+    the real engine's GPU memory model does not describe it, and the plan says so."""
+    m = manifest()
+    m = m.model_copy(
+        update={"render": m.render.model_copy(update={"max_segment_s": "auto", "engine": "infinitetalk"})}
+    )
+    no_gpu = Machine(1, 0, 24 * GiB, "a CPU machine")
+    from engine.base import OutOfMemory
+
+    with pytest.raises(OutOfMemory):
+        resolve_run(m, "video", no_gpu, None)
+    monkeypatch.setenv("DUBFLOW_ENGINE_OVERRIDES", "infinitetalk=tests.footage_fixtures:tiny_infinitetalk")
+    run = resolve_run(m, "video", no_gpu, None)
+    assert run.engine == "infinitetalk" and run.plan.cost_model == "preview"
+    assert "planned as a CPU renderer" in run.describe()[0]
