@@ -478,9 +478,9 @@ class FloatWavWriter:
 
     def __init__(self, path: Path, rate: int, channels: int):
         self.path, self.rate, self.channels, self.frames = Path(path), rate, channels, 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".wav", dir=self.path.parent)
-        self.tmp, self.file = Path(tmp), os.fdopen(fd, "wb")
+        self._atomic = atomic_path(self.path)  # the temp file beside `path`, renamed into place on success
+        self.tmp = self._atomic.__enter__()
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in __exit__
         self.file.write(self._header())
 
     def _header(self) -> bytes:
@@ -512,7 +512,4 @@ class FloatWavWriter:
             self.file.seek(0)
             self.file.write(self._header())
         self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        self._atomic.__exit__(exc_type, exc, tb)

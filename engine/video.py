@@ -7,14 +7,14 @@ only when ffmpeg succeeds, so a failed render never replaces an earlier good one
 
 from __future__ import annotations
 
-import os
+import contextlib
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from engine.base import FPS, EngineSetupError
+from engine.media import atomic_path
 
 
 class EncodeError(EngineSetupError):
@@ -33,6 +33,7 @@ class Mp4Writer:
         self.path, self.ffmpeg, self.fps, self.crf, self.preset = Path(path), ffmpeg, fps, crf, preset
         self.proc: subprocess.Popen | None = None
         self.tmp: str | None = None
+        self._atomic = contextlib.ExitStack()  # holds the temp file (atomic_path) once encoding starts
 
     def write(self, frames: np.ndarray) -> None:
         if self.proc is None:
@@ -43,9 +44,7 @@ class Mp4Writer:
             self._finish()  # raises with ffmpeg's own message
 
     def _start(self, width: int, height: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".mp4", dir=self.path.parent)
-        os.close(fd)
+        self.tmp = str(self._atomic.enter_context(atomic_path(self.path)))  # renamed into place on success
         cmd = [
             self.ffmpeg, "-y", "-nostdin", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
             "-s", f"{width}x{height}", "-r", str(self.fps), "-i", "-", "-an",
@@ -68,13 +67,14 @@ class Mp4Writer:
         try:
             if self.proc is not None and exc_type is None:
                 self._finish()
-                os.replace(self.tmp, self.path)
             elif self.proc is not None:
                 self.proc.kill()
                 self.proc.wait()
+        except BaseException as error:  # the encode failed: the temp file goes, nothing is renamed
+            self._atomic.__exit__(type(error), error, error.__traceback__)
+            raise
         finally:
             if self.proc is not None:
                 self.proc.stdin.close()
                 self.proc.stderr.close()
-            if self.tmp and os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+        self._atomic.__exit__(exc_type, exc, tb)

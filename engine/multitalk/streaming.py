@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from engine.base import JobError
+from engine.media import atomic_path
 from engine.multitalk.audio import reflect_pad
 
 Model = Literal["multitalk", "infinitetalk"]
@@ -238,14 +237,8 @@ class StreamState:
             "next_source_frame": self.next_source_frame, "chunks_done": self.chunks_done,
             "frames_done": self.frames_done, "seed": self.seed, "extra": self.extra,
         }  # fmt: skip
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"stream_state": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"stream_state": json.dumps(meta)})
         return path
 
     @classmethod

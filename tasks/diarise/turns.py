@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from engine.media import atomic_path
 
 RATE = 16_000  # both embedded models work at 16 kHz
 FRAME_S = 0.01  # turn resolution
@@ -85,9 +86,8 @@ def read_rttm(path: Path) -> list[Turn]:
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     return path
 
 
