@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.base import FPS, JobError, RenderJob, RenderResult
-from engine.media import VideoFrames, ffmpeg_exe, is_still
+from engine.media import VideoFrames, ffmpeg_exe, is_still, write_timed_video
 from engine.video import Mp4Writer
 
 BUCKET = (48, 48)  # (h, w): square, so a wide source is cropped, and smaller, so the crop is scaled back up
@@ -33,18 +33,8 @@ def moving_picture(i: int, size: tuple[int, int]) -> np.ndarray:
 
 def write_moving_video(path: Path, times_s: list[float], size=(128, 64)) -> Path:
     """An H.264 video (no sound) whose frame i, `moving_picture(i)`, is shown at times_s[i] (VFR allowed)."""
-    import av
-
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=30)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
-        stream.options = {"crf": "0", "bf": "0"}
-        for i, t in enumerate(times_s):
-            frame = av.VideoFrame.from_ndarray(moving_picture(i, size), format="rgb24")
-            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
+    frames = ((round(t * 1000), moving_picture(i, size)) for i, t in enumerate(times_s))
+    write_timed_video(path, frames, Fraction(1, 1000), crf=0)
     return path
 
 

@@ -8,27 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.media import MediaError, VideoFrames
+from engine.media import MediaError, VideoFrames, write_timed_video
 
 FOOTAGE = Path(__file__).resolve().parents[2] / "shared" / "data" / "footage-dev"
 
 
 def write_coded_video(path: Path, times_s: list[float], size=(64, 48)) -> Path:
     """Frame i is a flat grey of level 8*i (decoded back within a few levels), shown at times_s[i]."""
-    import av
-
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=30)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
-        stream.options = {"crf": "0", "bf": "0"}
-        for i, t in enumerate(times_s):
-            frame = av.VideoFrame.from_ndarray(
-                np.full((size[1], size[0], 3), 8 * i, np.uint8), format="rgb24"
-            )
-            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
+    width, height = size
+    frames = ((round(t * 1000), np.full((height, width, 3), 8 * i, np.uint8)) for i, t in enumerate(times_s))
+    write_timed_video(path, frames, Fraction(1, 1000), crf=0)
     return path
 
 
