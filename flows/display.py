@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from typing import TYPE_CHECKING
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
 
 from engine.base import FPS
 from engine.memory import GiB
@@ -73,13 +77,13 @@ def format_status(status: dict) -> str:
     ]
     if status.get("error"):
         lines.append(f"  error: {status['error']}")
-    lines.append("  stages:")
-    lines += [f"    {s['stage']:<28} {s['state']}" for s in status["stages"]]
-    lines.append("  segments:")
-    lines += [
-        f"    #{s['segment']:02d} {s['state']:<9} {', '.join(s.get('outputs', []))}"
-        for s in status["segments"]
-    ]
+    stages = Table("stage", "state", box=box.SIMPLE_HEAD, pad_edge=False)
+    for stage in status["stages"]:
+        _add_row(stages, stage["stage"], stage["state"])
+    segments = Table("segment", "state", "outputs", box=box.SIMPLE_HEAD, pad_edge=False)
+    for seg in status["segments"]:
+        _add_row(segments, f"#{seg['segment']:02d}", seg["state"], ", ".join(seg.get("outputs", [])))
+    lines += [_render(stages), _render(segments)]
     if status.get("outputs"):
         lines.append("  outputs:")
         lines += _columns(status["outputs"], indent=4)
@@ -95,20 +99,33 @@ def _timecode(frame: int) -> str:
 
 
 def format_plan_table(plan: SegmentPlan) -> str:
-    """The plan as a text table for `dubflow plan FILE`, with totals, makespan and every rule that was bent."""
-    header = (
-        f"{'seg':>4} {'start':>8} {'end':>8} {'frames':>6} {'speakers':<20} {'end cut':<7} {'GPU GiB':>7} "
-    )
-    header += f"{'host GiB':>8} {'est s':>7}  flags"
-    rows = [header, "-" * len(header)]
+    """The plan as a table for `dubflow plan FILE`, with totals, makespan and every rule that was bent."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, justify in [("seg", "right"), ("start", "right"), ("end", "right"), ("frames", "right"),
+                          ("speakers", "left"), ("end cut", "left"), ("GPU GiB", "right"),
+                          ("host GiB", "right"), ("est s", "right"), ("flags", "left")]:  # fmt: skip
+        table.add_column(name, justify=justify, no_wrap=True)
     for s in plan.segments:
         speakers = ",".join(s.speakers) + (f" (+{','.join(s.extra_speakers)})" if s.extra_speakers else "")
-        rows.append(
-            f"{s.index:>4} {_timecode(s.start_frame):>8} {_timecode(s.end_frame):>8} {s.num_frames:>6} "
-            f"{speakers or '-':<20} {s.end_cut:<7} {s.gpu_bytes / GiB:>7.1f} {s.host_bytes / GiB:>8.1f} "
-            f"{s.est_seconds:>7.0f}  {', '.join(s.flags)}"
-        )
-    return "\n".join(rows + _plan_summary(plan))
+        _add_row(
+            table,
+            str(s.index), _timecode(s.start_frame), _timecode(s.end_frame), str(s.num_frames), speakers or "-",
+            s.end_cut, f"{s.gpu_bytes / GiB:.1f}", f"{s.host_bytes / GiB:.1f}", f"{s.est_seconds:.0f}",
+            ", ".join(s.flags),
+        )  # fmt: skip
+    return "\n".join([_render(table), *_plan_summary(plan)])
+
+
+def _add_row(table: Table, *cells: str) -> None:
+    """Cells as plain text: stage labels like conform[ana] are not rich markup."""
+    table.add_row(*(Text(cell) for cell in cells))
+
+
+def _render(table: Table) -> str:
+    """A rich table as plain text (no colour codes: it goes to terminals, logs and pipes alike)."""
+    console = Console(file=io.StringIO(), width=200, color_system=None, force_terminal=False)
+    console.print(table)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()).strip("\n")
 
 
 def _plan_summary(plan: SegmentPlan) -> list[str]:

@@ -94,3 +94,24 @@ def test_debug_shows_the_traceback_as_well_as_the_line(tmp_path, capsys, monkeyp
     loud = capsys.readouterr().err
     assert "Traceback" in loud and "failing_stage" in loud
     assert loud.endswith("dubflow: plan failed: RuntimeError: stage exploded\n")
+
+
+def test_status_tables_show_stage_labels_as_written():
+    from flows.cli import status_record
+    from flows.display import format_status
+
+    run = {
+        "episode": "ep",
+        "state": "completed",
+        "planned_segments": [0, 1],
+        "stages": [
+            {"stage": "conform[ana]", "state": "cached"},  # brackets are not markup
+            {"stage": "render[ep#00]", "state": "executed", "outputs": ["store/aa/x.mp4"]},
+            {"stage": "render[ep#01]", "state": "cached", "outputs": ["store/bb/y.mp4"]},
+        ],
+        "outputs": {"ep.mp4": "/w/ep.mp4"},
+    }
+    text = format_status(status_record(run))
+    assert "conform[ana]" in text and "render[" not in text
+    rows = [line.split() for line in text.splitlines()]
+    assert ["#00", "executed", "store/aa/x.mp4"] in rows and ["#01", "cached", "store/bb/y.mp4"] in rows
