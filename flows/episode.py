@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tasks.manifest import LoadedManifest, Manifest, load_manifest
 from tasks.pasteback import pasteback_task
 from tasks.remix import MixTarget, remix_task
 from tasks.render import PersonSpec, RenderOptions, chain_successors, cut_audio_task, render_task
+from tasks.seams import seams_task
 from tasks.segment import EpisodePlan, plan_task
 from tasks.separate import resolve_separate_backend, separate_task, weights_revision
 from tasks.speakers import conform_task, timeline_task, tts_task
@@ -184,6 +186,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))
     clips, plan = _render_all(m, ws, runner, plan, slices, source, run.render, tracks, binding.shot_cuts)
     picture = runner.run(stitch_task, "stitch", clips, timeline.total_frames)
+    seams = _seam_qc(runner, engine, picture, clips)
     # 7b. a video source: the speakers pasted back onto its own frames, at its size and frame rate
     pasted = loaded.source_info.kind == "video" and engine != "preview"
     if pasted:
@@ -207,6 +210,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         "forced_cuts": plan.forced_cuts,
         "engine": engine,
         "word_error_rate": transcript.wer if transcript else None,
+        "seams": seams,
         "notes": runner.notes,
     }
     delivery = runner.run(
@@ -231,6 +235,41 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         "frames": timeline.total_frames,
         "seconds": timeline.total_frames / FPS,
     }
+
+
+def _seam_qc(runner: StageRunner, engine: str, picture: Blob, clips: list) -> dict | None:
+    """How visible the joins of a lip-synced render are (tasks/seams.py), for qc.json; the preview's
+    overlays have no seams worth measuring."""
+    boundaries = tuple(sorted(clip.start_frame for clip in clips if clip.start_frame > 0))
+    if engine == "preview" or not boundaries:
+        return None
+    try:
+        import cv2  # noqa: F401 - the motion figure needs OpenCV (the bind extra)
+    except ImportError:
+        runner.notes.append("seams not measured: pip install -e '.[bind]' (OpenCV)")
+        return None
+    runner.progress.add_steps(1)
+    report = runner.run(seams_task, "seams", picture, boundaries)
+    return _json_safe(
+        {
+            "seams": len(report["seams"]),
+            "colour_delta_e": {"mean": report["seam_mean"]["delta_e"], "max": report["seam_max"]["delta_e"]},
+            "motion_px": {"mean": report["seam_mean"]["flow"], "max": report["seam_max"]["flow"]},
+            "ratio_to_neighbours": report["ratio"],
+            "per_seam": report["seams"],
+        }
+    )
+
+
+def _json_safe(value):
+    """NaN and infinity (a ratio over a still neighbourhood) as null: qc.json stays strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _transcript(m: Manifest, runner: StageRunner, dialogue: Blob, log):

@@ -13,6 +13,9 @@ from collections.abc import Iterable, Sequence
 from typing import TypedDict
 
 import numpy as np
+from prefect import task
+
+from tasks.workspace import Blob, Workspace, stage_cache
 
 Box = tuple[int, int, int, int]
 
@@ -116,9 +119,15 @@ class SeamReport(TypedDict):
 
 
 def seam_report(
-    frames: Iterable[np.ndarray], boundaries: Sequence[int], region: Box | None = None
+    frames: Iterable[np.ndarray],
+    boundaries: Sequence[int],
+    region: Box | None = None,
+    *,
+    near: int | None = None,
 ) -> SeamReport:
-    """Colour and motion at each boundary b (frames b - 1, b) against those of every other consecutive pair.
+    """Colour and motion at each boundary b (frames b - 1, b) against those of the other consecutive pairs:
+    every other pair, or with `near` only the pairs within `near` frames of a boundary (a local baseline
+    that keeps the optical flow off the rest of a long episode).
 
     Boundaries outside the picture (0, or past its end) are ignored; frames are read once, in order."""
     wanted = set(boundaries)
@@ -126,7 +135,8 @@ def seam_report(
     ordinary: dict[str, list[float]] = {"delta_e": [], "flow": []}
     previous = None
     for i, frame in enumerate(frames):
-        if previous is not None:
+        measured = near is None or any(abs(i - b) <= near for b in wanted)
+        if previous is not None and measured:
             d_e, flow = (
                 mean_colour_delta_e(previous, frame, region),
                 motion_magnitude(previous, frame, region),
@@ -151,6 +161,19 @@ def seam_report(
     )
 
 
+SEAM_NEIGHBOURHOOD = 3  # QC: each seam against the 3 frame steps either side of it
+
+
+def measure_seams(ws: Workspace, picture: Blob, boundaries: tuple[int, ...]) -> SeamReport:
+    """QC of the segment joins of a stitched render (25 fps, the engine's own frames): each join's colour
+    step (ΔE2000 of the mean colour) and motion step (mean optical flow) against its neighbours'."""
+    from engine.media import VideoFrames
+
+    video = VideoFrames(ws.path(picture))
+    frames = (frame for _, frame in video.iter_frames())
+    return seam_report(frames, boundaries, near=SEAM_NEIGHBOURHOOD)
+
+
 def _stat(fn, values: list[float], *args) -> float:
     return float(fn(values, *args)) if values else float("nan")
 
@@ -159,3 +182,6 @@ def _ratio(seam: float, ordinary: float) -> float:
     if ordinary > 0:
         return seam / ordinary
     return float("inf") if seam > 0 else float("nan")
+
+
+seams_task = task(measure_seams, name="seams", cache_policy=stage_cache("tasks.seams"), persist_result=True)

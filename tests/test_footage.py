@@ -211,6 +211,12 @@ def test_chained_segments_render_in_order_each_continuing_the_last(tmp_path, cap
     else:
         assert not any(j["continues"] for j in jobs)
     _check_pasted_back(record, source, BOX, FEATHER)
+    seams = json.loads(Path(record["outputs"]["qc.json"]).read_text())["seams"]  # the joins, measured for QC
+    assert [s["frame"] for s in seams["per_seam"]] == sorted(j["start"] for j in jobs if j["start"] > 0)
+    assert (
+        seams["seams"] == len(jobs) - 1
+        and seams["colour_delta_e"]["max"] >= seams["colour_delta_e"]["mean"] >= 0
+    )
 
 
 def test_a_chain_breaks_at_shot_cuts_gaps_and_changes_of_persons():
