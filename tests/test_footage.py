@@ -15,7 +15,7 @@ from engine.media import VideoFrames
 from flows.cli import main
 from tests.footage_fixtures import cover_crop, psnr, write_moving_video
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]  # dubflow runs end to end
 FOOTAGE = Path(__file__).resolve().parents[2] / "shared" / "data" / "footage-dev"
 BOX = [40, 8, 80, 56]  # inside the stand-in's centre crop (32..96 of 128)
 FEATHER = 8

@@ -52,6 +52,7 @@ def test_the_machine_sets_balancing_and_memory(manifest):
     assert max_segment_frames(real[0]) >= max_segment_frames(real[1]) > 0  # both workers fit a segment
 
 
+@pytest.mark.slow  # a flow run up to the plan
 def test_plan_prints_what_the_run_will_do(tmp_path, demo_media, capsys):
     path = write_manifest(tmp_path, demo_media, "planned", ", steps: 12, seed: 5, chain: true")
     assert main(["plan", str(path), "--workspace", str(tmp_path / "ws")]) == 0
