@@ -136,7 +136,8 @@ def _plan_summary(plan: SegmentPlan) -> list[str]:
         f"{max(lengths)} of max {plan.max_frames} frames, shortest {min(lengths)} (min {plan.min_frames}); cuts: "
         + (", ".join(f"{n} {k}" for k, n in plan.cut_counts().items()) or "none"),
         f"estimated render {plan.total_seconds:.0f} s; makespan on {plan.n_gpus} GPU(s) {plan.makespan_s():.0f} s "
-        f"vs ideal {plan.ideal_s():.0f} s ({plan.makespan_s() / max(plan.ideal_s(), 1e-9):.2f}x)",
+        f"vs ideal {plan.ideal_s():.0f} s ({plan.makespan_s() / max(plan.ideal_s(), 1e-9):.2f}x)"
+        + (f"; chained: {len(plan.jobs_seconds())} shot(s) render serially" if plan.chained else ""),
     ]
     for s in plan.segments:
         if s.end_cut == "forced":

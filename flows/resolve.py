@@ -76,6 +76,7 @@ def resolve_run(m: Manifest, source_kind: str, machine: Machine, models_dir: Pat
         gpu_bytes=machine.gpu_bytes,
         host_bytes=machine.host_bytes,
         cost_model="preview" if override else engine,
+        chain=m.render.chain,
     )
     render = RenderOptions(
         engine=engine,

@@ -152,13 +152,25 @@ class SegmentPlan:
     shot_cuts: tuple[int, ...] = ()
     settings: RenderCost = field(default_factory=RenderCost)
     min_frames: int = 1  # shorter segments only where the rules in the module docstring allow them
+    chained: bool = False  # render.chain: the segments of a shot render one after another
+
+    def jobs_seconds(self) -> list[float]:
+        """What the render workers run in parallel: each segment, or with `chained` each shot's segments
+        in a row (a chain never crosses a shot cut, so a shot is the longest serial run it can make)."""
+        if not self.chained:
+            return [s.est_seconds for s in self.segments]
+        bounds = [0, *self.shot_cuts, self.total_frames]
+        return [
+            sum(s.est_seconds for s in self.segments if lo <= s.start_frame < hi)
+            for lo, hi in zip(bounds, bounds[1:], strict=False)
+        ]
 
     @property
     def total_seconds(self) -> float:
         return sum(s.est_seconds for s in self.segments)
 
     def makespan_s(self, n_gpus: int | None = None) -> float:
-        return makespan([s.est_seconds for s in self.segments], n_gpus or self.n_gpus)
+        return makespan(self.jobs_seconds(), n_gpus or self.n_gpus)
 
     def ideal_s(self, n_gpus: int | None = None) -> float:
         return self.total_seconds / (n_gpus or self.n_gpus)
@@ -415,13 +427,15 @@ def plan_segments(
     energy: Mapping[str, np.ndarray] | None = None,
     settings: RenderCost | None = None,
     min_frames: int | None = None,
+    chained: bool = False,
 ) -> SegmentPlan:
     """Cut [0, total_frames) into render segments of at most `max_frames` frames, and none shorter than
     `min_frames` (default: one engine chunk, min_useful_frames) but where the module docstring's rules allow.
 
     `activity` maps speaker id -> bool per frame (speech_activity); `energy` (optional) maps the same ids to frame
     RMS (frame_rms), used to place forced cuts at the quietest frame and to pick the loudest speakers of a crowded
-    segment. `settings` drives the memory and time estimates (engine/memory.py; default RenderCost()).
+    segment. `settings` drives the memory and time estimates (engine/memory.py; default RenderCost()). With
+    `chained` (render.chain) a shot's segments render in a row, so splitting them for balance gains nothing.
     """
     if total_frames < 1 or max_frames < 1 or min_gap_frames < 1 or max_persons < 1 or n_gpus < 1:
         raise ValueError(
@@ -433,11 +447,11 @@ def plan_segments(
     shots = tuple(sorted({int(c) for c in shot_cuts if 0 < c < total_frames}))
     shortest = min(min_useful_frames(settings) if min_frames is None else min_frames, (max_frames + 1) // 2)
     frame = SegmentPlan(
-        (), total_frames, max_frames, min_gap_frames, max_persons, n_gpus, shots, settings, shortest
+        (), total_frames, max_frames, min_gap_frames, max_persons, n_gpus, shots, settings, shortest, chained
     )
     seconds = np.array([0.0] + [estimate_seconds(n, settings) for n in range(1, max_frames + 1)])
     plan = _plan(tracks, frame, seconds)
-    return _balance(plan, tracks) if n_gpus > 1 else plan
+    return _balance(plan, tracks) if n_gpus > 1 and not chained else plan
 
 
 def _balance(plan: SegmentPlan, tracks: _Tracks) -> SegmentPlan:
@@ -554,6 +568,7 @@ class PlanSettings:
     gpu_bytes: int | None = None  # a render worker's GPU and host memory; None: this machine's, now
     host_bytes: int | None = None
     cost_model: str | None = None  # whose memory and time model sizes the segments; None: the engine's
+    chain: bool = False  # render.chain: a shot's segments render in a row
 
 
 @dataclass(frozen=True)
@@ -591,6 +606,7 @@ def plan_episode(
         n_gpus=settings.n_gpus,
         shot_cuts=shot_cuts,
         settings=_render_cost(settings),
+        chained=settings.chain,
     )
     specs = tuple(SegmentSpec(s.index, s.start_frame, s.end_frame, s.speakers) for s in plan.segments)
     captions = caption_times(lines, [activity[sid] for sid in tracks], timeline.total_frames)

@@ -61,6 +61,7 @@ def test_plan_prints_what_the_run_will_do(tmp_path, demo_media, capsys):
     assert "machine: this machine: 1 render slot(s), no GPU" in out
     assert "render: 12 steps x 3 guidance passes, seed 5" in out and "chained within shots" in out
     assert "longest 2 s (manifest)" in out
+    assert "chained: 1 shot(s) render serially" in out  # the still is one shot: one serial job
 
 
 def test_an_engine_that_cannot_fit_the_machine_is_refused_before_any_stage(manifest, monkeypatch):

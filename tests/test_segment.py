@@ -427,3 +427,20 @@ def test_memory_model_options_move_the_numbers_the_right_way() -> None:
     assert estimate_peak(10_000, preview).gpu_bytes == 0 and estimate_peak(10_000, preview).host_bytes < GiB
     with pytest.raises(ValueError, match="4n\\+1"):
         RenderCost(frame_num=80)
+
+
+def test_a_chained_plan_runs_each_shot_serially_and_is_not_split_for_balance() -> None:
+    """render.chain: a shot's segments continue one another, so they are one job for the workers."""
+    total = 1200
+    activity = {"ana": talk(total, *[(s, s + 40) for s in range(0, total, 60)])}
+    free = plan_segments(activity, total, max_frames=300, min_gap_frames=8, n_gpus=4, shot_cuts=(600,))
+    chained = plan_segments(
+        activity, total, max_frames=300, min_gap_frames=8, n_gpus=4, shot_cuts=(600,), chained=True
+    )
+    unbalanced = plan_segments(activity, total, max_frames=300, min_gap_frames=8, n_gpus=1, shot_cuts=(600,))
+    assert [s.end_frame for s in chained.segments] == [s.end_frame for s in unbalanced.segments]
+    assert len(free.segments) >= len(chained.segments)
+    shots = chained.jobs_seconds()
+    assert len(shots) == 2 and abs(sum(shots) - chained.total_seconds) < 1e-6
+    assert chained.makespan_s() == max(shots) >= free.makespan_s()
+    assert SegmentPlan.from_json(chained.to_json()) == chained  # recorded in plan.json
