@@ -27,7 +27,7 @@ def moving_picture(i: int, size: tuple[int, int]) -> np.ndarray:
     x, y = np.meshgrid(np.arange(w), np.arange(h))
     red = 60 + 50 * np.sin((x + 4 * i) / 9.0)
     green = 60 + 50 * np.cos((y - 3 * i) / 7.0)
-    blue = np.full_like(red, 40 + 2 * i % 160)
+    blue = np.full_like(red, 40 + 60 * (1 - np.cos(i / 25.0)))  # smooth: a wrap would read as a shot cut
     return np.clip(np.stack([red, green, blue], axis=-1), 0, 255).astype(np.uint8)
 
 
