@@ -44,7 +44,10 @@ class SlowRenderer:
         started = time.perf_counter()
         frames = job.resolved_num_frames()
         _check_faults(job.source_start_frame, frames, job.seed)
-        time.sleep(frames * _env_float("DUBFLOW_FAKE_S_PER_FRAME", 0.0))
+        for done in range(1, frames + 1):  # reports like an engine: the long stage, step by step
+            time.sleep(_env_float("DUBFLOW_FAKE_S_PER_FRAME", 0.0))
+            if progress is not None and (done % 25 == 0 or done == frames):
+                progress("render", done, frames)
         output = Path(job.output) if job.output else Path(tempfile.mkstemp(suffix=".mp4")[1])
         if os.environ.get("DUBFLOW_FAKE_WRITE", "1") != "0":
             _black_clip(output, frames)

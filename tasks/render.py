@@ -7,6 +7,9 @@ that line falls in.
 
 from __future__ import annotations
 
+import contextlib
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import numpy as np
 from prefect import task
 
 from engine import gpu_state
-from engine.base import AUDIO_RATE, Caption, PersonInput, RenderJob
+from engine.base import AUDIO_RATE, Caption, PersonInput, ProgressHook, RenderJob
 from engine.media import is_still, write_wav
 from tasks.bind import boxes_for_segment, timed_boxes
 from tasks.segment import SegmentSpec
@@ -126,7 +129,7 @@ def render_segment(
         with gpu_state.using_renderer(
             options.engine
         ) as renderer:  # loaded once per worker, one job at a time
-            result = renderer.render(job)
+            result = renderer.render(job, progress=render_progress())
         video = ws.put_file(result.path)
         state = ws.put_file(job.state_output) if job.state_output and job.state_output.exists() else None
     crop = tuple(int(v) for v in result.crop) if result.crop is not None else None
@@ -140,6 +143,46 @@ def render_segment(
         tuple(p.id for p in animated),
         state,
     )
+
+
+PROGRESS_INTERVAL_S = 0.5  # each update is an API call
+PROGRESS_STAGES = (
+    "denoise",
+    "render",
+)  # the engines' long stage: denoising steps (MultiTalk), frames (preview)
+
+
+def render_progress(clock=time.monotonic) -> ProgressHook | None:
+    """A Prefect progress artifact for this segment's render (minutes on a GPU for a long segment), keyed
+    after the task run (render[ep#03] -> render-ep-03) and updated at most twice a second from the engine's
+    progress hook. None outside a task run: the engine then reports to nobody."""
+    try:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+        from prefect.runtime import task_run
+
+        name = task_run.name
+        if not name:
+            return None
+        artifact = create_progress_artifact(
+            progress=0.0,
+            key=re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-"),
+            description=f"{name}: rendering",
+        )
+    except Exception:  # noqa: BLE001 - progress is a convenience; the render is the product
+        return None
+    last = [float("-inf")]  # the first update goes out at once
+
+    def hook(stage: str, completed: int, total: int, **info: object) -> None:
+        if stage not in PROGRESS_STAGES or total <= 0:
+            return
+        now = clock()
+        if completed < total and now - last[0] < PROGRESS_INTERVAL_S:
+            return
+        last[0] = now
+        with contextlib.suppress(Exception):  # a lost update must not fail the render
+            update_progress_artifact(artifact_id=artifact, progress=round(100 * completed / total, 1))
+
+    return hook
 
 
 def job_mode(engine: str, source: Path) -> str:

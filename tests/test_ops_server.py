@@ -177,6 +177,13 @@ def test_rerun_completes_against_the_server_with_artifacts_and_named_task_runs(s
         for a in _api(server, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [rerun["id"]]}}})
     }
     assert {"srv-progress", "srv-contact-sheet", "srv-segments", "srv-qc", "srv-output"} <= keys, keys
+    assert "render-srv-00" in keys, keys  # the re-rendered segment's own progress (the rest were cached)
+    (segment,) = _api(
+        server,
+        "artifacts/filter",
+        {"artifacts": {"key": {"any_": ["render-srv-00"]}}, "sort": "CREATED_DESC", "limit": 1},
+    )
+    assert segment["type"] == "progress" and float(segment["data"]) == 100.0
     tasks = _api(server, "task_runs/filter", {"flow_runs": {"id": {"any_": [rerun["id"]]}}, "limit": 200})
     names = {t["name"] for t in tasks}
     assert "render[srv#00]" in names and "stitch" in names, names

@@ -63,3 +63,29 @@ def _tiny_multitalk(**settings):
     from engine.multitalk.renderer import MultiTalkRenderer
 
     return MultiTalkRenderer(tiny=True, **settings)
+
+
+def test_render_progress_updates_a_prefect_artifact_at_most_twice_a_second(monkeypatch):
+    """Long renders show progress in the UI: the engine's hook drives one progress artifact per segment."""
+    import prefect.artifacts as artifacts
+    import prefect.runtime.task_run as task_run
+
+    from tasks import render
+
+    calls = []
+    monkeypatch.setattr(task_run, "name", "render[ep#03]", raising=False)
+    monkeypatch.setattr(
+        artifacts, "create_progress_artifact", lambda **kw: calls.append(("create", kw)) or "id-1"
+    )
+    monkeypatch.setattr(artifacts, "update_progress_artifact", lambda **kw: calls.append(("update", kw)))
+    clock = iter([0.0, 0.1, 0.2, 0.7, 0.8, 0.9])
+    hook = render.render_progress(clock=lambda: next(clock))
+    assert calls[0] == (
+        "create",
+        {"progress": 0.0, "key": "render-ep-03", "description": "render[ep#03]: rendering"},
+    )
+    hook("encode", 1, 2)  # not the long stage: ignored
+    for done in (1, 2, 3, 4, 5, 6):  # at 0.0, 0.1, 0.2, 0.7, 0.8, 0.9 s: one update per 0.5 s, and the last
+        hook("denoise", done, 6, chunk=0)
+    updates = [kw["progress"] for what, kw in calls if what == "update"]
+    assert updates == [16.7, 66.7, 100.0]
