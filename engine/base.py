@@ -65,6 +65,15 @@ class Box:
 TimedBoxes = tuple[tuple[int, Box], ...]  # ((start_frame, box), ...), sorted by start_frame
 
 
+def box_at(box: Box | TimedBoxes | None, frame: int) -> Box | None:
+    """The box active at `frame`: a plain box, or the last timed box starting at or before it
+    (the first one before any has started). The engine binds and paste-back composites by this rule."""
+    if box is None or isinstance(box, Box):
+        return box
+    active = [b for start, b in box if start <= frame]
+    return active[-1] if active else box[0][1]
+
+
 @dataclass(frozen=True)
 class PersonInput:
     audio: np.ndarray  # float32 mono at 16 kHz on the job's timeline (sample 0 = frame 0)

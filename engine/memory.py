@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from engine.multitalk.settings import MOTION_FRAMES
+
 GiB = 2**30
 MiB = 2**20
 
@@ -109,7 +111,7 @@ class RenderCost:
         """Context frames carried from one chunk to the next (ENGINE.md §5.1)."""
         if self.motion_frames is not None:
             return self.motion_frames
-        return 9 if self.engine == "infinitetalk" else 25
+        return MOTION_FRAMES.get(self.engine, MOTION_FRAMES["multitalk"])
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,7 @@ from typing import Any
 
 from engine.base import FPS
 from flows.placement import worker_of
-from flows.progress import artifact_key
-from tasks.workspace import Blob, Workspace
+from tasks.workspace import Blob, Workspace, artifact_key
 
 
 def segment_facts(segment, future) -> dict[str, Any]:

@@ -16,9 +16,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows import heartbeats
-from flows.progress import artifact_key
 from flows.rerun import cached_segments, failed_segments, rendered_segments
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, artifact_key
 
 heartbeats.install()  # flow runs end without waiting up to 1 s on the heartbeat thread
 

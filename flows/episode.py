@@ -22,7 +22,7 @@ from flows import heartbeats
 from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
 from flows.memory_split import SplitPlanner, is_out_of_memory
 from flows.placement import render_slot
-from flows.progress import EpisodeProgress, artifact_key
+from flows.progress import EpisodeProgress
 from flows.resolve import detect_machine, resolve_run
 from tasks.bind import bind_task
 from tasks.deliver import deliver_task
@@ -36,7 +36,7 @@ from tasks.segment import EpisodePlan, plan_task
 from tasks.separate import resolve_separate_backend, separate_task, weights_revision
 from tasks.speakers import conform_task, timeline_task, tts_task
 from tasks.stitch import stitch_task
-from tasks.workspace import Blob, Workspace, blobs_in, code_version
+from tasks.workspace import Blob, Workspace, artifact_key, blobs_in, code_version
 
 heartbeats.install()  # flow runs end without waiting up to 1 s on the heartbeat thread
 
@@ -415,7 +415,7 @@ def _render_round(
     """Submit `jobs` largest first, settle each as it finishes; returns the segments that ran out of memory.
     A segment that continues another (`links`: index -> next index) is submitted when that one is done."""
     persons, calls, out_of_memory = _persons(m), {}, []  # calls: id(future) -> (future, label, args)
-    waiting = {links[i]: None for i in links}  # chained segments wait for their predecessor
+    waiting = set(links.values())  # chained segments wait for their predecessor
     by_index = {seg.index: (seg, audio) for seg, audio in jobs}
 
     def submit(seg, audio, previous: Blob | None) -> None:

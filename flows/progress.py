@@ -6,10 +6,11 @@ callables `listener(event, **info)`, registered by whoever runs the flow in-proc
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable
+
+from tasks.workspace import artifact_key
 
 Listener = Callable[..., None]
 ARTIFACT_INTERVAL_S = (
@@ -28,11 +29,6 @@ def remove_listener(listener: Listener) -> None:
     with _lock:
         if listener in _listeners:
             _listeners.remove(listener)
-
-
-def artifact_key(episode: str, what: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{episode}-{what}".lower()).strip("-")
 
 
 class EpisodeProgress:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from engine.gpu_state import engine_override
 from engine.memory import GiB
+from engine.multitalk.settings import is_unit_scale
 from engine.selection import resolve_render_engine
-from flows.cluster import count_gpus, read_state
+from flows.cluster import read_state
 from tasks.manifest import Manifest
 from tasks.render import RenderOptions
 from tasks.segment import PlanSettings, max_segment_frames
@@ -63,7 +64,7 @@ def resolve_run(m: Manifest, source_kind: str, machine: Machine, models_dir: Pat
     override = engine_override(engine)
     if override:  # another implementation (tests, benches): the real engine's GPU model does not describe it
         why = f"{why}; implemented by {override} (DUBFLOW_ENGINE_OVERRIDES), planned as a CPU renderer"
-    passes = 2 if _is_unit(m.render.text_scale) else 3  # ENGINE.md §4.4: text scale 1 drops a pass
+    passes = 2 if is_unit_scale(m.render.text_scale) else 3  # ENGINE.md §4.4: text scale 1 drops a pass
     max_s = m.render.max_segment_s
     plan = PlanSettings(
         engine=engine,
@@ -95,7 +96,8 @@ def resolve_run(m: Manifest, source_kind: str, machine: Machine, models_dir: Pat
 def detect_machine(workspace: str | Path | None = None) -> Machine:
     """The render workers of this workspace when they run (`dubflow workers start`), else this machine."""
     host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    gpus, gpu_bytes = count_gpus(), _gpu_total_bytes()
+    memories = _gpu_memories()
+    gpus, gpu_bytes = len(memories), min(memories, default=0)
     state = read_state(workspace)
     if state is not None:
         return Machine(max(1, state.workers), gpu_bytes, host, f"render workers at {state.address}")
@@ -105,21 +107,14 @@ def detect_machine(workspace: str | Path | None = None) -> Machine:
     return Machine(max(1, gpus), gpu_bytes, host, "this machine")
 
 
-def _gpu_total_bytes() -> int:
-    """Total memory of the smallest GPU nvidia-smi lists (0 without one); no torch import."""
+def _gpu_memories() -> list[int]:
+    """Total memory of each GPU nvidia-smi lists (none without a driver), in one call; no torch import."""
     if not shutil.which("nvidia-smi"):
-        return 0
+        return []
     done = subprocess.run(
         ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
         capture_output=True,
         text=True,
         check=False,
     )
-    sizes = [int(line) for line in done.stdout.split() if line.strip().isdigit()]
-    return min(sizes) * 2**20 if sizes else 0
-
-
-def _is_unit(scale: float) -> bool:
-    import math
-
-    return math.isclose(scale, 1.0)
+    return [int(line) * 2**20 for line in done.stdout.split() if line.strip().isdigit()]

@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 from prefect import task
 
-from engine.base import Box
+from engine.base import Box, box_at
 from engine.media import MediaError, VideoFrames, write_timed_video
 from tasks.bind import timed_boxes
 from tasks.render import Clip, PersonSpec
@@ -80,18 +80,20 @@ class Regions:
     ):
         self.clips = sorted(clips, key=lambda c: c.start_frame)
         self.starts = [c.start_frame for c in self.clips]
-        self.boxes = {p.id: sorted(timed_boxes(p.box), key=lambda b: b.start_frame) for p in persons}
+        self.boxes = {
+            p.id: tuple(
+                (b.start_frame, b.box) for b in sorted(timed_boxes(p.box), key=lambda b: b.start_frame)
+            )
+            for p in persons
+        }
         self.size, self.feather = size, feather_px
 
     def clip_at(self, frame25: int) -> Clip:
         return self.clips[max(0, bisect.bisect_right(self.starts, frame25) - 1)]
 
     def box_at(self, person: str, frame25: int) -> Box | None:
-        """The person's box in effect at `frame25`: the last one starting at or before it."""
-        boxes = self.boxes.get(person, [])
-        started = [b for b in boxes if b.start_frame <= frame25]
-        chosen = started[-1] if started else (boxes[0] if boxes else None)
-        return chosen.box if chosen else None
+        """The person's box in effect at `frame25`, by the engine's rule (engine.base.box_at)."""
+        return box_at(self.boxes.get(person) or None, frame25)
 
     def blend(self, original: np.ndarray, rendered: np.ndarray, frame25: int) -> np.ndarray:
         clip = self.clip_at(frame25)

@@ -8,7 +8,6 @@ that line falls in.
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from engine.media import is_still, write_wav
 from tasks.bind import boxes_for_segment, timed_boxes
 from tasks.segment import SegmentSpec
 from tasks.speakers import MIX_RATE, SAMPLES_PER_FRAME, load_track
-from tasks.workspace import Blob, Workspace, stage_cache
+from tasks.workspace import Blob, Workspace, artifact_key, stage_cache
 
 CHAIN_PERSONS = 2  # persons the engine binds at once (its trained limit): a chain animates them all
 
@@ -165,7 +164,7 @@ def render_progress(clock=time.monotonic) -> ProgressHook | None:
             return None
         artifact = create_progress_artifact(
             progress=0.0,
-            key=re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-"),
+            key=artifact_key(name),
             description=f"{name}: rendering",
         )
     except Exception:  # noqa: BLE001 - progress is a convenience; the render is the product

@@ -19,24 +19,20 @@ from tasks.workspace import Blob, Workspace, stage_cache
 
 Box = tuple[int, int, int, int]
 
-# sRGB (linear) -> XYZ, D65, and the D65 white point: the constants of engine/multitalk/colour.py.
-_RGB_TO_XYZ = np.array(
-    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
-)
-_WHITE = np.array([0.95047, 1.0, 1.08883])
-_EPS, _KAPPA = 216 / 24389, 24389 / 27
 # Farneback's parameters, fixed so that figures from different runs compare: pyramid scale, levels,
 # window, iterations, polynomial neighbourhood and its sigma (OpenCV's documented example).
 _FARNEBACK = (0.5, 3, 15, 3, 5, 1.2, 0)
 
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) uint8 sRGB -> (..., 3) float64 CIE Lab, D65 (L in [0, 100])."""
-    c = rgb.astype(np.float64) / 255.0
-    linear = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
-    xyz = linear @ _RGB_TO_XYZ.T / _WHITE
-    f = np.where(xyz > _EPS, np.cbrt(xyz), (_KAPPA * xyz + 16) / 116)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+    """(..., 3) uint8 sRGB -> (..., 3) float64 CIE Lab, D65 (L in [0, 100]), by the engine's own conversion
+    (engine/multitalk/colour.py), so the seams are measured in the space the colour matching works in."""
+    import torch
+
+    from engine.multitalk.colour import rgb_to_lab as torch_rgb_to_lab
+
+    channels_first = torch.from_numpy(np.asarray(rgb, np.float64) / 255.0).movedim(-1, 0)
+    return torch_rgb_to_lab(channels_first).movedim(0, -1).numpy()
 
 
 def delta_e2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:

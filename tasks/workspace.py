@@ -353,6 +353,13 @@ def stage_key(name: str, version: str, inputs: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key from readable parts: lowercase letters, digits and dashes only."""
+    import re
+
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
 def stage_cache(*modules: str, roots_for: Any = None) -> StageKey:
     """The cache policy of a stage whose code starts in `modules` (usually just the task's own module:
     everything it imports is found by `code_version`)."""

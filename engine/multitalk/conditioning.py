@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.base import Box, JobError, TimedBoxes
+from engine.base import Box, JobError
 from engine.multitalk.settings import CLIP_MEAN, CLIP_STD, closest_bucket
 
 VAE_SPATIAL = 8
@@ -132,14 +132,6 @@ def frame_picture(picture: np.ndarray, framing: Framing) -> torch.Tensor:
     crop = resized[framing.top : framing.top + framing.height, framing.left : framing.left + framing.width]
     x = torch.from_numpy(crop.copy()).permute(2, 0, 1).float() / 255.0
     return ((x - 0.5) * 2.0)[None, :, None]
-
-
-def box_at(box: Box | TimedBoxes | None, frame: int) -> Box | None:
-    """The box active at `frame`: a plain box, or the last timed box starting at or before it."""
-    if box is None or isinstance(box, Box):
-        return box
-    active = [b for start, b in box if start <= frame]
-    return active[-1] if active else box[0][1]
 
 
 def _frame_mask(mask: np.ndarray, framing: Framing) -> torch.Tensor:

@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.base import AUDIO_RATE, JobError, OutOfMemory, ProgressHook, RenderJob
+from engine.base import AUDIO_RATE, JobError, OutOfMemory, ProgressHook, RenderJob, box_at
 from engine.multitalk.audio import normalize_loudness, null_windows, pad_tracks
 from engine.multitalk.colour import lab_stats, match_colours
 from engine.multitalk.components import Components
 from engine.multitalk.conditioning import (
     Framing,
     Source,
-    box_at,
     decode_video,
     encode_condition,
     encode_image,

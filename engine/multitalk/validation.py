@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.base import Box, JobError, RenderJob
-from engine.multitalk.conditioning import box_at, is_still
+from engine.base import Box, JobError, RenderJob, box_at
+from engine.multitalk.conditioning import is_still
 from engine.multitalk.settings import (
     DEFAULT_NEGATIVE_PROMPT,
     MAX_FRAME_NUM,
