@@ -1,6 +1,6 @@
-"""Benchmark of the segment planner and the binding proposal (issue 5's measured goals).
+"""Benchmark of the segment planner (issue 5's measured goals; binding moved to bench/bind.py).
 
-    python bench/plan.py            # 22-minute three-speaker episode + generated talking scenes
+    python bench/plan.py            # 22-minute three-speaker episode
     python bench/plan.py --quick    # a shorter run
 
 Planner: planning time, segment count, share of cuts in silences, longest segment vs the memory limit, shortest
@@ -9,8 +9,6 @@ segment and the count under one chunk (81 frames: each costs a whole chunk's cal
 by the preview engine (time per frame, no per-call overhead: where one-frame slivers showed up). Baseline, run side
 by side: a greedy planner that cuts at the last silence before the limit (what the walkthrough did by hand), with the
 same time model.
-Binding: share of speakers bound to the right face on generated videos (two and three people) where the talking
-person's mouth opens with their track; baseline: binding speakers to faces left to right.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -219,101 +216,12 @@ def bench_planner(minutes: float, names: Sequence[str] = ("ana", "ben", "cy"), s
         print(f"cut kinds (8 GPUs): {plan.cut_counts()}; segments with 3 speakers (flagged): {crowded}")
 
 
-# ---------------------------------------------------------------------------------------------- binding bench
-
-
-def _scene(people: int, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list]:
-    """Tracks of a short dialogue and two shots with the people in random places (the second shot reshuffles)."""
-    names = ["ana", "ben", "cy"][:people]
-    tracks = conversation(names, 8.0, rng, overlap_share=0.2, line_seconds=(0.8, 3.0))
-    shots = []
-    for start in (0, 100):
-        xs = rng.permutation(np.linspace(55, 265, people).round().astype(int))
-        size = int(rng.integers(32, 42))
-        shots.append(
-            (start, {n: (int(x), int(rng.integers(80, 100)), size) for n, x in zip(names, xs, strict=True)})
-        )
-    return tracks, shots
-
-
-def _scored(
-    proposal: Mapping[str, Sequence], tracks: Mapping[str, np.ndarray], shots: list
-) -> tuple[int, int]:
-    """(speaker-shots bound to the right face, speaker-shots where the speaker talks)."""
-    from tasks.boxes import iou
-
-    right = talking = 0
-    bounds = [start for start, _ in shots] + [200]
-    for name, track in tracks.items():
-        active = speech_activity(track, AUDIO_RATE)
-        for k, (start, layout) in enumerate(shots):
-            if active[start : bounds[k + 1]].sum() < 5:
-                continue
-            talking += 1
-            boxes = [b.box for b in proposal.get(name, ()) if b.start_frame <= start < (b.end_frame or 10**9)]
-            right += bool(boxes) and iou(boxes[0], face_box(layout[name])) >= 0.4
-    return right, talking
-
-
-def _left_to_right(path: Path, tracks: Mapping[str, np.ndarray], shots: list, detector) -> dict:
-    """Baseline: faces of each shot's first frame, given to the speakers in manifest order, left to right."""
-    from engine.media import read_frames
-    from tasks.boxes import TimedBox
-    from tasks.proposals import detect_faces
-
-    frames = {start: None for start, _ in shots}
-    for t, frame in enumerate(read_frames(path, 320)):
-        if t in frames:
-            frames[t] = frame
-    bounds = [start for start, _ in shots] + [200]
-    proposal: dict[str, list] = {n: [] for n in tracks}
-    for k, (start, _) in enumerate(shots):
-        for name, face in zip(tracks, detect_faces(frames[start], detector=detector), strict=False):
-            proposal[name].append(TimedBox(start, bounds[k + 1], face, "proposed"))
-    return proposal
-
-
-def bench_binding(scenes_per_size: int, seed: int = 11) -> None:
-    from engine.base import EngineSetupError
-    from tasks.proposals import haar_face_detector, propose_boxes
-
-    try:
-        detector = haar_face_detector()
-    except EngineSetupError as exc:
-        print(f"\nbinding: not run: {exc}")
-        return
-    rng = np.random.default_rng(seed)
-    print(f"\nbinding proposal on generated 8 s, 320x180 scenes with 2 shots ({scenes_per_size} per size)")
-    print(
-        f"{'people':>6} {'right/talking (proposal)':>25} {'left-to-right baseline':>23} {'s per scene':>11}"
-    )
-    with tempfile.TemporaryDirectory() as folder:
-        for people in (2, 3):
-            ours = base = (0, 0)
-            seconds = 0.0
-            for i in range(scenes_per_size):
-                tracks, shots = _scene(people, rng)
-                path = Path(folder) / f"scene{people}_{i}.mp4"
-                write_talking_scene(path, tracks, shots, seed=i)
-                started = time.perf_counter()
-                proposal = propose_boxes(path, tracks, AUDIO_RATE, detector=detector)
-                seconds += time.perf_counter() - started
-                ours = tuple(map(sum, zip(ours, _scored(proposal, tracks, shots), strict=True)))
-                baseline = _left_to_right(path, tracks, shots, detector)
-                base = tuple(map(sum, zip(base, _scored(baseline, tracks, shots), strict=True)))
-            print(
-                f"{people:>6} {ours[0]:>12}/{ours[1]:<3} = {ours[0] / max(1, ours[1]):>5.0%} "
-                f"{base[0]:>10}/{base[1]:<3} = {base[0] / max(1, base[1]):>5.0%} {seconds / scenes_per_size:>11.2f}"
-            )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 5-minute episode and 2 scenes per size")
     args = parser.parse_args()
     bench_planner(5 if args.quick else 22)
     bench_planner(5, names=("ana", "ben"))
-    bench_binding(2 if args.quick else 6)
 
 
 if __name__ == "__main__":

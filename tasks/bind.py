@@ -217,9 +217,10 @@ def propose_binding(ws: Workspace, source: Blob, tracks: dict[str, Blob], pinned
 
     audio = {sid: load_track(ws, blob) for sid, blob in tracks.items()}
     fixed = {sid: timed_boxes(spec) for sid, spec in pinned.items() if spec is not None}
-    proposal = propose_boxes(ws.path(source), audio, MIX_RATE, pinned=fixed)
+    report: list[str] = []
+    proposal = propose_boxes(ws.path(source), audio, MIX_RATE, pinned=fixed, report=report)
     activity = {sid: speech_activity(a, MIX_RATE) for sid, a in audio.items()}
     is_video = not is_still(ws.path(source))
     cuts = detect_shots(ws.path(source)) if is_video else []
     contact_sheet(ws.path(source), proposal, activity, out_png, shot_cuts=cuts)
-    return manifest_patch(proposal)
+    return manifest_patch(proposal, report=report)

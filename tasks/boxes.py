@@ -12,6 +12,8 @@ from PIL import Image
 
 from engine.base import FPS, Box, TimedBoxes
 
+LOW_CONFIDENCE = 0.9  # proposals under this are marked for review in the patch and on the contact sheet
+
 
 class BindingError(ValueError):
     """A binding that cannot be rendered: a malformed box, or boxes and speech that do not fit the picture. The
@@ -25,9 +27,15 @@ class TimedBox:
     box: Box
     source: Literal["pinned", "proposed"] = "pinned"
     score: float | None = None  # proposals: how much more the mouth moves while the track speaks
+    confidence: float | None = None  # proposals: 0-1, how sure the voice is this person's (None: no evidence)
 
     def covers(self, frame: int) -> bool:
         return self.start_frame <= frame and (self.end_frame is None or frame < self.end_frame)
+
+    @property
+    def needs_review(self) -> bool:
+        """A proposal without evidence (a still) or with a confidence under LOW_CONFIDENCE."""
+        return self.source == "proposed" and (self.confidence is None or self.confidence < LOW_CONFIDENCE)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from engine.base import FPS
 from engine.media import atomic_path, is_still, read_frames, video_size
-from tasks.boxes import Binding, still_image
+from tasks.boxes import Binding, TimedBox, still_image
 
+REVIEW = (255, 230, 0)  # label background of a proposal to check by eye (low confidence, or a still's guess)
 COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 
 
@@ -80,9 +81,10 @@ def _panel(
         for b in (b for b in boxes[name] if b.covers(middle)):
             x0, y0, x1, y1 = (round(v * scale) for v in (b.box.x0, b.box.y0, b.box.x1, b.box.y1))
             draw.rectangle([x0, 14 + y0, x1 - 1, 14 + y1 - 1], outline=COLOURS[s % len(COLOURS)], width=2)
-            label = draw.textbbox((x0 + 3, 14 + y0 + 2), name, font=font)
-            draw.rectangle(label, fill=(0, 0, 0))  # readable on light and dark pictures
-            draw.text((x0 + 3, 14 + y0 + 2), name, fill=COLOURS[s % len(COLOURS)], font=font)
+            text = name + (f" ? {_doubt(b)}" if b.needs_review else "")
+            label = draw.textbbox((x0 + 3, 14 + y0 + 2), text, font=font)
+            draw.rectangle(label, fill=REVIEW if b.needs_review else (0, 0, 0))  # readable on any picture
+            draw.text((x0 + 3, 14 + y0 + 2), text, fill=COLOURS[s % len(COLOURS)], font=font)
     for s, name in enumerate(names):
         _strip(
             draw,
@@ -93,6 +95,10 @@ def _panel(
         )
         draw.text((2, 14 + thumb.height + 1 + s * strip_h), name, fill=(200, 200, 200), font=font)
     return panel
+
+
+def _doubt(box: TimedBox) -> str:
+    return "still: left to right" if box.confidence is None else f"low confidence {box.confidence:.2f}"
 
 
 def _strip(draw: ImageDraw.ImageDraw, active: np.ndarray, top: int, width: int, colour: tuple) -> None:

@@ -1,85 +1,61 @@
-"""Binding proposals for video sources: faces per shot from OpenCV's Haar cascade (ships in the
-opencv-python-headless 4.x wheel; no downloaded weights), then per shot each voice track is given the face whose
-mouth region moves most while that track speaks and least while it is silent (an assignment over all pairs).
-A proposal only ever reaches the manifest as a patch the user pastes (`manifest_patch`)."""
+"""Binding proposals: each unpinned speaker's person region (tasks/regions.py), from faces (tasks/faces.py)
+followed through each shot (tasks/face_tracks.py), and which voice goes with which person.
+
+Video: per shot, each voice track is given the person whose mouth moves most while that track speaks and least
+while it is silent (an assignment over all pairs), with a confidence: how often the real timing beats the same
+track shifted in time (CONFIDENCE_SHIFTS circular shifts); under LOW_CONFIDENCE (0.9: the timing beat fewer than
+9 in 10 time-shifted copies of itself) the proposal and the contact
+sheet say so. A still has no motion: people are given to the speakers left to right in manifest order (MultiTalk's
+convention, person 1 = left) with no confidence, and the patch says that too.
+
+A proposal only ever reaches the manifest as a patch the user pastes (`manifest_patch`); pinned boxes win.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from engine.base import FPS, Box, EngineSetupError
+from engine.base import FPS, Box
 from engine.media import is_still, read_frames, video_size
-from tasks.boxes import Binding, TimedBox, iou, still_image
+from tasks.boxes import LOW_CONFIDENCE, Binding, TimedBox, intersection, iou, still_image
+from tasks.face_tracks import ANALYSIS_WIDTH, FaceTrack, Shot, find_tracks, track_regions
+from tasks.faces import Face, FaceDetector, face_detector, haar_face_detector, mouth_region, scale_box
+from tasks.regions import person_regions
 from tasks.segment import speech_activity
-from tasks.shots import is_shot_cut
 
-FaceDetector = Callable[[np.ndarray], list[Box]]  # gray (H, W) uint8 -> face boxes in its pixels
-ANALYSIS_WIDTH = 320  # faces and mouth motion are measured on frames this wide (Haar finds faces >= 24 px)
+__all__ = [
+    "LOW_CONFIDENCE",
+    "assign_speakers",
+    "haar_face_detector",
+    "manifest_patch",
+    "mouth_motion",
+    "propose_boxes",
+    "speaker_confidence",
+    "speaker_scores",
+]
 
-
-def haar_face_detector(*, min_size: int = 24) -> FaceDetector:
-    """OpenCV's frontal-face Haar cascade, from the opencv-python-headless wheel (no downloaded weights)."""
-    try:
-        import cv2
-    except ImportError as exc:
-        raise EngineSetupError("face detection needs OpenCV: pip install -e '.[bind]'") from exc
-    cascade_file = (
-        Path(getattr(getattr(cv2, "data", None), "haarcascades", "")) / "haarcascade_frontalface_default.xml"
-    )
-    if not hasattr(cv2, "CascadeClassifier") or not cascade_file.is_file():
-        raise EngineSetupError(
-            f"OpenCV {cv2.__version__} has no Haar cascades (OpenCV 5 dropped them): "
-            "pip install 'opencv-python-headless>=4.8,<5'"
-        )
-    cascade = cv2.CascadeClassifier(str(cascade_file))
-
-    def detect(gray: np.ndarray) -> list[Box]:
-        found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size))
-        return [Box(int(x), int(y), int(x + w), int(y + h)) for x, y, w, h in found]
-
-    return detect
+CONFIDENCE_SHIFTS = 48
 
 
-def detect_faces(frame: np.ndarray, *, detector: FaceDetector | None = None) -> list[Box]:
-    """Face boxes in one frame (gray or RGB), sorted left to right."""
-    gray = frame if frame.ndim == 2 else np.asarray(Image.fromarray(frame).convert("L"))
-    return sorted((detector or haar_face_detector())(gray), key=lambda b: (b.x0, b.y0))
-
-
-def _face_tracks(detections: Sequence[list[Box]], min_share: float = 0.4) -> list[Box]:
-    """Faces seen in several sampled frames of a shot, merged by overlap; the median box of each."""
-    groups: list[list[Box]] = []
-    for boxes in detections:
-        for box in boxes:
-            group = next((g for g in groups if iou(g[-1], box) > 0.3), None)
-            if group is None:
-                groups.append([box])
-            else:
-                group.append(box)
-    seen = [g for g in groups if len(g) >= max(1, min_share * len(detections))]
-    medians = [np.median([[b.x0, b.y0, b.x1, b.y1] for b in g], axis=0) for g in seen]
-    return sorted((Box(*(int(v) for v in m)) for m in medians), key=lambda b: (b.x0, b.y0))
-
-
-def mouth_region(face: Box) -> Box:
-    """The lower-middle part of a face box, where the mouth is for a frontal face (Haar boxes: brow to chin)."""
-    return Box(face.x0 + face.width // 4, face.y0 + face.height * 3 // 5, face.x1 - face.width // 4, face.y1)
-
-
-def mouth_motion(frames: Sequence[np.ndarray], faces: Sequence[Box]) -> np.ndarray:
+def mouth_motion(frames: Sequence[np.ndarray], faces: Sequence[Face | Box]) -> np.ndarray:
     """(faces, frames) mean absolute change of each mouth region from the frame before (0 for the first frame)."""
     motion = np.zeros((len(faces), len(frames)))
     for t in range(1, len(frames)):
-        for f, face in enumerate(faces):
-            m = mouth_region(face)
-            now, before = frames[t][m.y0 : m.y1, m.x0 : m.x1], frames[t - 1][m.y0 : m.y1, m.x0 : m.x1]
-            motion[f, t] = np.abs(now.astype(np.int16) - before).mean() if now.size else 0.0
+        motion[:, t] = _motion_now(frames[t - 1], frames[t], faces)
     return motion
+
+
+def _motion_now(before: np.ndarray, now: np.ndarray, faces: Sequence[Face | Box]) -> np.ndarray:
+    out = np.zeros(len(faces))
+    for f, face in enumerate(faces):
+        m = mouth_region(face if isinstance(face, Face) else Face(face))
+        a, b = now[m.y0 : m.y1, m.x0 : m.x1], before[m.y0 : m.y1, m.x0 : m.x1]
+        out[f] = np.abs(a.astype(np.int16) - b).mean() if a.size else 0.0
+    return out
 
 
 def speaker_scores(motion: np.ndarray, activity: np.ndarray) -> np.ndarray:
@@ -100,57 +76,59 @@ def speaker_scores(motion: np.ndarray, activity: np.ndarray) -> np.ndarray:
 
 
 def assign_speakers(scores: np.ndarray, *, min_score: float = 0.1) -> dict[int, int]:
-    """Speaker row -> face column, one face per speaker, maximising the total score; weak pairs stay unbound."""
+    """Speaker row -> face column, one face per speaker, maximising the total score; weak pairs stay unbound,
+    except one talking speaker with one face (nothing to tell apart: bound, its confidence says how sure)."""
     from scipy.optimize import linear_sum_assignment
 
     usable = np.nan_to_num(scores, nan=-1e3)
     rows, cols = linear_sum_assignment(-usable)
-    return {int(r): int(c) for r, c in zip(rows, cols, strict=True) if usable[r, c] >= min_score}
+    talking = [r for r in range(len(scores)) if not np.isnan(scores[r]).all()]
+    alone = len(talking) == 1 and scores.shape[1] == 1
+    return {
+        int(r): int(c)
+        for r, c in zip(rows, cols, strict=True)
+        if usable[r, c] >= min_score or (alone and r == talking[0])
+    }
 
 
-@dataclass(frozen=True)
-class _Shot:
-    start: int
-    end: int
-    faces: tuple[Box, ...]  # analysis pixels
+def speaker_confidence(motion: np.ndarray, activity: np.ndarray, speaker: int, face: int) -> float:
+    """Share of circular time shifts of the speaker's track (at least a second) under which the pair scores
+    worse, by its margin over the other faces, than with the real timing: near 1 when the mouth follows this
+    voice, near 0.5 when the timing says nothing."""
+    total = activity.shape[1]
+    if total < 3 * FPS:
+        return 0.0
+    shifts = np.linspace(FPS, total - FPS, CONFIDENCE_SHIFTS).astype(int)
+    real = _margin(speaker_scores(motion, activity[speaker : speaker + 1])[0], face)
+    null = [
+        _margin(speaker_scores(motion, np.roll(activity[speaker : speaker + 1], k, axis=1))[0], face)
+        for k in shifts
+    ]
+    return float(np.mean(real > np.array(null)))
 
 
-def _shots(path: Path, detector: FaceDetector, sample_every: int = 12) -> tuple[list[_Shot], int]:
-    """Pass 1: shot cuts, and faces on every `sample_every`-th frame and on each shot's first frame."""
-    cuts, detections, previous, total = [0], [], None, 0
-    for t, frame in enumerate(read_frames(path, ANALYSIS_WIDTH)):
-        small = np.asarray(Image.fromarray(frame).resize((64, 36), Image.Resampling.BILINEAR))
-        new_shot = previous is not None and is_shot_cut(previous, small) and t - cuts[-1] >= 3
-        if new_shot:
-            cuts.append(t)
-        if new_shot or t % sample_every == 0:
-            detections.append((t, detect_faces(frame, detector=detector)))
-        previous, total = small, t + 1
-    bounds = [*cuts, total]
-    shots = []
-    for start, end in zip(bounds, bounds[1:], strict=False):
-        sampled = [faces for t, faces in detections if start <= t < end]
-        shots.append(_Shot(start, end, tuple(_face_tracks(sampled))))
-    return shots, total
+def _margin(row: np.ndarray, face: int) -> float:
+    others = np.delete(row, face)
+    return float(row[face] - (others.max() if len(others) else 0.0))
 
 
-def _shot_motion(path: Path, shots: Sequence[_Shot]) -> list[np.ndarray]:
-    """Pass 2: mouth motion of every face of every shot, streaming the frames once."""
-    motion = [np.zeros((len(s.faces), s.end - s.start)) for s in shots]
+# ---------------------------------------------------------------------------------------------- video
+
+
+def _shot_motion(path: Path, shots: Sequence[Shot]) -> list[np.ndarray]:
+    """Mouth motion of every track of every shot, (tracks, shot frames), streaming the frames once."""
+    motion = [np.zeros((len(s.tracks), s.end - s.start)) for s in shots]
     shot_of = np.concatenate([np.full(s.end - s.start, i) for i, s in enumerate(shots)])
     previous = None
     for t, frame in enumerate(read_frames(path, ANALYSIS_WIDTH)):
         if t >= len(shot_of):
             break
         shot = shots[shot_of[t]]
-        if previous is not None and t > shot.start:
-            motion[shot_of[t]][:, t - shot.start] = mouth_motion([previous, frame], shot.faces)[:, 1]
+        if previous is not None and t > shot.start and shot.tracks:
+            faces = [k.face_at(t) for k in shot.tracks]
+            motion[shot_of[t]][:, t - shot.start] = _motion_now(previous, frame, faces)
         previous = frame
     return motion
-
-
-def _to_source(box: Box, scale: float) -> Box:
-    return Box(*(round(v * scale) for v in (box.x0, box.y0, box.x1, box.y1)))
 
 
 def propose_boxes(
@@ -160,34 +138,42 @@ def propose_boxes(
     *,
     pinned: Binding | None = None,
     detector: FaceDetector | None = None,
+    report: list[str] | None = None,
 ) -> dict[str, list[TimedBox]]:
-    """Proposed boxes per speaker (pinned speakers keep theirs; faces under pinned boxes are not offered).
-
-    Video: per shot, the face whose mouth moves with the track. Still image: no motion to go by, so faces are
-    given to unpinned speakers left to right, with no score: check the contact sheet.
-    """
-    detector = detector or haar_face_detector()
+    """Proposed person regions per speaker (pinned speakers keep theirs; people under pinned boxes are not
+    offered). Video: timed regions per shot from mouth motion, with a confidence. Still: left to right.
+    `report` receives lines for the patch's header: which detector found the faces."""
+    detector = detector or face_detector()
+    report = report if report is not None else []
+    report.append(f"faces found by: {detector.description}")
     pinned = {k: list(v) for k, v in (pinned or {}).items() if v}
     free = [name for name in tracks if name not in pinned]
     if is_still(source):
-        return {**pinned, **_proposestill_image(still_image(source), free, pinned, detector)}
-    scale = video_size(Path(source))[0] / ANALYSIS_WIDTH
-    shots, total = _shots(Path(source), detector)
+        return {**pinned, **_propose_still(still_image(source), free, pinned, detector)}
+    width, height = video_size(Path(source))
+    scale = width / ANALYSIS_WIDTH
+    shots, total = find_tracks(Path(source), detector)
+    fallback = [str(k) for k, shot in enumerate(shots) if shot.detector != detector.name]
+    if fallback:
+        report.append(
+            f"shots {', '.join(fallback)}: no face for {detector.name}, found by {detector.fallback.name}"
+        )
     activity = {n: _padded(speech_activity(tracks[n], sample_rate), total) for n in free}
     proposal: dict[str, list[TimedBox]] = {n: [] for n in free}
     for shot, motion in zip(shots, _shot_motion(Path(source), shots), strict=True):
-        faces = [
-            i for i, f in enumerate(shot.faces) if not _under_pinned(_to_source(f, scale), pinned, shot.start)
-        ]
-        if not faces or not free:
+        regions = track_regions(shot, scale, (width, height))
+        offered = [i for i, k in enumerate(shot.tracks) if not _under_pinned(k, scale, pinned)]
+        if not offered or not free:
             continue
         talk = np.array([activity[n][shot.start : shot.end] for n in free]).reshape(len(free), -1)
-        scores = speaker_scores(motion[faces], talk)
+        scores = speaker_scores(motion[offered], talk)
         for s, f in assign_speakers(scores).items():
-            box = _to_source(shot.faces[faces[f]], scale)
-            proposal[free[s]].append(
-                TimedBox(shot.start, shot.end, box, "proposed", round(float(scores[s, f]), 3))
-            )
+            confidence = round(speaker_confidence(motion[offered], talk, s, f), 2)
+            score = round(float(np.nan_to_num(scores[s, f])), 3)
+            for piece in regions[offered[f]]:
+                proposal[free[s]].append(
+                    TimedBox(piece.start_frame, piece.end_frame, piece.box, "proposed", score, confidence)
+                )
     return {**pinned, **{n: _merge_runs(boxes) for n, boxes in proposal.items()}}
 
 
@@ -197,34 +183,62 @@ def _padded(active: np.ndarray, total: int) -> np.ndarray:
     return out
 
 
-def _under_pinned(face: Box, pinned: Binding, frame: int) -> bool:
-    return any(iou(face, b.box) > 0.3 and b.covers(frame) for boxes in pinned.values() for b in boxes)
+def _under_pinned(track: FaceTrack, scale: float, pinned: Binding) -> bool:
+    """A pinned box already holds this face (most of the face inside it, while the box is in effect)."""
+    face = scale_box(track.face_at(track.start).box, scale)
+    return any(
+        _inside_share(face, b.box) > 0.5 and b.covers(track.start) for bs in pinned.values() for b in bs
+    )
+
+
+def _inside_share(face: Box, box: Box) -> float:
+    return intersection(face, box) / max(1, face.width * face.height)
 
 
 def _merge_runs(boxes: list[TimedBox]) -> list[TimedBox]:
-    """Join consecutive shots where the proposed box stayed put (one manifest entry instead of many)."""
+    """Join consecutive pieces where the proposed box stayed put (one manifest entry instead of many)."""
     merged: list[TimedBox] = []
-    for box in boxes:
+    for box in sorted(boxes, key=lambda b: b.start_frame):
         last = merged[-1] if merged else None
-        if last and last.end_frame == box.start_frame and iou(last.box, box.box) > 0.8:
+        if last and last.end_frame == box.start_frame and iou(last.box, box.box) > 0.9:
             score = min(last.score or 0.0, box.score or 0.0)
-            merged[-1] = TimedBox(last.start_frame, box.end_frame, last.box, "proposed", score)
+            confidence = min(last.confidence or 0.0, box.confidence or 0.0)
+            merged[-1] = TimedBox(last.start_frame, box.end_frame, last.box, "proposed", score, confidence)
         else:
             merged.append(box)
     return merged
 
 
-def _proposestill_image(
+# ---------------------------------------------------------------------------------------------- still
+
+
+def _propose_still(
     image: np.ndarray, free: list[str], pinned: Binding, detector: FaceDetector
 ) -> dict[str, list[TimedBox]]:
-    faces = [f for f in detect_faces(image, detector=detector) if not _under_pinned(f, pinned, 0)]
-    return {name: [TimedBox(0, None, face, "proposed")] for name, face in zip(free, faces, strict=False)}
+    height, width = image.shape[:2]
+    scale = width / ANALYSIS_WIDTH
+    small = Image.fromarray(image).resize(
+        (ANALYSIS_WIDTH, max(1, round(height / scale))), Image.Resampling.BILINEAR
+    )
+    faces = [scale_box(f.box, scale) for f in detector(np.asarray(small))]
+    regions = person_regions(faces, (width, height))
+    people = [
+        region
+        for face, region in zip(faces, regions, strict=True)
+        if not any(_inside_share(face, b.box) > 0.5 for bs in pinned.values() for b in bs if b.covers(0))
+    ]
+    return {name: [TimedBox(0, None, region, "proposed")] for name, region in zip(free, people, strict=False)}
 
 
-def manifest_patch(proposal: Binding) -> str:
-    """YAML for `speakers[].box` with the proposed boxes only (pinned ones stay as they are in the manifest)."""
+# ---------------------------------------------------------------------------------------------- the patch
+
+
+def manifest_patch(proposal: Binding, *, report: Sequence[str] = ()) -> str:
+    """YAML for `speakers[].box` with the proposed person regions only (pinned ones stay as they are)."""
     lines = [
         "# dubflow bind --propose: review against the contact sheet, then copy into the manifest",
+        "# each box is the person's region (head, neck and shoulders), not the face",
+        *(f"# {line}" for line in report),
         "speakers:",
     ]
     for name, boxes in proposal.items():
@@ -238,7 +252,15 @@ def manifest_patch(proposal: Binding) -> str:
         lines += [f"  - id: {name}", "    box:"]
         for b in proposed:
             end = "null" if b.end_frame is None else f"{b.end_frame / FPS:.2f}"
-            score = "" if b.score is None else f"  # score {b.score:.2f}"
             coords = f"[{b.box.x0}, {b.box.y0}, {b.box.x1}, {b.box.y1}]"
-            lines.append(f"      - {{from: {b.start_frame / FPS:.2f}, to: {end}, box: {coords}}}{score}")
+            lines.append(
+                f"      - {{from: {b.start_frame / FPS:.2f}, to: {end}, box: {coords}}}  # {_evidence(b)}"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _evidence(box: TimedBox) -> str:
+    if box.confidence is None:
+        return "LOW CONFIDENCE: a still has no motion; people given left to right in speaker order, check it"
+    text = f"score {box.score:.2f}, confidence {box.confidence:.2f}"
+    return text + (" LOW CONFIDENCE: check the contact sheet" if box.needs_review else "")
