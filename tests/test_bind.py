@@ -18,7 +18,7 @@ from bench.plan import face_box, mouth_openings, speak, write_talking_scene
 from engine.base import AUDIO_RATE, FPS, Box, EngineSetupError
 from engine.media import MediaError
 from tasks.bind import BindingError, TimedBox, bind_tracks, boxes_for_segment, check_binding, timed_boxes
-from tasks.boxes import active_sets, intersection, iou
+from tasks.boxes import active_sets, intersection
 from tasks.contact_sheet import COLOURS, contact_sheet
 from tasks.faces import Face, FaceDetector
 from tasks.proposals import (
@@ -255,7 +255,9 @@ def test_a_still_gets_people_left_to_right_for_the_unpinned_speakers_only() -> N
     faces = [Box(*(2 * v for v in (b.x0, b.y0, b.x1, b.y1))) for b in (left, middle, right)]
     regions = person_regions(faces, (960, 270))
     assert proposal["ben"] == pinned["ben"]
-    assert [b.box for b in proposal["ana"]] == [regions[0]] and [b.box for b in proposal["cy"]] == [regions[2]]
+    assert [b.box for b in proposal["ana"]] == [regions[0]] and [b.box for b in proposal["cy"]] == [
+        regions[2]
+    ]
     assert proposal["cy"][0].confidence is None and proposal["cy"][0].needs_review  # a guess, said so
     assert "LOW CONFIDENCE: a still has no motion" in manifest_patch(proposal)
 
