@@ -149,7 +149,7 @@ def propose_boxes(
     pinned = {k: list(v) for k, v in (pinned or {}).items() if v}
     free = [name for name in tracks if name not in pinned]
     if is_still(source):
-        return {**pinned, **_propose_still(still_image(source), free, pinned, detector)}
+        return {**pinned, **_propose_still(still_image(source), free, pinned, detector, report)}
     width, height = video_size(Path(source))
     scale = width / ANALYSIS_WIDTH
     shots, total = find_tracks(Path(source), detector)
@@ -213,14 +213,18 @@ def _merge_runs(boxes: list[TimedBox]) -> list[TimedBox]:
 
 
 def _propose_still(
-    image: np.ndarray, free: list[str], pinned: Binding, detector: FaceDetector
+    image: np.ndarray, free: list[str], pinned: Binding, detector: FaceDetector, report: list[str]
 ) -> dict[str, list[TimedBox]]:
     height, width = image.shape[:2]
     scale = width / ANALYSIS_WIDTH
     small = Image.fromarray(image).resize(
         (ANALYSIS_WIDTH, max(1, round(height / scale))), Image.Resampling.BILINEAR
     )
-    faces = [scale_box(f.box, scale) for f in detector(np.asarray(small))]
+    found = detector(np.asarray(small))
+    if not found and detector.fallback is not None:
+        found = detector.fallback(np.asarray(small))
+        report.append(f"no face for {detector.name}, found by {detector.fallback.name}")
+    faces = [scale_box(f.box, scale) for f in found]
     regions = person_regions(faces, (width, height))
     people = [
         region

@@ -221,7 +221,9 @@ def test_moving_person_timed_boxes_and_bind_propose(tmp_path, demo_media, capsys
     assert "- id: ben" in patch and "# ana: pinned in the manifest, kept" in patch
     box = [int(v) for v in patch.split("box: [")[-1].split("]")[0].split(",")]
     x0, y0, x1, y1 = box
-    assert 730 <= x0 < x1 <= 1130 and 120 <= y0 < y1 <= 620  # ben's face, inside his half of the scene
+    assert x0 <= 930 - 110 and x1 >= 930 + 110 and y0 <= 160 and y1 >= 420  # ben's whole head (demo face)
+    assert x0 >= 570  # his person region stops short of ana's pinned box
+    assert "found by haar" in patch  # drawn faces: MTCNN finds none, the Haar fallback does, and says so
     fixed = manifest.read_text().replace(
         "{id: ben, track: ben.wav}", f"{{id: ben, track: ben.wav, box: {box}}}"
     )
