@@ -30,7 +30,12 @@ class Strict(BaseModel):
 
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 BoxList = Annotated[
-    list[int], Field(min_length=4, max_length=4, description="x0, y0, x1, y1 in source pixels")
+    list[int],
+    Field(
+        min_length=4,
+        max_length=4,
+        description="x0, y0, x1, y1 in source pixels: the person's region (head, neck and shoulders), not the face",
+    ),
 ]
 
 
@@ -46,7 +51,13 @@ class TimedBoxSpec(Strict):
 class Speaker(Strict):
     id: str = Field(pattern=SLUG, description="name used everywhere for this speaker's track")
     name: str | None = Field(None, description="display name (defaults to id)")
-    box: BoxList | list[TimedBoxSpec] | None = Field(None, description="where this person is on screen")
+    box: BoxList | list[TimedBoxSpec] | None = Field(
+        None,
+        description="this person's region on screen: the whole head with room to move, neck and shoulders"
+        " (the engine routes the voice to it, paste-back composites inside it), never another person's face;"
+        " one box, or timed boxes [{from, to, box}] that follow a moving person. `dubflow bind --propose`"
+        " derives it from the face: centre +-1.3 face heights, 0.6 above, 1.0 below (tasks/regions.py)",
+    )
     track: Path | None = Field(None, description="this speaker's own dialogue track (skips diarisation)")
     voice_sample: Path | None = Field(None, description="enrolment clip used to name the diarised track")
     voice: str | None = Field(None, description="TTS voice for lines mode")
