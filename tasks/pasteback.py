@@ -24,10 +24,12 @@ from prefect import task
 from engine.base import Box, box_at
 from engine.media import MediaError, VideoFrames, write_timed_video
 from tasks.bind import timed_boxes
+from tasks.regions import person_mask
 from tasks.render import Clip, PersonSpec
 from tasks.workspace import Blob, Workspace, stage_cache
 
 COMPOSITES = ("paste_back", "full_frame")
+MASKS = ("box", "person")  # box: 1 on the box, feathered outward; person: tasks.regions.person_mask, inward
 CRF = 12  # the delivered picture is the source re-encoded once: keep it visually lossless (>= 40 dB PSNR)
 
 
@@ -39,13 +41,17 @@ def paste_back(
     persons: tuple[PersonSpec, ...],
     composite: str = "paste_back",
     feather_px: int = 16,
+    mask: str = "box",
 ) -> Blob:
     """The stitched 25 fps render (`picture`) back onto the source video's own frames; returns the new
-    picture track (H.264, the source's size, frame count and timestamps)."""
+    picture track (H.264, the source's size, frame count and timestamps). `mask`: "box" feathers outward
+    around each box; "person" is the feathered person mask inside each person region (tasks/regions.py)."""
     if composite not in COMPOSITES:
         raise ValueError(f"composite {composite!r} is unknown; use one of: {', '.join(COMPOSITES)}")
+    if mask not in MASKS:
+        raise ValueError(f"mask {mask!r} is unknown; use one of: {', '.join(MASKS)}")
     video, rendered = VideoFrames(ws.path(source)), VideoFrames(ws.path(picture))
-    regions = Regions(clips, persons, (video.width, video.height), feather_px)
+    regions = Regions(clips, persons, (video.width, video.height), feather_px, mask)
     frames = _composited(video, rendered, regions, composite == "full_frame")
     with ws.scratch() as tmp:
         out = tmp / "picture.mp4"
@@ -76,7 +82,12 @@ class Regions:
     """Per 25 fps frame: the crop the rendered frame covers and the feathered mask of its animated persons."""
 
     def __init__(
-        self, clips: list[Clip], persons: tuple[PersonSpec, ...], size: tuple[int, int], feather_px: int
+        self,
+        clips: list[Clip],
+        persons: tuple[PersonSpec, ...],
+        size: tuple[int, int],
+        feather_px: int,
+        shape: str = "box",
     ):
         self.clips = sorted(clips, key=lambda c: c.start_frame)
         self.starts = [c.start_frame for c in self.clips]
@@ -86,7 +97,7 @@ class Regions:
             )
             for p in persons
         }
-        self.size, self.feather = size, feather_px
+        self.size, self.feather, self.shape = size, feather_px, shape
 
     def clip_at(self, frame25: int) -> Clip:
         return self.clips[max(0, bisect.bisect_right(self.starts, frame25) - 1)]
@@ -99,7 +110,7 @@ class Regions:
         clip = self.clip_at(frame25)
         crop = clip.crop or (0, 0, *self.size)
         boxes = tuple(b for p in clip.persons if (b := self.box_at(p, frame25)) is not None)
-        mask, (x0, y0, x1, y1) = _mask(boxes, crop, self.size, self.feather)
+        mask, (x0, y0, x1, y1) = _mask(boxes, crop, self.size, self.feather, self.shape)
         if mask is None:
             return original
         scaled = _resize(rendered, (crop[2] - crop[0], crop[3] - crop[1]))
@@ -112,13 +123,19 @@ class Regions:
 
 @lru_cache(maxsize=64)  # boxes rarely change from frame to frame: one mask per (boxes, crop)
 def _mask(
-    boxes: tuple[Box, ...], crop: tuple[int, int, int, int], size: tuple[int, int], feather: int
+    boxes: tuple[Box, ...],
+    crop: tuple[int, int, int, int],
+    size: tuple[int, int],
+    feather: int,
+    shape: str = "box",
 ) -> tuple[np.ndarray | None, tuple[int, int, int, int]]:
-    """The blend weights (h, w) float32 in [0, 1] over the rectangle (x0, y0, x1, y1) that holds them: 1 on
-    each box, falling to 0 over `feather` pixels outside it, nothing outside the rendered crop."""
+    """The blend weights (h, w) float32 in [0, 1] over the rectangle (x0, y0, x1, y1) that holds them, nothing
+    outside the rendered crop. "box": 1 on each box, falling to 0 over `feather` pixels outside it; "person":
+    each person region's feathered person mask, all inside the region."""
     width, height = size
     cx0, cy0, cx1, cy1 = max(0, crop[0]), max(0, crop[1]), min(width, crop[2]), min(height, crop[3])
-    grown = [(b.x0 - feather, b.y0 - feather, b.x1 + feather, b.y1 + feather) for b in boxes]
+    grow = feather if shape == "box" else 0
+    grown = [(b.x0 - grow, b.y0 - grow, b.x1 + grow, b.y1 + grow) for b in boxes]
     x0 = max(cx0, min((g[0] for g in grown), default=cx1))
     y0 = max(cy0, min((g[1] for g in grown), default=cy1))
     x1 = min(cx1, max((g[2] for g in grown), default=cx0))
@@ -128,10 +145,23 @@ def _mask(
     xs, ys = np.arange(x0, x1), np.arange(y0, y1)
     mask = np.zeros((y1 - y0, x1 - x0), np.float32)
     for b in boxes:
-        mask = np.maximum(
-            mask, _ramp(ys, b.y0, b.y1, feather)[:, None] * _ramp(xs, b.x0, b.x1, feather)[None]
-        )
+        if shape == "person":
+            _paste_max(mask, person_mask(b, size, feather), b.x0 - x0, b.y0 - y0)
+        else:
+            mask = np.maximum(
+                mask, _ramp(ys, b.y0, b.y1, feather)[:, None] * _ramp(xs, b.x0, b.x1, feather)[None]
+            )
     return mask, (x0, y0, x1, y1)
+
+
+def _paste_max(canvas: np.ndarray, patch: np.ndarray, left: int, top: int) -> None:
+    """canvas = max(canvas, patch placed at (left, top)), clipped to the canvas."""
+    h, w = canvas.shape
+    y0, x0 = max(0, top), max(0, left)
+    y1, x1 = min(h, top + patch.shape[0]), min(w, left + patch.shape[1])
+    if y1 > y0 and x1 > x0:
+        part = patch[y0 - top : y1 - top, x0 - left : x1 - left]
+        canvas[y0:y1, x0:x1] = np.maximum(canvas[y0:y1, x0:x1], part)
 
 
 def _ramp(coords: np.ndarray, lo: int, hi: int, feather: int) -> np.ndarray:

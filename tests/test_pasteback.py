@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from engine.base import Box
-from tasks.pasteback import Regions, _mask
+from tasks.pasteback import Regions, _mask, paste_back
 from tasks.render import Clip, PersonSpec
 from tasks.workspace import Blob
 
@@ -40,3 +41,18 @@ def test_the_mask_is_one_on_the_box_and_zero_past_the_feather_and_the_crop():
     assert full[20:40, 20:40].min() == 1.0 and 0 < full[30, 42] < 1
     assert full[:, :15].max() == 0 and full[:, 45:].max() == 0 and full[45:].max() == 0
     assert _mask((Box(20, 20, 40, 40),), (50, 0, 100, 50), (100, 60), 5)[0] is None  # outside the crop
+
+
+def test_the_person_mask_stays_inside_each_region_and_keeps_the_frame_edge_hard():
+    """mask='person': the feathered person mask of tasks/regions.py, never past the region (a neighbour's face
+    may lie just beyond a region cut at the middle of the gap between two people)."""
+    left, right = Box(0, 10, 50, 60), Box(50, 10, 100, 60)  # two regions touching at x = 50, frame 100x60
+    mask, (x0, y0, x1, y1) = _mask((left, right), (0, 0, 100, 60), (100, 60), 8, "person")
+    assert (x0, y0, x1, y1) == (0, 10, 100, 60)  # nothing grown past the regions
+    assert mask[25, 25] == 1.0 and mask[25, 75] == 1.0
+    assert mask[25, 49] < 0.1 and mask[25, 50] < 0.1  # both feather to 0 at their shared edge
+    assert mask[25, 0] == 1.0 and mask[49, 25] == 1.0  # frame edges (left, bottom) stay hard
+    box_mask = _mask((left,), (0, 0, 100, 60), (100, 60), 8)[0]
+    assert box_mask.shape[1] > 50  # the box mask feathers outward, over the neighbour's side
+    with pytest.raises(ValueError, match="mask 'oval' is unknown; use one of: box, person"):
+        paste_back(None, None, None, [], (), mask="oval")
