@@ -33,10 +33,10 @@ from engine.base import AUDIO_RATE, FPS, Box  # noqa: E402
 from engine.media import read_audio, read_frames, video_size  # noqa: E402
 from engine.video import Mp4Writer  # noqa: E402
 from tasks.boxes import TimedBox, intersection, still_image  # noqa: E402
-from tasks.face_tracks import jitter  # noqa: E402
-from tasks.faces import face_detector, haar_face_detector  # noqa: E402
+from tasks.face_tracks import ANALYSIS_WIDTH, SAMPLE_EVERY, jitter  # noqa: E402
+from tasks.faces import face_detector, haar_face_detector, scale_box  # noqa: E402
 from tasks.proposals import LOW_CONFIDENCE, propose_boxes  # noqa: E402
-from tasks.regions import head_coverage  # noqa: E402
+from tasks.regions import head_coverage, person_region  # noqa: E402
 
 BASELINE_COMMIT = "b04da91"  # the binder before person regions: Haar face boxes, one per shot
 STILLS = {
@@ -144,6 +144,20 @@ def bench_footage(folder: Path, binders: dict[str, Binder]) -> dict[str, dict]:
                 s["video_s"] += total / FPS
             print(f"  {name:<9} {item:<22} {elapsed:6.2f} s  " + _describe(proposal, checked), flush=True)
     return stats
+
+
+def raw_jitter(path: Path, detector, every: int = SAMPLE_EVERY) -> float:
+    """Jitter without tracking: the largest face's region re-derived at every sample and held until the next
+    (what following the detector frame by frame, unsmoothed, would give)."""
+    width, height = video_size(path)
+    scale = width / ANALYSIS_WIDTH
+    boxes = []
+    for t, frame in enumerate(read_frames(path, ANALYSIS_WIDTH, colour=True)):
+        if t % every == 0 and (faces := detector(frame)):
+            face = max(faces, key=lambda f: f.box.height)
+            region = person_region(scale_box(face.box, scale), (width, height))
+            boxes.append(TimedBox(t, t + every, region))
+    return jitter(boxes, boxes[-1].end_frame if boxes else 0)
 
 
 def _describe(proposal: dict[str, list[TimedBox]], checked: dict[str, Box]) -> str:
@@ -331,10 +345,12 @@ def main() -> None:
         {**binders, "haar+regions": lambda p, t: propose_boxes(p, t, AUDIO_RATE, detector=haar)},
         4 if args.quick else 8,
     )
-    _summary(real, pairs, drawn)
+    detector = face_detector()
+    raw = float(np.mean([raw_jitter(folder / item, detector) for item in VIDEOS]))
+    _summary(real, pairs, drawn, raw)
 
 
-def _summary(real: dict, pairs: dict, drawn: dict) -> None:
+def _summary(real: dict, pairs: dict, drawn: dict, raw_jitter_px: float) -> None:
     names = list(real)
     print("\n" + _row("figure", names + (["ratio"] if len(names) == 2 else [])))
     figures = [
@@ -361,6 +377,10 @@ def _summary(real: dict, pairs: dict, drawn: dict) -> None:
         print(
             _row(label, [f"{stats[n]['right']}/{stats[n]['total']}" for n in stats]) + "  " + " ".join(stats)
         )
+    print(
+        _row("jitter without tracking, px/frame", [f"{raw_jitter_px:.3f}"])
+        + "  regions re-derived every sample"
+    )
     low = {n: pairs[n]["low"] for n in pairs}
     print(_row(f"two people: confidence < {LOW_CONFIDENCE}", [str(low[n]) for n in names]))
 

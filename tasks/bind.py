@@ -1,8 +1,10 @@
 """Bind voice tracks to people on screen: the bind stage checks the manifest's pinned boxes against the picture and
 the speech and draws a contact sheet; `dubflow bind --propose` proposes boxes for unpinned speakers as a manifest
-patch. Shot cuts live in tasks/shots.py, proposals in tasks/proposals.py, the sheet in tasks/contact_sheet.py,
-the records (TimedBox, timed_boxes, boxes_for_segment, BindingError) in tasks/boxes.py; the names other stages
-import stay importable from here.
+patch. A speaker's box is that person's region (head, neck and shoulders: tasks/regions.py), not the face.
+Shot cuts live in tasks/shots.py, face detectors in tasks/faces.py, faces followed through shots in
+tasks/face_tracks.py, proposals in tasks/proposals.py, the sheet in tasks/contact_sheet.py, the records
+(TimedBox, timed_boxes, boxes_for_segment, BindingError) in tasks/boxes.py; the names other stages import stay
+importable from here.
 """
 
 from __future__ import annotations

@@ -238,3 +238,29 @@ def test_low_confidence_is_marked_in_the_patch_and_on_the_contact_sheet(tmp_path
     label_row = sheet[14 + 14]  # inside the labels drawn at each box's top-left corner
     assert tuple(label_row[175]) == REVIEW  # ben's label stands on the review colour
     assert tuple(label_row[15]) != REVIEW
+
+
+@needs_footage
+@pytest.mark.slow
+def test_dubflow_bind_propose_on_a_real_picture_prints_person_regions(tmp_path: Path, capsys) -> None:
+    """The footage-dev car manifest with its boxes taken out: `dubflow bind --propose` finds both people with
+    MTCNN and prints a patch whose regions hold each checked head, marked for review (a still)."""
+    import shutil
+
+    import yaml
+
+    from flows.cli import main
+
+    for name in ("mt_multi1_car.png", "mt_multi1_dialogue.wav", "mt_multi1_p1.wav", "mt_multi1_p2.wav"):
+        shutil.copy(FOOTAGE / name, tmp_path / name)
+    manifest = yaml.safe_load((FOOTAGE / "manifest.multi1_car.yaml").read_text())
+    for speaker in manifest["speakers"]:
+        del speaker["box"]
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
+    assert main(["bind", str(tmp_path / "m.yaml"), "--propose", "--workspace", str(tmp_path / "w")]) == 0
+    patch = capsys.readouterr().out
+    assert "# faces found by: mtcnn" in patch and patch.count("LOW CONFIDENCE: a still has no motion") == 2
+    patch = patch[patch.index("# dubflow bind --propose") :]  # after the binding's warnings
+    proposed = {s["id"]: Box(*s["box"][0]["box"]) for s in yaml.safe_load(patch)["speakers"]}
+    for person, head in heads("mt_multi1_car.png").items():
+        assert head_coverage(head, proposed[person]) >= 0.9
