@@ -318,8 +318,18 @@ def cmd_bind(
     propose: Annotated[
         bool, typer.Option(help="propose boxes for speakers the manifest leaves unbound")
     ] = False,
+    faces: Annotated[
+        str,
+        typer.Option(help="face detector for --propose: auto (MTCNN, Haar where it finds none), mtcnn, haar"),
+    ] = "auto",
 ) -> int:
     """Check the binding; --propose writes a manifest patch from faces and voices."""
+    from tasks.faces import DETECTORS
+
+    if faces not in ("auto", *DETECTORS):
+        return _fail(
+            f"--faces {faces!r} is unknown; use one of: auto, {', '.join(DETECTORS)}", EXIT_BAD_INPUT
+        )
     code, result = _run_until(file, workspace, "bind")
     if result is None:
         return code
@@ -336,7 +346,7 @@ def cmd_bind(
         return 0
     proposed = sheet.with_name("contact-sheet-proposed.png")
     pinned = {s.id: s.box_spec() for s in m.speakers}
-    print(propose_binding(ws, result["source"], result["tracks"], pinned, proposed), end="")
+    print(propose_binding(ws, result["source"], result["tracks"], pinned, proposed, faces=faces), end="")
     print(f"# contact sheet of this proposal: {proposed}")
     return 0
 

@@ -212,15 +212,19 @@ def geometry_problems(boxes: dict, frame_size: tuple[int, int], size: int) -> li
 bind_task = task(bind_stage, name="bind", cache_policy=stage_cache("tasks.bind"), persist_result=True)
 
 
-def propose_binding(ws: Workspace, source: Blob, tracks: dict[str, Blob], pinned: dict, out_png: Path) -> str:
-    """`dubflow bind --propose`: boxes for unpinned speakers, as a manifest patch (never applied silently),
-    and a contact sheet of the proposal at `out_png`."""
+def propose_binding(
+    ws: Workspace, source: Blob, tracks: dict[str, Blob], pinned: dict, out_png: Path, *, faces: str = "auto"
+) -> str:
+    """`dubflow bind --propose`: person regions for unpinned speakers, as a manifest patch (never applied
+    silently), and a contact sheet of the proposal at `out_png`. `faces` names the face detector."""
+    from tasks.faces import face_detector
     from tasks.speakers import MIX_RATE, load_track
 
     audio = {sid: load_track(ws, blob) for sid, blob in tracks.items()}
     fixed = {sid: timed_boxes(spec) for sid, spec in pinned.items() if spec is not None}
     report: list[str] = []
-    proposal = propose_boxes(ws.path(source), audio, MIX_RATE, pinned=fixed, report=report)
+    detector = face_detector(faces)
+    proposal = propose_boxes(ws.path(source), audio, MIX_RATE, pinned=fixed, detector=detector, report=report)
     activity = {sid: speech_activity(a, MIX_RATE) for sid, a in audio.items()}
     is_video = not is_still(ws.path(source))
     cuts = detect_shots(ws.path(source)) if is_video else []

@@ -264,3 +264,10 @@ def test_dubflow_bind_propose_on_a_real_picture_prints_person_regions(tmp_path: 
     proposed = {s["id"]: Box(*s["box"][0]["box"]) for s in yaml.safe_load(patch)["speakers"]}
     for person, head in heads("mt_multi1_car.png").items():
         assert head_coverage(head, proposed[person]) >= 0.9
+
+
+def test_bind_refuses_an_unknown_face_detector(tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+
+    assert main(["bind", str(tmp_path / "m.yaml"), "--propose", "--faces", "yunet"]) == 2
+    assert "--faces 'yunet' is unknown; use one of: auto, mtcnn, haar" in capsys.readouterr().err
