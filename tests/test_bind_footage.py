@@ -242,6 +242,7 @@ def test_low_confidence_is_marked_in_the_patch_and_on_the_contact_sheet(tmp_path
 
 @needs_footage
 @pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")  # the flow runs up to the bind stage
 def test_dubflow_bind_propose_on_a_real_picture_prints_person_regions(tmp_path: Path, capsys) -> None:
     """The footage-dev car manifest with its boxes taken out: `dubflow bind --propose` finds both people with
     MTCNN and prints a patch whose regions hold each checked head, marked for review (a still)."""
