@@ -22,7 +22,8 @@ from tasks.regions import person_region, separate
 from tasks.shots import is_shot_cut
 
 ANALYSIS_WIDTH = 480  # faces are found on frames this wide (MTCNN from 20 px: faces >= 1/24 of the width)
-SAMPLE_EVERY = 12  # frames between detections (0.48 s): heads move little in that time; see bench/bind.py
+SAMPLE_EVERY = 12  # frames between detections (0.48 s). 25 gave the same footage-dev figures (its heads barely
+# move); half a second keeps the mouth box, taken from the nearest sample, on a head that does move
 MIN_SHARE = 0.4  # a track must be seen in this share of a shot's samples (drops one-off false hits)
 GROW = 0.15  # a timed box is replaced when following the head would grow it by more than this share
 
@@ -40,13 +41,7 @@ class FaceTrack:
 
     @property
     def hull(self) -> Box:
-        boxes = [f.box for _, f in self.samples]
-        return Box(
-            min(b.x0 for b in boxes),
-            min(b.y0 for b in boxes),
-            max(b.x1 for b in boxes),
-            max(b.y1 for b in boxes),
-        )
+        return _union(*(f.box for _, f in self.samples))
 
 
 @dataclass(frozen=True)
@@ -152,19 +147,19 @@ def _pieces(track: FaceTrack, scale: float, frame_size: tuple[int, int]) -> list
 
 
 def _hull_between(track: FaceTrack, lo: int, hi: int, scale: float) -> Box:
+    """The track's faces sampled in [lo, hi) (or the one nearest lo), as one box in source pixels."""
     boxes = [f.box for t, f in track.samples if lo <= t < hi] or [track.face_at(lo).box]
-    hull = Box(
-        min(b.x0 for b in boxes), min(b.y0 for b in boxes), max(b.x1 for b in boxes), max(b.y1 for b in boxes)
-    )
-    return _scaled(hull, scale)
+    return _scaled(_union(*boxes), scale)
 
 
 def _scaled(box: Box, scale: float) -> Box:
     return scale_box(box, scale)
 
 
-def _union(a: Box, b: Box) -> Box:
-    return Box(min(a.x0, b.x0), min(a.y0, b.y0), max(a.x1, b.x1), max(a.y1, b.y1))
+def _union(*boxes: Box) -> Box:
+    return Box(
+        min(b.x0 for b in boxes), min(b.y0 for b in boxes), max(b.x1 for b in boxes), max(b.y1 for b in boxes)
+    )
 
 
 def _area(b: Box) -> int:
