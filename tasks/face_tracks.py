@@ -22,7 +22,9 @@ from tasks.regions import person_region, separate
 from tasks.shots import is_shot_cut
 
 ANALYSIS_WIDTH = 480  # faces are found on frames this wide (MTCNN from 20 px: faces >= 1/24 of the width)
-SAMPLE_EVERY = 12  # frames between detections (0.48 s). 25 gave the same footage-dev figures (its heads barely
+SAMPLE_EVERY = (
+    12  # frames between detections (0.48 s). 25 gave the same footage-dev figures (its heads barely
+)
 # move); half a second keeps the mouth box, taken from the nearest sample, on a head that does move
 MIN_SHARE = 0.4  # a track must be seen in this share of a shot's samples (drops one-off false hits)
 GROW = 0.15  # a timed box is replaced when following the head would grow it by more than this share

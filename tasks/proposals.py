@@ -3,9 +3,8 @@ followed through each shot (tasks/face_tracks.py), and which voice goes with whi
 
 Video: per shot, each voice track is given the person whose mouth moves most while that track speaks and least
 while it is silent (an assignment over all pairs), with a confidence: how often the real timing beats the same
-track shifted in time (CONFIDENCE_SHIFTS circular shifts); under LOW_CONFIDENCE (0.9: the timing beat fewer than
-9 in 10 time-shifted copies of itself) the proposal and the contact
-sheet say so. A still has no motion: people are given to the speakers left to right in manifest order (MultiTalk's
+track shifted in time (CONFIDENCE_SHIFTS circular shifts). Under LOW_CONFIDENCE (0.9: the timing beat fewer than
+9 in 10 time-shifted copies of itself) the proposal and the contact sheet say so. A still has no motion: people are given to the speakers left to right in manifest order (MultiTalk's
 convention, person 1 = left) with no confidence, and the patch says that too.
 
 A proposal only ever reaches the manifest as a patch the user pastes (`manifest_patch`); pinned boxes win.
@@ -38,7 +37,7 @@ __all__ = [
     "speaker_scores",
 ]
 
-CONFIDENCE_SHIFTS = 48
+CONFIDENCE_SHIFTS = 48  # time shifts of a track, spread over its shot, each at least a second
 
 
 def mouth_motion(frames: Sequence[np.ndarray], faces: Sequence[Face | Box]) -> np.ndarray:

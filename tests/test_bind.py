@@ -27,6 +27,7 @@ from tasks.proposals import (
     manifest_patch,
     mouth_motion,
     propose_boxes,
+    speaker_confidence,
     speaker_scores,
 )
 from tasks.regions import head_coverage, person_regions
@@ -139,6 +140,24 @@ def test_active_speaker_scoring_on_given_boxes() -> None:
     activity = np.array([speech_activity(TWO[n], AUDIO_RATE)[:100] for n in ("ana", "ben")])
     scores = speaker_scores(mouth_motion(frames, faces), activity)
     assert assign_speakers(scores) == {0: 1, 1: 0}
+
+
+def test_confidence_is_high_when_the_mouth_follows_the_voice_and_low_when_it_does_not() -> None:
+    rng = np.random.default_rng(0)
+    talking = np.zeros(250, bool)
+    for start in (10, 70, 120, 200):  # irregular turns, as in a dialogue
+        talking[start : start + int(rng.integers(20, 35))] = True
+    follows = np.where(talking, 1.0, 0.1) + rng.normal(0, 0.05, 250)
+    unrelated = rng.uniform(0, 1, 250)
+    motion = np.array([unrelated, follows])
+    assert speaker_confidence(motion, talking[None], 0, 1) >= 0.95
+    assert speaker_confidence(motion, talking[None], 0, 0) < 0.5  # the other face: no better than shifted
+    assert speaker_confidence(motion[:, :50], talking[None, :50], 0, 1) == 0.0  # under 3 s: no evidence
+
+
+def test_one_face_and_one_talking_voice_are_bound_even_on_a_weak_score() -> None:
+    assert assign_speakers(np.array([[0.02]])) == {0: 0}  # its confidence, not the score, says how sure
+    assert assign_speakers(np.array([[0.02, 0.01]])) == {}  # two faces: a weak score decides nothing
 
 
 def test_a_silent_track_gets_no_face() -> None:
