@@ -10,7 +10,8 @@ face box:
 then clipped to the frame, and where two people's regions overlap both are cut at the middle of the gap between
 their faces (along the axis where the faces are furthest apart), so no region reaches another person's face.
 
-Measured on ../shared/data/footage-dev (bench/bind.py prints it): the hand-checked head boxes reach at most
+Measured with MTCNN faces on ../shared/data/footage-dev (3 stills, 6 videos sampled once a second; bench/bind.py
+prints the resulting head coverage, 1.00 for every person): the hand-checked head boxes reach at most
 0.99 H beside the face centre (a head turned away, hair and headphones behind it), 0.49 H above the face box
 and 0.40 H under it. SIDE = 1.3, ABOVE = 0.6 and BELOW = 1.0 (the shoulders) leave a margin over those; a
 two-shot's regions then come out close to MultiTalk's own example boxes (person-sized, about a third of the
