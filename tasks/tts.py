@@ -87,8 +87,12 @@ def espeak_exe() -> str:
 
 @cache
 def _espeak_languages() -> frozenset[str]:
+    """Languages espeak-ng takes as a voice: each voice's language code and its file name (`fr` for roa/fr)."""
     out = subprocess.run([espeak_exe(), "--voices"], capture_output=True, text=True).stdout.splitlines()
-    return frozenset(normalise_language(row.split()[1]) for row in out[1:] if len(row.split()) > 1)
+    rows = [row.split() for row in out[1:] if len(row.split()) >= 5]
+    return frozenset(normalise_language(r[1]) for r in rows) | {
+        normalise_language(r[4].split("/")[-1]) for r in rows
+    }
 
 
 def kokoro_dir(models_dir: Path | None) -> Path | None:
