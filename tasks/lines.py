@@ -120,6 +120,18 @@ def choose_speeds(
     return speeds
 
 
+def refined_speed(
+    line: ScriptLine, speed: float, seconds: float, slot_end: float | None, max_speed: float
+) -> float | None:
+    """A voice sped up by s is not exactly 1/s as long (pauses, trimmed silence): when the line, spoken at
+    `speed`, still overruns its slot and the bound allows more, the speed that the measured ratio says fits."""
+    if slot_end is None or speed >= max_speed or seconds <= slot_end - line.start + 1e-3:
+        return None
+    need = speed * seconds / max(slot_end - line.start, 1e-3)
+    better = round(min(math.ceil(round(need / SPEED_STEP, 6)) * SPEED_STEP, max_speed), 2)
+    return better if better > speed else round(min(speed + SPEED_STEP, max_speed), 2)
+
+
 def place_lines(
     lines: Sequence[ScriptLine],
     seconds: dict[int, float],

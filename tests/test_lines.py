@@ -11,7 +11,7 @@ from PIL import Image
 
 from flows.cli import main
 from tasks.deliver import to_srt, to_vtt
-from tasks.lines import ScriptLine, choose_speeds, fit_report, place_lines, slot_ends
+from tasks.lines import ScriptLine, choose_speeds, fit_report, place_lines, refined_speed, slot_ends
 from tasks.manifest import ManifestError, load_manifest
 from tasks.tts import (
     TtsError,
@@ -74,6 +74,14 @@ def test_still_too_long_it_moves_the_later_lines_by_the_minimum_and_reports_the_
     report = fit_report(placed, 1.25)
     assert report["overruns"] == [{"line": 0, "speaker": "ana", "overrun_s": 2.0, "start": 0.0}]
     assert report["max_drift_s"] == pytest.approx(2.0) and report["fit_within_speed_bound"] == 2
+
+
+def test_a_measured_overrun_at_the_chosen_speed_asks_for_a_little_more():
+    line = ScriptLine(0, "ana", 0.3, None, "a")
+    assert refined_speed(line, 1.1, 2.2, 2.4, 1.25) == 1.16  # 2.2 s into 2.1 s at 1.1x: 1.1 * 2.2 / 2.1
+    assert refined_speed(line, 1.2, 2.2, 2.4, 1.25) == 1.25  # capped at the bound
+    assert refined_speed(line, 1.2, 2.0, 2.4, 1.25) is None  # fits
+    assert refined_speed(line, 1.25, 3.0, 2.4, 1.25) is None  # at the bound: borrowing takes over
 
 
 def test_a_speaker_never_overlaps_themself_even_outside_one_conversation():
