@@ -348,7 +348,7 @@ def _speaker_refs(m: Manifest, ws: Workspace) -> list[tuple[str, Blob | None]]:
 def _spoken_lines(m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner) -> dict[str, Blob]:
     """Every line is its own cached stage (text, voice, speed, backend revision): editing one line speaks that
     line again and nothing else. Then the timing fit (tasks/lines.py), lines.json, and one track per speaker."""
-    from tasks.lines import ScriptLine, assemble_task, choose_speeds, place_lines, refined_speed, slot_ends
+    from tasks.lines import ScriptLine, assemble_task, fit_script
     from tasks.tts import backend_revision, choose_voice, line_revision, resolve_tts_backend, tts_line_task
 
     models = models_dir_from_env()
@@ -367,22 +367,9 @@ def _spoken_lines(m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: St
         args = (m.lines[i].text, voices[i], speed, line_revision(revision, voices[i]), MIX_RATE)
         return runner.run(tts_line_task, label, *args, str(models) if models else None)
 
-    natural = {ln.index: speak(ln.index, 1.0) for ln in script}
-    fit = {"conversation": m.tts.conversation, "episode_end": episode_end}
-    speeds = choose_speeds(
-        script, {i: a.seconds for i, a in natural.items()}, max_speed=m.tts.max_speed, **fit
+    fitted, spoken = fit_script(
+        script, speak, max_speed=m.tts.max_speed, conversation=m.tts.conversation, episode_end=episode_end
     )
-    spoken = {i: natural[i] if speeds[i] == 1.0 else speak(i, speeds[i]) for i in natural}
-    slots = slot_ends(script, **fit)
-    for line in script:  # the measured length at the chosen speed may still overrun: two more tries at most
-        for _ in range(2):
-            better = refined_speed(
-                line, speeds[line.index], spoken[line.index].seconds, slots[line.index], m.tts.max_speed
-            )
-            if better is None:
-                break
-            speeds[line.index], spoken[line.index] = better, speak(line.index, better)
-    fitted = place_lines(script, {i: a.seconds for i, a in spoken.items()}, speeds, **fit)
     runner.tts_backend, runner.fitted = backend, fitted
     for f in fitted:
         if f.overrun_s > 1e-6:

@@ -14,8 +14,9 @@ A speaker never overlaps themself. `lines.json` records where every line really 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from prefect import task
@@ -171,6 +172,32 @@ def place_lines(
             )  # fmt: skip
         )
     return sorted(placed, key=lambda p: p.index)
+
+
+def fit_script(
+    lines: Sequence[ScriptLine],
+    speak: Callable[[int, float], Any],
+    *,
+    max_speed: float,
+    conversation: bool,
+    episode_end: float | None,
+) -> tuple[list[FittedLine], dict[int, Any]]:
+    """The whole fit: `speak(index, speed factor)` gives a line's audio (anything with `.seconds`); returns the
+    fitted lines and the audio each one is spoken with. A line is spoken at its natural speed, then at the speed
+    its slot needs, then (the measured length may still overrun) at most twice more at a refined speed."""
+    fit = {"conversation": conversation, "episode_end": episode_end}
+    natural = {ln.index: speak(ln.index, 1.0) for ln in lines}
+    speeds = choose_speeds(lines, {i: a.seconds for i, a in natural.items()}, max_speed=max_speed, **fit)
+    spoken = {i: natural[i] if speeds[i] == 1.0 else speak(i, speeds[i]) for i in natural}
+    slots = slot_ends(lines, **fit)
+    for line in lines:
+        for _ in range(2):
+            i = line.index
+            better = refined_speed(line, speeds[i], spoken[i].seconds, slots[i], max_speed)
+            if better is None:
+                break
+            speeds[i], spoken[i] = better, speak(i, better)
+    return place_lines(lines, {i: a.seconds for i, a in spoken.items()}, speeds, **fit), spoken
 
 
 def fit_report(fitted: Sequence[FittedLine], max_speed: float) -> dict:

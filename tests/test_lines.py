@@ -3,6 +3,7 @@ their manifest line (`dubflow validate`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from flows.cli import main
 from tasks.deliver import to_srt, to_vtt
-from tasks.lines import ScriptLine, choose_speeds, fit_report, place_lines, refined_speed, slot_ends
+from tasks.lines import ScriptLine, fit_report, fit_script, refined_speed, slot_ends
 from tasks.manifest import ManifestError, load_manifest
 from tasks.tts import (
     TtsError,
@@ -26,15 +27,21 @@ from tasks.tts import (
 # ---------------------------------------------------------------------------------------------- the timing fit
 
 
-def fit(lines, natural, *, conversation=True, episode_end=None, max_speed=1.25, slowdown=None):
-    """Run the fit with lengths at speed s = natural / s (what a voice sped up by s gives)."""
-    natural = dict(enumerate(natural))
-    speeds = choose_speeds(
-        lines, natural, max_speed=max_speed, conversation=conversation, episode_end=episode_end
+@dataclass(frozen=True)
+class Spoken:
+    seconds: float
+
+
+def fit(lines, natural, *, conversation=True, episode_end=None, max_speed=1.25):
+    """The fit with a voice whose length at speed s is natural / s; returns (speeds, fitted lines)."""
+    placed, _ = fit_script(
+        lines,
+        lambda i, speed: Spoken(natural[i] / speed),
+        max_speed=max_speed,
+        conversation=conversation,
+        episode_end=episode_end,
     )
-    seconds = {i: natural[i] / speeds[i] for i in natural}
-    placed = place_lines(lines, seconds, speeds, conversation=conversation, episode_end=episode_end)
-    return speeds, placed
+    return {p.index: p.speed for p in placed}, placed
 
 
 def test_a_line_that_fits_keeps_its_natural_speed_and_its_start():
@@ -264,3 +271,16 @@ def test_a_line_after_the_end_of_the_video_is_refused_in_one_line(folder, capsys
     assert any("lines[1].start: starts at 3600.0 s, at or after the end of scene.mp4 (1.9" in e for e in err)
     assert any("lines[1].end: end (30.0) must be after start" in e for e in err)
     assert all(e.startswith(f"{path}:") for e in err) and "Traceback" not in "".join(err)
+
+
+def test_doctor_lists_each_tts_backend_with_its_voices(tmp_path, monkeypatch):
+    from flows.doctor import doctor_report, format_doctor
+
+    monkeypatch.setenv("DUBFLOW_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    tts = doctor_report()["stages"]["tts"]
+    assert tts["backends"]["kokoro"].startswith("unavailable: no Kokoro-82M weights")
+    assert "en-us+f3 (en-us)" in tts["backends"]["espeak"]
+    if not backend_problem("piper", None):
+        assert tts["auto"] == "piper" and "en_US-joe-medium (en-us)" in tts["backends"]["piper"]
+    assert "kokoro: unavailable" in format_doctor(doctor_report())

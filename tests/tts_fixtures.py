@@ -19,11 +19,11 @@ PHONEMES = (
 
 
 def make_tiny_kokoro(models_dir: Path, voices: tuple[str, ...] = ("af_tiny", "am_tiny")) -> Path:
-    """Write $DUBFLOW_MODELS_DIR/kokoro/ with random weights; returns that folder."""
+    """Write $DUBFLOW_MODELS_DIR/hexgrad/Kokoro-82M/ with random weights; returns that folder."""
     import torch
     from kokoro import KModel
 
-    folder = models_dir / "kokoro"
+    folder = models_dir / "hexgrad" / "Kokoro-82M"
     (folder / "voices").mkdir(parents=True, exist_ok=True)
     vocab = {p: i + 1 for i, p in enumerate(dict.fromkeys(PHONEMES))}
     config = {
