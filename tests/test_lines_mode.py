@@ -19,9 +19,11 @@ from tasks.tts import backend_problem
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
-LINES = [  # (speaker, start, text): ana's first line is longer than the 2.5 s before ben answers
+# (speaker, start, text): ana's first line (~2.6 s with Piper, a little more or less each time: its noise is
+# random) is longer than the 2.4 s before ben answers: spoken faster (length_scale shortens the sounds, not the pauses)
+LINES = [
     ("ana", 0.3, "Did you finish the subtitles for episode three?"),
-    ("ben", 2.8, "Almost."),
+    ("ben", 2.7, "Almost."),
     ("ana", 4.5, "Then let us dub it tonight."),
     ("ben", 8.0, "Good night."),
 ]
@@ -65,7 +67,7 @@ def test_piper_lines_are_fitted_subtitled_and_cached_line_by_line(tmp_path, demo
     fitted = json.loads(Path(first["outputs"]["lines.json"]).read_text())
     assert fitted["backend"] == "piper" and [ln["line"] for ln in fitted["lines"]] == [0, 1, 2, 3]
     by_line = {ln["line"]: ln for ln in fitted["lines"]}
-    assert 1.0 < by_line[0]["speed"] <= 1.25  # sped up for ben's answer
+    assert 1.0 < by_line[0]["speed"] <= 1.25, fitted  # sped up for ben's answer
     assert by_line[0]["end"] <= by_line[1]["start"] + 1e-3  # one conversation: no talking over ben
     assert all(ln["drift_s"] >= 0 and ln["voice"] == "en_US-joe-medium" for ln in fitted["lines"])
     # subtitles from the fitted times, in both formats
@@ -76,7 +78,7 @@ def test_piper_lines_are_fitted_subtitled_and_cached_line_by_line(tmp_path, demo
     h, m, s, ms = map(int, cue.groups())
     assert abs(h * 3600 + m * 60 + s + ms / 1000 - by_line[1]["start"]) < 0.002
     qc = json.loads(Path(first["outputs"]["qc.json"]).read_text())
-    assert qc["lines"]["lines"] == 4 and qc["lines"]["sped_up"] >= 1 and qc["lines"]["overruns"] == []
+    assert qc["lines"]["lines"] == 4 and qc["lines"]["sped_up"] >= 1 and qc["lines"]["overruns"] == [], fitted
     provenance = json.loads(Path(first["outputs"]["provenance.json"]).read_text())
     assert provenance["backends"]["tts"] == "piper"
     renders_first = {k for k in states(first) if k.startswith("render[")}
