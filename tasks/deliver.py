@@ -108,6 +108,7 @@ def verdict(qc: dict, target: dict) -> str:
         and abs(qc["av_difference_seconds"]) <= 1 / FPS
         and abs(qc["loudness_lufs"] - target["loudness_lufs"]) <= 1.0
         and qc["true_peak_dbtp"] <= target["true_peak_dbtp"] + 0.5  # AAC re-encoding may add a little
+        and not (qc.get("lines") or {}).get("overruns")  # lines mode: a line that did not fit its slot
     )
     return "pass" if ok else "warn"
 
