@@ -18,7 +18,7 @@ def doctor_report() -> dict:
         "stages": {
             "separate": _separate(models_dir),
             "diarise": _diarise(),
-            "tts": _tts(),
+            "tts": _tts(models_dir),
             "render": _render(models_dir),
         },
     }
@@ -77,13 +77,25 @@ def _diarise() -> dict:
     return {"auto": chosen, "why": why, "backends": {"pyannote": _pkg("pyannote.audio", "diarize")}}
 
 
-def _tts() -> dict:
-    espeak = shutil.which("espeak-ng")
-    return {
-        "auto": "espeak" if espeak else "none",
-        "why": "espeak-ng found" if espeak else "apt-get install espeak-ng",
-        "backends": {"kokoro": _pkg("kokoro", "tts"), "piper": _pkg("piper", "tts-offline")},
-    }
+def _tts(models_dir) -> dict:
+    """Each TTS backend: whether it can speak here, and with which voices (language in brackets)."""
+    from tasks.tts import BACKENDS, TtsError, backend_problem, list_voices, resolve_tts_backend
+
+    try:
+        chosen, why = resolve_tts_backend("auto", models_dir)
+        why = f"{why}; a script needing more voices than a backend has goes on to the next one"
+    except TtsError as exc:
+        chosen, why = "none", str(exc)
+    backends = {}
+    for name in BACKENDS:
+        problem = backend_problem(name, models_dir)
+        if problem:
+            backends[name] = f"unavailable: {problem}"
+            continue
+        voices = [f"{v.name} ({v.language})" for v in list_voices(name, models_dir)]
+        extra = " and any `espeak-ng --voices` language" if name == "espeak" else ""
+        backends[name] = "voices: " + ", ".join(voices) + extra
+    return {"auto": chosen, "why": why, "backends": backends}
 
 
 def _render(models_dir) -> dict:

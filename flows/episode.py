@@ -34,7 +34,7 @@ from tasks.render import PersonSpec, RenderOptions, chain_successors, cut_audio_
 from tasks.seams import seams_task
 from tasks.segment import EpisodePlan, plan_task
 from tasks.separate import resolve_separate_backend, separate_task, weights_revision
-from tasks.speakers import conform_task, timeline_task, tts_task
+from tasks.speakers import MIX_RATE, conform_task, timeline_task
 from tasks.stitch import stitch_task
 from tasks.workspace import Blob, Workspace, artifact_key, blobs_in, code_version
 
@@ -62,6 +62,8 @@ class StageRunner:
     notes: list[str] = field(default_factory=list)  # warnings carried into qc.json
     planned: list[int] = field(default_factory=list)  # segment indices of the plan (status: pending ones)
     force_segments: frozenset[int] = frozenset()  # re-render these even when cached (`rerun --segments`)
+    tts_backend: str | None = None  # lines mode: the backend that spoke the lines
+    fitted: list = field(default_factory=list)  # lines mode: tasks.lines.FittedLine of every line
 
     def bind(self, tsk, name: str | None = None):
         options: dict[str, Any] = {"result_storage": self.ws.results_dir}
@@ -159,7 +161,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         vocals, dub_instrumental = sep.vocals, sep.instrumental
     bed = _bed(m, loaded, ws, runner, backend, dub_instrumental)
     # 3. speakers: one raw track per speaker (given, synthesised, or the single voice)
-    raw = _raw_tracks(m, ws, runner, vocals)
+    raw = _raw_tracks(m, loaded, ws, runner, vocals)
     timeline = runner.run(timeline_task, "timeline", source, loaded.source_info.kind, [*raw.values()])
     tracks = {sid: runner.run(conform_task, f"conform[{sid}]", blob, timeline) for sid, blob in raw.items()}
     # 4. bind: boxes checked against picture and voices, shot cuts, the contact sheet
@@ -176,7 +178,9 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         return {"tracks": tracks, "source": source, "binding": binding}
     # 5. segment: a plan cut in common silences, at shot cuts, within the engine's memory
     engine, engine_why = run.engine, run.engine_why
-    plan = runner.run(plan_task, "plan", tracks, timeline, run.plan, _line_specs(m), binding.shot_cuts)
+    plan = runner.run(
+        plan_task, "plan", tracks, timeline, run.plan, _line_specs(m, runner), binding.shot_cuts
+    )
     if until == "plan":
         return {"plan": plan, "engine": engine, "settings": run}
     runner.progress.add_steps(len(plan.segments))
@@ -204,7 +208,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     mix = runner.run(remix_task, "remix", dialogue_stems, bed, timeline, target)
     transcript = _transcript(m, runner, mix.dialogue, log)
     captions = plan.captions or (transcript.captions if transcript else ())
-    provenance = _provenance(m, ws, source, raw, backend, engine, plan)
+    provenance = _provenance(m, ws, source, raw, backend, engine, plan, runner.tts_backend)
     qc_extra = {
         "segments": len(plan.segments),
         "forced_cuts": plan.forced_cuts,
@@ -213,6 +217,10 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         "seams": seams,
         "notes": runner.notes,
     }
+    if runner.fitted:
+        from tasks.lines import fit_report
+
+        qc_extra["lines"] = fit_report(runner.fitted, m.tts.max_speed)
     delivery = runner.run(
         deliver_task,
         "deliver",
@@ -274,7 +282,7 @@ def _json_safe(value):
 
 def _transcript(m: Manifest, runner: StageRunner, dialogue: Blob, log):
     """Word-timed transcript for subtitles (no script lines) and the QC word error rate (script lines)."""
-    if "srt" not in m.outputs and not m.lines:
+    if "srt" not in m.outputs and "vtt" not in m.outputs and not m.lines:
         return None
     from tasks.transcribe import embedded_model_path, resolve_transcribe_backend, transcribe_task
 
@@ -309,13 +317,13 @@ def _bed(m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner
     return dub_instr
 
 
-def _raw_tracks(m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob | None) -> dict[str, Blob]:
+def _raw_tracks(
+    m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner, vocals: Blob | None
+) -> dict[str, Blob]:
     if all(s.track for s in m.speakers):
         return {s.id: ws.put_file(s.track, move=False) for s in m.speakers}
-    if vocals is None:  # lines mode: synthesise every speaker's lines
-        return {
-            s.id: runner.run(tts_task, f"tts[{s.id}]", _tts_lines(m, i)) for i, s in enumerate(m.speakers)
-        }
+    if vocals is None:  # lines mode: synthesise every line, fit them to the scene, one track per speaker
+        return _spoken_lines(m, loaded, ws, runner)
     if len(m.speakers) == 1:
         return {m.speakers[0].id: vocals}
     return _diarised(m, ws, runner, vocals)
@@ -337,19 +345,64 @@ def _speaker_refs(m: Manifest, ws: Workspace) -> list[tuple[str, Blob | None]]:
     return [(s.id, ws.put_file(s.voice_sample, move=False) if s.voice_sample else None) for s in m.speakers]
 
 
-def _tts_lines(m: Manifest, index: int) -> list[tuple[float, str, str]]:
-    from tasks.tts import voice_for
+def _spoken_lines(m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner) -> dict[str, Blob]:
+    """Every line is its own cached stage (text, voice, speed, backend revision): editing one line speaks that
+    line again and nothing else. Then the timing fit (tasks/lines.py), lines.json, and one track per speaker."""
+    from tasks.lines import ScriptLine, assemble_task, fit_script
+    from tasks.tts import backend_revision, choose_voice, line_revision, resolve_tts_backend, tts_line_task
 
-    speaker = m.speakers[index]
-    return [
-        (ln.start, ln.text, voice_for(index, ln.voice or speaker.voice))
-        for ln in m.lines
-        if ln.speaker == speaker.id
-    ]
+    models = models_dir_from_env()
+    requests = [m.line_voice_request(i) for i in range(len(m.lines))]
+    backend, why = resolve_tts_backend(m.tts.backend, models, requests)
+    get_run_logger().info("tts: %s (%s), %d lines", backend, why, len(m.lines))
+    revision = backend_revision(backend, models)
+    episode_end = loaded.source_info.duration if loaded.source_info.kind == "video" else None
+    script = [ScriptLine(i, ln.speaker, ln.start, ln.end, ln.text) for i, ln in enumerate(m.lines)]
+    voices = {i: choose_voice(backend, *m.line_voice_request(i), models) for i in range(len(m.lines))}
+    runner.progress.add_steps(len(m.lines))
+
+    def speak(i: int, factor: float):
+        label = f"tts[line {i}]" if factor == 1.0 else f"tts[line {i} @{factor:g}x]"
+        speed = round(m.tts.speed * (m.lines[i].speed or 1.0) * factor, 4)
+        args = (m.lines[i].text, voices[i], speed, line_revision(revision, voices[i]), MIX_RATE)
+        return runner.run(tts_line_task, label, *args, str(models) if models else None)
+
+    fitted, spoken = fit_script(
+        script, speak, max_speed=m.tts.max_speed, conversation=m.tts.conversation, episode_end=episode_end
+    )
+    runner.tts_backend, runner.fitted = backend, fitted
+    for f in fitted:
+        if f.overrun_s > 1e-6:
+            runner.notes.append(
+                f"line {f.index} ({f.speaker}) does not fit at {m.tts.max_speed:g}x: it runs {f.overrun_s:.2f} s "
+                + (
+                    "past the end of the video"
+                    if episode_end and f.end > episode_end
+                    else "into the next line"
+                )
+            )
+    record = {
+        "backend": backend,
+        "revision": revision,
+        "lines": [f.as_json() | {"voice": voices[f.index].name} for f in fitted],
+    }
+    runner.extra_outputs["lines.json"] = ws.put_json(record)
+    return {
+        s.id: runner.run(
+            assemble_task,
+            f"tts[{s.id}]",
+            tuple((f.start, spoken[f.index].audio) for f in fitted if f.speaker == s.id),
+            MIX_RATE,
+        )
+        for s in m.speakers
+    }
 
 
-def _line_specs(m: Manifest) -> tuple:
+def _line_specs(m: Manifest, runner: StageRunner) -> tuple:
+    """Subtitle lines (start, end|None, text, speaker index): where lines mode really spoke them, else as written."""
     order = {s.id: i for i, s in enumerate(m.speakers)}
+    if runner.fitted:
+        return tuple((f.start, f.end, f.text, order[f.speaker]) for f in runner.fitted)
     return tuple((ln.start, ln.end, ln.text, order[ln.speaker]) for ln in m.lines)
 
 
@@ -506,14 +559,16 @@ def _segment_options(base: RenderOptions, m: Manifest, index: int) -> RenderOpti
     return dataclasses.replace(base, **override.model_dump(exclude_none=True))
 
 
-def _provenance(m: Manifest, ws: Workspace, source: Blob, raw: dict, backend: str, engine: str, plan) -> dict:
+def _provenance(
+    m: Manifest, ws: Workspace, source: Blob, raw: dict, backend: str, engine: str, plan, tts: str | None
+) -> dict:
     return {
         "episode": m.episode,
         "settings": m.model_dump(mode="json"),
         "backends": {
             "separate": backend,
             "render": engine,
-            "tts": m.tts.backend,
+            "tts": tts,
             "enhance": m.enhance.backend,
         },
         "seed": m.render.seed,
@@ -536,6 +591,8 @@ def _publish(ws: Workspace, episode: str, delivery, plan, extra: dict[str, Blob]
         named[f"{episode}.mp4"] = delivery.mp4
     if delivery.srt:
         named[f"{episode}.srt"] = delivery.srt
+    if delivery.vtt:
+        named[f"{episode}.vtt"] = delivery.vtt
     named |= {f"stems/{k}.wav": v for k, v in delivery.stems.items()}
     outputs = {name: str(ws.link(episode, name, blob)) for name, blob in named.items()}
     try:

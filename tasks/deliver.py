@@ -1,4 +1,4 @@
-"""deliver: the finished mp4 (H.264 + AAC), stems, subtitles, qc.json and provenance.json."""
+"""deliver: the finished mp4 (H.264 + AAC), stems, subtitles (SRT, WebVTT), qc.json and provenance.json."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class Delivery:
     provenance: Blob
     stems: dict[str, Blob]
     verdict: str  # "pass" | "warn"
+    vtt: Blob | None = None
 
 
 def deliver(
@@ -69,9 +70,16 @@ def deliver(
         qc["verdict"] = verdict(qc, target)
         mp4 = ws.put_file(out) if "mp4" in outputs else None
     srt = ws.put_bytes(to_srt(captions).encode(), ".srt") if "srt" in outputs and captions else None
+    vtt = ws.put_bytes(to_vtt(captions).encode(), ".vtt") if "vtt" in outputs and captions else None
     stems = {"dialogue": mix.dialogue} | ({"music_and_effects": mix.bed} if mix.bed else {})
     return Delivery(
-        mp4, srt, ws.put_json(qc), ws.put_json(provenance), stems if "stems" in outputs else {}, qc["verdict"]
+        mp4,
+        srt,
+        ws.put_json(qc),
+        ws.put_json(provenance),
+        stems if "stems" in outputs else {},
+        qc["verdict"],
+        vtt,
     )
 
 
@@ -100,6 +108,7 @@ def verdict(qc: dict, target: dict) -> str:
         and abs(qc["av_difference_seconds"]) <= 1 / FPS
         and abs(qc["loudness_lufs"] - target["loudness_lufs"]) <= 1.0
         and qc["true_peak_dbtp"] <= target["true_peak_dbtp"] + 0.5  # AAC re-encoding may add a little
+        and not (qc.get("lines") or {}).get("overruns")  # lines mode: a line that did not fit its slot
     )
     return "pass" if ok else "warn"
 
@@ -107,17 +116,37 @@ def verdict(qc: dict, target: dict) -> str:
 def to_srt(captions) -> str:
     """captions: (start_s, end_s, text, speaker_index) in any order -> SubRip text."""
     blocks = []
-    for n, (start, end, text, _) in enumerate(sorted(captions), 1):
-        blocks.append(f"{n}\n{_srt_time(start)} --> {_srt_time(end)}\n{text}\n")
+    for n, (start, end, text) in enumerate(_cues(captions), 1):
+        blocks.append(f"{n}\n{_cue_time(start, ',')} --> {_cue_time(end, ',')}\n{text}\n")
     return "\n".join(blocks)
 
 
-def _srt_time(seconds: float) -> str:
+def to_vtt(captions) -> str:
+    """captions: (start_s, end_s, text, speaker_index) in any order -> WebVTT text."""
+    blocks = ["WEBVTT\n"]
+    for n, (start, end, text) in enumerate(_cues(captions), 1):
+        blocks.append(
+            f"{n}\n{_cue_time(start, '.')} --> {_cue_time(end, '.')}\n{text.replace('-->', '->')}\n"
+        )
+    return "\n".join(blocks)
+
+
+def _cues(captions) -> list[tuple[float, float, str]]:
+    """Cues in time order; a blank line inside a text would end the cue early, so it is folded away, and
+    a cue never ends before it starts."""
+    out = []
+    for start, end, text, _ in sorted(captions):
+        body = "\n".join(row.strip() for row in str(text).strip().splitlines() if row.strip())
+        out.append((start, max(end, start + 0.001), body))
+    return out
+
+
+def _cue_time(seconds: float, separator: str) -> str:
     ms = int(round(seconds * 1000))
     h, ms = divmod(ms, 3_600_000)
     m, ms = divmod(ms, 60_000)
     s, ms = divmod(ms, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d},{ms:03d}"
+    return f"{h:02d}:{m:02d}:{s:02d}{separator}{ms:03d}"
 
 
 deliver_task = task(

@@ -60,7 +60,10 @@ class Speaker(Strict):
     )
     track: Path | None = Field(None, description="this speaker's own dialogue track (skips diarisation)")
     voice_sample: Path | None = Field(None, description="enrolment clip used to name the diarised track")
-    voice: str | None = Field(None, description="TTS voice for lines mode")
+    voice: str | None = Field(None, description="TTS voice for lines mode (see `dubflow doctor`)")
+    language: str | None = Field(
+        None, description="language this speaker's lines are in (default: the episode's)"
+    )
 
     def box_spec(self) -> list | None:
         """The box as plain data: [x0, y0, x1, y1], or [{from, to, box}, ...] in seconds (tasks/bind.py reads it)."""
@@ -72,9 +75,13 @@ class Speaker(Strict):
 class Line(Strict):
     speaker: str
     start: Seconds
-    end: Seconds | None = None
-    text: str = Field(min_length=1)
-    voice: str | None = None
+    end: Seconds | None = Field(None, description="end of the line's slot (default: the next line it meets)")
+    text: str
+    voice: str | None = Field(None, description="TTS voice for this line (default: the speaker's)")
+    language: str | None = Field(None, description="language of this line (default: the speaker's)")
+    speed: float | None = Field(
+        None, ge=0.5, le=2.0, description="natural speed of this line, times tts.speed"
+    )
 
 
 class AudioSpec(Strict):
@@ -98,7 +105,18 @@ class DiariseSettings(Strict):
 
 
 class TtsSettings(Strict):
-    backend: Literal["auto", "espeak", "piper", "kokoro"] = "auto"
+    backend: Literal["auto", "espeak", "piper", "kokoro"] = Field(
+        "auto", description="auto: kokoro, else piper, else espeak, whichever is installed with its weights"
+    )
+    speed: float = Field(1.0, ge=0.5, le=2.0, description="every voice's natural speed times this")
+    max_speed: float = Field(
+        1.25, ge=1.0, le=2.0, description="a line longer than its slot is spoken faster, up to this factor"
+    )
+    conversation: bool = Field(
+        True,
+        description="the speakers take turns: a line's slot also ends where another speaker's next line starts;"
+        " false: only a speaker's own next line ends it",
+    )
 
 
 class SegmentOverride(Strict):
@@ -150,7 +168,7 @@ class MixSettings(Strict):
     bed_gain_db: float = Field(0.0, ge=-60, le=20, allow_inf_nan=False)
 
 
-Output = Literal["mp4", "stems", "srt", "qc"]
+Output = Literal["mp4", "stems", "srt", "vtt", "qc"]
 
 
 class Manifest(Strict):
@@ -168,7 +186,7 @@ class Manifest(Strict):
     render: RenderSettings = Field(default_factory=RenderSettings)
     enhance: EnhanceSettings = Field(default_factory=EnhanceSettings)
     mix: MixSettings = Field(default_factory=MixSettings)
-    outputs: list[Output] = Field(default_factory=lambda: ["mp4", "stems", "srt", "qc"])
+    outputs: list[Output] = Field(default_factory=lambda: ["mp4", "stems", "srt", "vtt", "qc"])
 
     @field_validator("outputs")
     @classmethod
@@ -179,6 +197,18 @@ class Manifest(Strict):
 
     def speaker_ids(self) -> list[str]:
         return [s.id for s in self.speakers]
+
+    def is_lines_mode(self) -> bool:
+        """The dialogue is synthesised from `lines` (no dialogue audio and no per-speaker tracks)."""
+        return bool(self.lines) and self.audio.dialogue is None and not all(s.track for s in self.speakers)
+
+    def line_voice_request(self, index: int) -> tuple[str | None, str, int]:
+        """(voice, language, speaker index) that line `index` asks for: its own, else its speaker's, else the
+        episode's language (tasks/tts.py `choose_voice` picks the voice from this)."""
+        line = self.lines[index]
+        who = self.speaker_ids().index(line.speaker)
+        speaker = self.speakers[who]
+        return line.voice or speaker.voice, line.language or speaker.language or self.language, who
 
 
 @dataclass(frozen=True)
@@ -330,7 +360,7 @@ def _cross_check(
     if not problems and source_info.width:
         _check_render_geometry(m, add, source_info)
     _check_engine(m, add, source_info)
-    _check_lines(m, add)
+    _check_lines(m, add, source_info)
     _check_audio_plan(m, add)
     problems.sort(key=lambda p: (p.line, p.column))
     return problems, source_info
@@ -463,8 +493,11 @@ def _check_timed_boxes(boxes: list[TimedBoxSpec], loc: tuple, add, source: Media
         _check_box(tb.box, (*loc, j, "box"), add, source)
 
 
-def _check_lines(m: Manifest, add) -> None:
+def _check_lines(m: Manifest, add, source: MediaInfo) -> None:
+    from tasks.tts import text_problems
+
     ids = set(m.speaker_ids())
+    video_end = source.duration if source.kind == "video" and source.duration else None
     for i, line in enumerate(m.lines):
         if line.speaker not in ids:
             add(
@@ -473,13 +506,83 @@ def _check_lines(m: Manifest, add) -> None:
             )
         if line.end is not None and line.end <= line.start:
             add(("lines", i, "end"), f"end ({line.end}) must be after start ({line.start})")
-    starts = [line.start for line in m.lines]
-    for i in range(1, len(starts)):
-        if starts[i] < starts[i - 1] and m.lines[i].speaker == m.lines[i - 1].speaker:
+        if video_end is not None and line.start >= video_end:
             add(
                 ("lines", i, "start"),
-                f"lines of one speaker must be in time order ({starts[i]} < {starts[i - 1]})",
+                f"starts at {line.start} s, at or after the end of {m.source.name} ({video_end:.3f} s); "
+                "fix the time or the source",
             )
+        for problem in text_problems(line.text):
+            add(("lines", i, "text"), problem)
+    _check_own_turns(m, add)
+    if m.is_lines_mode() and not any(p for p in m.lines if p.speaker not in ids):
+        _check_voices(m, add)
+
+
+def _check_own_turns(m: Manifest, add) -> None:
+    """A speaker never overlaps themself: their lines are in time order, start apart, and an explicit `end`
+    comes before their next line."""
+    last: dict[str, tuple[int, Line]] = {}
+    for i, line in enumerate(m.lines):
+        if line.speaker in last:
+            j, before = last[line.speaker]
+            if line.start < before.start:
+                add(
+                    ("lines", i, "start"),
+                    f"lines of one speaker must be in time order ({line.start} < {before.start})",
+                )
+            elif line.start == before.start:
+                add(
+                    ("lines", i, "start"),
+                    f"starts together with lines[{j}] of the same speaker ({line.start} s); "
+                    "a speaker says one line at a time: merge them or move this one",
+                )
+            elif before.end is not None and before.end > line.start:
+                add(
+                    ("lines", j, "end"),
+                    f"end ({before.end}) runs into lines[{i}] of the same speaker, which starts at {line.start}; "
+                    "a speaker never overlaps themself: end this line earlier or start the next later",
+                )
+        last[line.speaker] = (i, line)
+
+
+def _check_voices(m: Manifest, add) -> None:
+    """Lines mode: the TTS backend runs here, and every line's voice exists and speaks its language."""
+    from engine.base import models_dir_from_env
+    from tasks.tts import TtsError, choose_voice, resolve_tts_backend
+
+    models = models_dir_from_env()
+    requests = [m.line_voice_request(i) for i in range(len(m.lines))]
+    try:
+        backend, _ = resolve_tts_backend(m.tts.backend, models, requests)
+    except TtsError as exc:
+        add(("tts", "backend"), f"{exc}; or choose another tts.backend")
+        return
+    seen: set[tuple] = set()
+    for i in range(len(m.lines)):
+        request = m.line_voice_request(i)
+        if request in seen:
+            continue
+        try:
+            choose_voice(backend, *request, models)
+        except TtsError as exc:
+            add(_voice_field(m, i), str(exc))
+        seen.add(request)
+
+
+def _voice_field(m: Manifest, i: int) -> tuple:
+    """Where the voice or language of line `i` was set, to point a voice problem at it."""
+    line, who = m.lines[i], m.speaker_ids().index(m.lines[i].speaker)
+    speaker = m.speakers[who]
+    for value, loc in [
+        (line.voice, ("lines", i, "voice")),
+        (line.language, ("lines", i, "language")),
+        (speaker.voice, ("speakers", who, "voice")),
+        (speaker.language, ("speakers", who, "language")),
+    ]:
+        if value is not None:
+            return loc
+    return ("language",) if "language" in m.model_fields_set else ("lines", i)
 
 
 def _check_audio_plan(m: Manifest, add) -> None:

@@ -1,7 +1,7 @@
 """speakers: one track per manifest speaker, on the episode's common timeline.
 
 Tracks come from the manifest (`speakers[].track`), from diarising the dialogue
-(tasks/diarise.py) or from synthesising the script lines (tasks/tts.py). Whatever the
+(tasks/diarise.py) or from synthesising the script lines (tasks/tts.py, tasks/lines.py). Whatever the
 origin, each track is conformed here to mono float at MIX_RATE and to exactly
 `total_frames` frames of 25 fps, so every later stage can slice it by frame.
 """
@@ -66,15 +66,6 @@ def _store_wav(ws: Workspace, samples: np.ndarray) -> Blob:
         return ws.put_file(write_wav(tmp / "track.wav", samples, MIX_RATE))
 
 
-def synthesise_speaker(ws: Workspace, lines: list[tuple[float, str, str]]) -> Blob:
-    """Lines mode: one speaker's lines spoken by the embedded TTS and placed at their start times."""
-    from tasks.tts import synthesise_track
-
-    with ws.scratch() as tmp:
-        track, _ = synthesise_track(lines, MIX_RATE, out_dir=tmp)
-    return _store_wav(ws, track)
-
-
 def load_track(ws: Workspace, blob: Blob) -> np.ndarray:
     import soundfile as sf
 
@@ -89,10 +80,4 @@ timeline_task = task(
 )
 conform_task = task(
     conform_track, name="conform", cache_policy=stage_cache("tasks.speakers"), persist_result=True
-)
-tts_task = task(
-    synthesise_speaker,
-    name="tts",
-    cache_policy=stage_cache("tasks.speakers", "tasks.tts"),
-    persist_result=True,
 )

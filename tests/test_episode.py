@@ -170,13 +170,13 @@ def _envelope(audio: np.ndarray, rate: int) -> np.ndarray:
 
 
 def test_diarised_episode_names_tracks_after_their_enrolment_samples(tmp_path, demo_media):
-    from tasks.tts import speak
+    from tasks.tts import synthesise_track
 
     for name in ("scene", "ana", "ben", "dialogue"):
         shutil.copy(demo_media[name], tmp_path / demo_media[name].name)
     for speaker, voice in (("ana", "en-us+f3"), ("ben", "en-us+m3")):  # the demo's voices, other words
-        sample = speak(
-            "This is my voice, recorded for the enrolment of the dub.", voice, 16000, out_dir=tmp_path
+        sample, _ = synthesise_track(
+            [(0.0, "This is my voice, recorded for the enrolment of the dub.", voice)], 16000
         )
         sf.write(tmp_path / f"{speaker}-sample.wav", sample, 16000)
     speakers = "\n".join(
