@@ -5,6 +5,8 @@ Passes (MultiTalk: wan/multitalk.py:604-641, 664-713):
   drop_text   negative, real audio
   uncond      negative, null audio (1 person)
   drop_audio  prompt,   null audio  (only when text_scale == 1)
+With text_scale == audio_scale == 1 (the distilled LoRAs' sampler) the guided velocity is the cond pass
+itself, so only that pass runs.
 """
 
 from __future__ import annotations
@@ -18,14 +20,20 @@ from engine.multitalk.settings import APG_MOMENTUM, APG_NORM_THRESHOLD, is_unit_
 
 THREE_PASS = ("cond", "drop_text", "uncond")
 TWO_PASS = ("cond", "drop_audio")
+ONE_PASS = ("cond",)
 
 
-def guidance_passes(text_scale: float) -> tuple[str, ...]:
-    return TWO_PASS if is_unit_scale(text_scale) else THREE_PASS
+def guidance_passes(text_scale: float, audio_scale: float | None = None) -> tuple[str, ...]:
+    """The model calls per step: 3, 2 with text scale 1, 1 with text and audio scale 1."""
+    if not is_unit_scale(text_scale):
+        return THREE_PASS
+    return ONE_PASS if audio_scale is not None and is_unit_scale(audio_scale) else TWO_PASS
 
 
 def combine_cfg(v: dict[str, torch.Tensor], text_scale: float, audio_scale: float) -> torch.Tensor:
-    """Classifier-free guidance over the passes of `guidance_passes(text_scale)`, in fp32."""
+    """Classifier-free guidance over the passes of `guidance_passes(text_scale, audio_scale)`, in fp32."""
+    if "drop_audio" not in v and "drop_text" not in v:  # one pass: both scales are 1
+        return v["cond"].float()
     if is_unit_scale(text_scale):
         base = v["drop_audio"].float()
         return base + audio_scale * (v["cond"].float() - base)
@@ -80,6 +88,8 @@ def combine_apg(
 ) -> torch.Tensor:
     """v = v_cond + (s - 1) * APG(diff) per guided difference (ENGINE.md §4.5)."""
     cond = v["cond"].float()
+    if "drop_audio" not in v and "drop_text" not in v:  # one pass: both scales are 1, nothing to guide
+        return cond
 
     def apg(diff: torch.Tensor, buf: MomentumBuffer) -> torch.Tensor:
         return project_apg(diff, cond, buf, state.norm_threshold, state.eta)
