@@ -420,6 +420,7 @@ class MultiTalkPipeline:
         """Velocity per pass, as one batch or one forward per pass. Returns (velocities, forwards)."""
         from engine.multitalk.transformer import AudioContext
 
+        cache, step = step_cache
         groups = [passes] if batched else [(p,) for p in passes]
         out: dict[str, torch.Tensor] = {}
         model_input = torch.cat([latent, cond.y.to(latent)], dim=1).to(self.dtype)  # (1, 36, T_lat, h, w)
@@ -437,7 +438,7 @@ class MultiTalkPipeline:
                 torch.cat([t for t, _ in inputs]).to(self.device, self.dtype),
                 cond.image.expand(batch, -1, -1).to(self.device, self.dtype),
                 audio,
-                CacheCall(step_cache[0], step_cache[1], group) if step_cache[0] is not None else None,
+                **({} if cache is None else {"cache": CacheCall(cache, step, group)}),
             )
             out.update({name: velocity[j : j + 1].float() for j, name in enumerate(group)})
         return out, len(groups)
