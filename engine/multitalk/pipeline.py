@@ -46,6 +46,7 @@ from engine.multitalk.settings import (
     EngineSettings,
     latent_frames,
 )
+from engine.multitalk.speed import prepare_transformer
 from engine.multitalk.streaming import (
     WINDOW_CONTEXT,
     Chunk,
@@ -132,6 +133,11 @@ class MultiTalkPipeline:
         self.device = torch.device(settings.device)
         self.dtype = settings.torch_dtype()
         self.c.transformer.map_chunk = settings.map_chunk
+        # LoRAs, quantisation, offload, attention kernel, compile (EngineSetupError when this machine cannot)
+        self.speed = prepare_transformer(self.c.transformer, settings)
+        if settings.vae_tiling:
+            self.c.vae.enable_tiling()
+            self.speed["vae_tiling"] = True
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> MultiTalkPipeline:
@@ -218,6 +224,7 @@ class MultiTalkPipeline:
         info.update(
             crop=framing.crop_in_source(), framing=dataclasses.asdict(framing), chunks=len(plan.chunks),
             generated=plan.generated, motion_frames=plan.motion_frames, switches=self._switches(),
+            speed=self.speed,
         )  # fmt: skip
         if cached:
             info["teacache"] = merge_summaries(cached)
