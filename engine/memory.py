@@ -36,6 +36,7 @@ BLOCK_WEIGHTS = 34.59 / 40  # one DiT block in bf16 ("Full 40-block DiT", weight
 # Patch/text/time/CLIP embeddings, head, AudioProjModel: computed from their shapes, not measured.
 NON_BLOCK_WEIGHTS = 0.6
 DIT_BLOCKS = 40
+OFFLOAD_IN_FLIGHT = 2  # block offload (engine/multitalk/offload.py): the running block + the one prefetched
 VAE_WEIGHTS = {"bf16": 0.24, "fp32": 0.47}  # "Method", VAE paragraph
 CONDITIONING = 0.1  # latents and conditioning: "< 0.1"
 # Peak beyond the weights per token (B = 1): "Fitted coefficients". Reserved is what decides OOM with the default

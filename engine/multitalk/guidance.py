@@ -16,18 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.multitalk.settings import APG_MOMENTUM, APG_NORM_THRESHOLD, is_unit_scale
-
-THREE_PASS = ("cond", "drop_text", "uncond")
-TWO_PASS = ("cond", "drop_audio")
-ONE_PASS = ("cond",)
-
-
-def guidance_passes(text_scale: float, audio_scale: float | None = None) -> tuple[str, ...]:
-    """The model calls per step: 3, 2 with text scale 1, 1 with text and audio scale 1."""
-    if not is_unit_scale(text_scale):
-        return THREE_PASS
-    return ONE_PASS if audio_scale is not None and is_unit_scale(audio_scale) else TWO_PASS
+from engine.multitalk.settings import (  # noqa: F401 - the pass rule lives with the settings (no torch)
+    APG_MOMENTUM,
+    APG_NORM_THRESHOLD,
+    ONE_PASS,
+    THREE_PASS,
+    TWO_PASS,
+    guidance_passes,
+    is_unit_scale,
+)
 
 
 def combine_cfg(v: dict[str, torch.Tensor], text_scale: float, audio_scale: float) -> torch.Tensor:

@@ -236,3 +236,17 @@ def closest_bucket(buckets: dict[float, tuple[int, int]], height: int, width: in
 
 def is_unit_scale(scale: float) -> bool:
     return math.isclose(scale, 1.0)
+
+
+# Guidance passes (ENGINE.md §4.4; guidance.py combines them): text scale 1 drops the negative-prompt passes,
+# text and audio scale 1 (the distilled LoRAs' sampler) leave the cond pass alone.
+THREE_PASS = ("cond", "drop_text", "uncond")
+TWO_PASS = ("cond", "drop_audio")
+ONE_PASS = ("cond",)
+
+
+def guidance_passes(text_scale: float, audio_scale: float | None = None) -> tuple[str, ...]:
+    """The model calls per step: 3, 2 with text scale 1, 1 with text and audio scale 1."""
+    if not is_unit_scale(text_scale):
+        return THREE_PASS
+    return ONE_PASS if audio_scale is not None and is_unit_scale(audio_scale) else TWO_PASS
