@@ -11,17 +11,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.gpu_state import engine_override
-from engine.memory import GiB
+from engine.memory import GiB, max_resident_blocks
 from engine.multitalk.settings import guidance_passes
 from engine.selection import resolve_render_engine
 from flows.cluster import read_state
 from tasks.manifest import Manifest
 from tasks.render import RenderOptions
-from tasks.segment import PlanSettings, max_segment_frames
+from tasks.segment import PlanSettings, _render_cost, max_segment_frames
 
 
 @dataclass(frozen=True)
@@ -94,10 +94,12 @@ def resolve_run(m: Manifest, source_kind: str, machine: Machine, models_dir: Pat
         chain=m.render.chain,
         quantize=m.render.quantize,
         offload=m.render.offload,
-        resident_blocks=m.render.resident_blocks,
+        resident_blocks=0 if m.render.resident_blocks == "auto" else m.render.resident_blocks,
         compile=m.render.compile,
         vae_tiled=m.render.vae_tiling,
     )
+    if m.render.offload == "blocks" and m.render.resident_blocks == "auto":
+        plan = replace(plan, resident_blocks=resident_blocks_for(plan))
     render = RenderOptions(
         engine=engine,
         size=m.render.size,
@@ -109,13 +111,20 @@ def resolve_run(m: Manifest, source_kind: str, machine: Machine, models_dir: Pat
         chain=m.render.chain,
         teacache=m.render.teacache,
         teacache_warmup=m.render.teacache_warmup,
-        engine_settings=engine_settings(m) if engine != "preview" else (),
+        engine_settings=engine_settings(m, plan.resident_blocks) if engine != "preview" else (),
     )
     max_segment_frames(plan)  # an engine that cannot fit this machine is refused now, before any stage runs
     return RunSettings(engine, why, machine, plan, render)
 
 
-def engine_settings(m: Manifest) -> tuple[tuple[str, object], ...]:
+def resident_blocks_for(plan: PlanSettings) -> int:
+    """render.resident_blocks auto: as many blocks as the render GPU keeps besides a chunk (0 without a GPU)."""
+    if not plan.gpu_bytes:
+        return 0
+    return max(0, max_resident_blocks(plan.gpu_bytes, _render_cost(plan)))
+
+
+def engine_settings(m: Manifest, resident_blocks: int = 0) -> tuple[tuple[str, object], ...]:
     """The manifest's load-time engine switches as keyword pairs for the engine's factory (EngineSettings);
     only those that differ from the defaults, so a plain manifest builds the plain engine."""
     from engine.multitalk.lora import LoraSpec
@@ -124,7 +133,7 @@ def engine_settings(m: Manifest) -> tuple[tuple[str, object], ...]:
     pairs: list[tuple[str, object]] = [
         ("loras", tuple(LoraSpec.stamped(lora.file, lora.scale) for lora in r.loras)),
         ("lora_merge", r.lora_merge), ("quantize", r.quantize), ("offload", r.offload),
-        ("resident_blocks", r.resident_blocks), ("attention", r.attention), ("compile", r.compile),
+        ("resident_blocks", resident_blocks), ("attention", r.attention), ("compile", r.compile),
         ("vae_tiling", r.vae_tiling),
     ]  # fmt: skip
     defaults = {"loras": (), "lora_merge": True, "quantize": "none", "offload": "none", "resident_blocks": 0,

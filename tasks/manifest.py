@@ -158,7 +158,11 @@ class RenderSettings(Strict):
     offload: Literal["none", "blocks"] = Field(
         "none", description="blocks: keep the DiT in host memory and stream its blocks (a 24 GB card)"
     )
-    resident_blocks: int = Field(0, ge=0, le=40, description="offload: DiT blocks kept on the GPU for good")
+    resident_blocks: Literal["auto"] | Annotated[int, Field(ge=0, le=40)] = Field(
+        "auto",
+        description="offload: DiT blocks kept on the GPU for good; auto: as many as the render GPU holds besides"
+        " a chunk (engine/memory.py)",
+    )
     attention: Literal["auto", "sdpa", "flash", "sage"] = Field(
         "auto", description="self-attention kernel; auto: flash-attention when installed, else PyTorch SDPA"
     )
@@ -483,7 +487,7 @@ def _check_render_speed(m: Manifest, add) -> None:
             ("render", "attention"),
             f"{r.attention} is not installed here ({ATTENTION_INSTALL[r.attention]}); use auto",
         )
-    if r.resident_blocks and r.offload == "none":
+    if r.resident_blocks not in ("auto", 0) and r.offload == "none":
         add(("render", "resident_blocks"), "resident_blocks needs offload: blocks; set offload or remove it")
 
 

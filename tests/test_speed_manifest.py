@@ -101,3 +101,63 @@ def test_tiny_multitalk_with_every_switch_through_dubflow_run(tmp_path, monkeypa
     assert len(summaries) == len(renders)  # one TeaCache summary per segment render
     qc = json.loads(Path(record["outputs"]["qc.json"]).read_text())
     assert qc["frames"] == qc["expected_frames"] == record["frames"]
+
+
+# -- memory: a 24 GB card --------------------------------------------------------------------------------
+def test_a_480p_two_person_chunk_fits_24_gib_only_with_block_offload():
+    from engine.memory import GiB, RenderCost, estimate_peak, max_resident_blocks
+
+    card = 24 * GiB
+    plain = RenderCost(engine="multitalk", persons=2)
+    assert estimate_peak(81, plain).gpu_bytes > card  # 35 GiB of bf16 weights
+    assert estimate_peak(81, RenderCost(quantize="int8")).gpu_bytes > card  # still 20 GiB of weights + decode
+    resident = max_resident_blocks(card, plain)
+    assert 0 <= resident < 40  # the rest is streamed
+    streamed = RenderCost(offload="group", resident_blocks=resident + 2)
+    assert (
+        estimate_peak(81, streamed).gpu_bytes
+        <= card
+        < estimate_peak(81, RenderCost(offload="group", resident_blocks=resident + 3)).gpu_bytes
+    )
+    # tiling and int8 leave room for more resident blocks (fewer transfers)
+    assert max_resident_blocks(card, RenderCost(quantize="int8", vae_tiled=True)) > resident
+    assert max_resident_blocks(8 * GiB, plain) == -1  # not even one block and a chunk
+
+
+def test_the_planner_sizes_a_24_gib_worker_with_offload(tmp_path, demo_media):
+    from dataclasses import replace
+
+    from engine.base import OutOfMemory
+    from engine.memory import GiB
+    from flows.resolve import Machine, resolve_run
+    from tasks.segment import max_segment_frames
+    from tests.test_ops_rerun import write_manifest
+
+    card = Machine(render_slots=1, gpu_bytes=24 * GiB, host_bytes=128 * GiB, where="test")
+
+    def resolved(render: str):
+        folder = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        m = load_manifest(write_manifest(folder, demo_media, "ep", render)).manifest
+        m = m.model_copy(
+            update={"render": m.render.model_copy(update={"engine": "multitalk", "max_segment_s": "auto"})}
+        )
+        return m
+
+    with pytest.raises(OutOfMemory, match="add offload"):
+        resolve_run(resolved(""), "image", card, None)
+    run = resolve_run(resolved(", offload: blocks, quantize: int8"), "image", card, None)
+    settings = dict(run.render.engine_settings)
+    assert settings["offload"] == "blocks" and settings["resident_blocks"] == run.plan.resident_blocks > 0
+    assert max_segment_frames(replace(run.plan, max_segment_s=None)) > 81
+    assert any(line.startswith("speed: ") and "offload blocks" in line for line in run.describe())
+
+
+def test_doctor_reports_the_attention_kernel(capsys):
+    import torch
+
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["engine_speed"]
+    assert report["kernels"]["sdpa"].startswith("built in")
+    if not torch.cuda.is_available():
+        assert report["attention"] == "sdpa" and report["fp8"].startswith("no: ")
