@@ -107,7 +107,10 @@ class TeaCache:
         for d in self.decisions:
             counts = skipped if d.skipped else computed
             counts[d.guidance_pass] = counts.get(d.guidance_pass, 0) + 1
-        return {"threshold": self.threshold, "warmup": self.warmup, "skipped": skipped, "computed": computed}
+        return {
+            "threshold": self.threshold, "warmup": self.warmup, "skipped": skipped, "computed": computed,
+            "skipped_total": sum(skipped.values()), "computed_total": sum(computed.values()),
+        }  # fmt: skip
 
 
 def coefficients_for(size: int) -> tuple[float, ...]:
