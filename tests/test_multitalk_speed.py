@@ -215,3 +215,14 @@ def test_every_switch_at_once_renders_close_to_plain(tmp_path):
     )
     assert out.info["speed"]["loras"][0]["hooked"] == 3
     assert (out.frames.float() - plain.frames.float()).abs().mean() < 8  # uint8 levels: int8 + cache, close
+
+
+def test_a_loaded_model_is_never_changed_twice(tmp_path):
+    write_tiny_lora(tmp_path / "a.safetensors", _dit(), "kohya")
+    dit, settings = _dit(), tiny_settings(loras=(LoraSpec(tmp_path / "a.safetensors"),))
+    prepare_transformer(dit, settings)
+    merged = dit.blocks[0].attn1.to_q.weight.clone()
+    assert prepare_transformer(dit, settings)["loras"][0]["merged"] == 3  # same switches: reused as it is
+    assert torch.equal(dit.blocks[0].attn1.to_q.weight, merged)
+    with pytest.raises(EngineSetupError, match="already carries"):
+        prepare_transformer(dit, tiny_settings(quantize="int8"))

@@ -87,6 +87,13 @@ def prepare_transformer(dit: Any, settings: EngineSettings) -> dict[str, Any]:
     problems = speed_problems(settings)
     if problems:
         raise EngineSetupError("; ".join(problems))
+    key = _weight_switches(settings)
+    applied = getattr(dit, "speed_applied", None)
+    if applied is not None:  # a second pipeline over the same loaded model: never merge or quantise twice
+        if applied != key:
+            raise EngineSetupError(f"this DiT already carries {applied}; build fresh components for {key}")
+        dit.attention_fn, attention = select_attention(settings.attention, settings.device)
+        return {**dit.speed_report, "attention": attention}
     dtype, report = settings.torch_dtype(), {}
     if settings.loras and settings.lora_merge:
         report["loras"] = [r.to_json_dict() for r in apply_loras(dit, settings.loras, True, dtype)]
@@ -102,7 +109,15 @@ def prepare_transformer(dit: Any, settings: EngineSettings) -> dict[str, Any]:
 
         dit.block_fn = torch.compile(dit._block)  # regional: one block's graph, reused by all 40
         report["compile"] = "block"
+    if key != _weight_switches(EngineSettings()):  # a plain model stays free for any switches
+        dit.speed_applied, dit.speed_report = key, report
     return report
+
+
+def _weight_switches(settings: EngineSettings) -> dict[str, Any]:
+    """The switches that change the model itself (everything but the attention kernel)."""
+    names = ("loras", "lora_merge", "quantize", "offload", "resident_blocks", "compile")
+    return {name: getattr(settings, name) for name in names}
 
 
 def _offload(dit: Any, settings: EngineSettings) -> dict[str, Any]:
