@@ -129,10 +129,11 @@ def format_doctor(report: dict) -> str:
     lines.append(
         f"models dir: {report['models_dir'] or 'not set (DUBFLOW_MODELS_DIR); HF/torch caches only'}"
     )
-    speed = report["engine_speed"]
-    lines.append(f"engine attention: {speed['attention']} (render.attention: auto)")
-    lines += [f"  {name:<10} {state}" for name, state in speed["kernels"].items()]
-    lines.append(f"engine fp8 weights: {speed['fp8']}")
+    speed = report.get("engine_speed")
+    if speed:
+        lines.append(f"engine attention: {speed['attention']} (render.attention: auto)")
+        lines += [f"  {name:<10} {state}" for name, state in speed["kernels"].items()]
+        lines.append(f"engine fp8 weights: {speed['fp8']}")
     lines.append("stages (what auto picks):")
     for stage, info in report["stages"].items():
         for kind, pick in info.get("by_source", {"": info}).items():
