@@ -263,14 +263,16 @@ class GpuSpeedBench:
         step()  # warm-up (and compilation)
         return statistics.median(wall_times(step, self.args.repeats, self.device))
 
-    def chunk(self, passes: tuple[str, ...], teacache: bool) -> tuple[float, dict | None]:
-        """Seconds for a DISTILLED_STEPS chunk's denoising (cache fresh per chunk), and the cache counts."""
+    def chunk(
+        self, passes: tuple[str, ...], teacache: bool, forced: bool = False
+    ) -> tuple[float, dict | None]:
+        """Seconds for a DISTILLED_STEPS chunk's denoising (cache fresh per chunk), and the cache counts;
+        `forced`: every step after the warm-up a cache hit (the cost of a hit)."""
         from engine.multitalk.teacache import TeaCache, coefficients_for
 
+        coefficients = ZERO if forced else coefficients_for(480)
         cache = (
-            TeaCache(TEACACHE["teacache"], TEACACHE["teacache_warmup"], coefficients_for(480))
-            if teacache
-            else None
+            TeaCache(TEACACHE["teacache"], TEACACHE["teacache_warmup"], coefficients) if teacache else None
         )
         sync(self.device)
         start = time.perf_counter()
