@@ -16,7 +16,7 @@ from pathlib import Path
 
 from engine.gpu_state import engine_override
 from engine.memory import GiB, max_resident_blocks
-from engine.multitalk.settings import guidance_passes
+from engine.multitalk.settings import EngineSettings, guidance_passes
 from engine.selection import resolve_render_engine
 from flows.cluster import read_state
 from tasks.manifest import Manifest
@@ -136,9 +136,8 @@ def engine_settings(m: Manifest, resident_blocks: int = 0) -> tuple[tuple[str, o
         ("resident_blocks", resident_blocks), ("attention", r.attention), ("compile", r.compile),
         ("vae_tiling", r.vae_tiling),
     ]  # fmt: skip
-    defaults = {"loras": (), "lora_merge": True, "quantize": "none", "offload": "none", "resident_blocks": 0,
-                "attention": "auto", "compile": False, "vae_tiling": False}  # fmt: skip
-    return tuple((k, v) for k, v in pairs if v != defaults[k])
+    plain = EngineSettings()
+    return tuple((k, v) for k, v in pairs if v != getattr(plain, k))
 
 
 def detect_machine(workspace: str | Path | None = None) -> Machine:
