@@ -226,3 +226,22 @@ def test_a_loaded_model_is_never_changed_twice(tmp_path):
     assert torch.equal(dit.blocks[0].attn1.to_q.weight, merged)
     with pytest.raises(EngineSetupError, match="already carries"):
         prepare_transformer(dit, tiny_settings(quantize="int8"))
+
+
+def test_unmerged_lora_over_offloaded_blocks_equals_merged(tmp_path):
+    """Hooks follow the input's device: an offloaded block's weights move, its LoRA does not break."""
+    write_tiny_lora(tmp_path / "a.safetensors", _dit(), "peft")
+    spec = (LoraSpec(tmp_path / "a.safetensors", 0.6),)
+    merged, streamed = _dit(), _dit()
+    prepare_transformer(merged, tiny_settings(loras=spec))
+    prepare_transformer(streamed, tiny_settings(loras=spec, lora_merge=False, offload="blocks"))
+    torch.testing.assert_close(_forward(streamed), _forward(merged), rtol=1e-4, atol=1e-5)
+
+
+def test_vae_tiling_reaches_the_vae():
+    from engine.multitalk.pipeline import MultiTalkPipeline
+
+    base = shared_pipeline()
+    parts = dataclasses.replace(base.c, transformer=_dit(), vae=copy.deepcopy(base.c.vae))
+    pipe = MultiTalkPipeline(parts, tiny_settings(vae_tiling=True), base.buckets, base.motion_defaults)
+    assert pipe.c.vae.use_tiling and pipe.speed["vae_tiling"] and not base.c.vae.use_tiling

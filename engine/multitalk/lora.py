@@ -218,24 +218,29 @@ def merge_delta(module: Any, delta: LoraDelta, scale: float) -> None:
 
 
 def hook_delta(module: Any, delta: LoraDelta, scale: float, dtype: Any) -> Any:
-    """Adds s * (up(down(x)) * alpha / rank + x @ diff^T + diff_b) to the layer's output; returns the handle."""
+    """Adds s * (up(down(x)) * alpha / rank + x @ diff^T + diff_b) to the layer's output; returns the handle.
+    The small LoRA tensors follow the input's device (an offloaded layer's weights move, its LoRA stays put)."""
+    import torch
     import torch.nn.functional as F
 
-    device = next(module.parameters(), None)
-    device = device.device if device is not None else None
-    down = None if delta.down is None else (delta.down * delta.rank_scale * scale).to(device, dtype)
-    up = None if delta.up is None else delta.up.to(device, dtype)
-    diff = None if delta.diff is None else (delta.diff * scale).to(device, dtype)
-    diff_b = None if delta.diff_b is None else (delta.diff_b * scale).to(device, dtype)
+    parts = {
+        "down": None if delta.down is None else (delta.down * delta.rank_scale * scale).to(dtype),
+        "up": None if delta.up is None else delta.up.to(dtype),
+        "diff": None if delta.diff is None else (delta.diff * scale).to(dtype),
+        "diff_b": None if delta.diff_b is None else (delta.diff_b * scale).to(dtype),
+    }
 
     def add_delta(_module: Any, inputs: tuple, output: Any) -> Any:
         x = inputs[0].to(dtype)
-        extra = F.linear(F.linear(x, down), up) if down is not None else 0
+        if any(t is not None and t.device != x.device for t in parts.values()):
+            parts.update({k: None if t is None else t.to(x.device) for k, t in parts.items()})
+        down, up, diff, diff_b = parts["down"], parts["up"], parts["diff"], parts["diff_b"]
+        extra = F.linear(F.linear(x, down), up) if down is not None else torch.zeros_like(output, dtype=dtype)
         if diff is not None:
             extra = extra + F.linear(x, diff, diff_b)
         elif diff_b is not None:
             extra = extra + diff_b
-        return output + extra.to(output.dtype) if not isinstance(extra, int) else output
+        return output + extra.to(output.dtype)
 
     return module.register_forward_hook(add_delta)
 
