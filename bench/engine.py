@@ -828,7 +828,27 @@ def main() -> None:
         help="--gpu-stream: first is measured, rest if time",
     )
     parser.add_argument("--wav2vec-device", default="cpu", help="--gpu-stream: as EngineSettings (cpu, fp32)")
+    parser.add_argument(
+        "--speed", action="store_true", help="CPU: each speed feature against the plain render"
+    )
+    parser.add_argument("--with-compile", action="store_true", help="--speed: also regional compile (slow)")
+    parser.add_argument(
+        "--gpu-speed",
+        action="store_true",
+        help="real 14B shape: bf16 -> LoRA 1 pass -> TeaCache -> fp8 -> compile",
+    )
     args = parser.parse_args()
+    if args.speed or args.gpu_speed:
+        from bench.engine_speed import run_cpu_speed, run_gpu_speed
+
+        if args.gpu_speed and not args.check_on_cpu and not torch.cuda.is_available():
+            sys.exit("--gpu-speed needs a CUDA device (--check-on-cpu runs the code path at the tiny shape)")
+        report = run_gpu_speed(args) if args.gpu_speed else run_cpu_speed(args)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            name = "engine_gpu_speed.json" if args.gpu_speed else "engine_speed.json"
+            Path(args.out, name).write_text(json.dumps(report, indent=1, default=str))
+        return
     if args.stream_one is not None:
         print(json.dumps(stream_one(args.stream_one, args.mode, args.steps, args.threads)))
         return

@@ -104,7 +104,8 @@ class RenderJob:
     text_scale: float = 5.0
     audio_scale: float = 4.0
     guidance: Literal["cfg", "apg"] = "cfg"
-    teacache: float | None = None
+    teacache: float | None = None  # TeaCache threshold (multitalk engines); None: off, 0: off exactly
+    teacache_warmup: int = 5  # steps always computed before TeaCache may skip (the reference's 5)
     color_match: float = 1.0
     frame_num: int = 81
     motion_frames: int | None = None

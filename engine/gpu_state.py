@@ -48,18 +48,22 @@ def engine_override(name: str, spec: str | None = None) -> str | None:
     return None
 
 
-def resident_renderer(name: str) -> Renderer:
-    """The engine `name`, built once per process and kept loaded (the registry itself is never changed)."""
+def resident_renderer(name: str, settings: tuple[tuple[str, Any], ...] = ()) -> Renderer:
+    """The engine `name` built with `settings` (keyword, value pairs: the manifest's engine switches), once per
+    process and kept loaded. Other settings for the same engine replace it (one model per GPU)."""
     target = engine_override(name)
-    key = f"{name}={target or ''}"
+    base = f"{name}={target or ''}"
+    key = base + (f"|{settings!r}" if settings else "")
     with _lock:
         if key not in _renderers:
-            _renderers[key] = _build(name, target)
+            for stale in [k for k in _renderers if k.split("|")[0] == base]:
+                del _renderers[stale]
+            _renderers[key] = _build(name, target, dict(settings))
         return _renderers[key]
 
 
 @contextlib.contextmanager
-def using_renderer(name: str) -> Iterator[Renderer]:
+def using_renderer(name: str, settings: tuple[tuple[str, Any], ...] = ()) -> Iterator[Renderer]:
     """The resident engine `name`, held by this thread for one job.
 
     The flow's own task runner renders segments on threads, and a resident model is one object: two jobs
@@ -67,7 +71,7 @@ def using_renderer(name: str) -> Iterator[Renderer]:
     encodes interleave into one latent of the wrong length) and its first lazy load. One loaded model
     serves one job at a time, as one GPU does; other engines' jobs still run side by side.
     """
-    renderer = resident_renderer(name)
+    renderer = resident_renderer(name, settings)
     key = f"{name}={engine_override(name) or ''}"
     with _lock:
         busy = _in_use.setdefault(key, threading.Lock())
@@ -75,11 +79,11 @@ def using_renderer(name: str) -> Iterator[Renderer]:
         yield renderer
 
 
-def _build(name: str, target: str | None) -> Renderer:
+def _build(name: str, target: str | None, settings: dict[str, Any] | None = None) -> Renderer:
     if target is None:
-        return create_renderer(name)
+        return create_renderer(name, **(settings or {}))
     module_name, attr = target.split(":")
-    return getattr(importlib.import_module(module_name), attr)()
+    return getattr(importlib.import_module(module_name), attr)(**(settings or {}))
 
 
 def loaded_engines() -> list[str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from engine.multitalk.settings import MOTION_FRAMES
@@ -36,6 +36,7 @@ BLOCK_WEIGHTS = 34.59 / 40  # one DiT block in bf16 ("Full 40-block DiT", weight
 # Patch/text/time/CLIP embeddings, head, AudioProjModel: computed from their shapes, not measured.
 NON_BLOCK_WEIGHTS = 0.6
 DIT_BLOCKS = 40
+OFFLOAD_IN_FLIGHT = 2  # block offload (engine/multitalk/offload.py): the running block + the one prefetched
 VAE_WEIGHTS = {"bf16": 0.24, "fp32": 0.47}  # "Method", VAE paragraph
 CONDITIONING = 0.1  # latents and conditioning: "< 0.1"
 # Peak beyond the weights per token (B = 1): "Fitted coefficients". Reserved is what decides OOM with the default
@@ -46,8 +47,10 @@ DIT_CONSTANT = 0.16
 # VAE decode at 480p, reserved: V0 + v1 * T_lat ("Proposed memory model", V0/v1). 720p: x2.3, extrapolated.
 VAE_DECODE = {("bf16", False): (6.7, 0.009), ("fp32", False): (12.6, 0.018), ("bf16", True): (1.5, 0.0)}
 VAE_720_FACTOR = 2.3
-# fp8/int8 weights are half of bf16 (ENGINE.md §6.6: 37.8 GB bf16 vs about 19 GB): an estimate, not measured.
-QUANTIZED_WEIGHT_FACTOR = 0.5
+# fp8/int8 block weights against bf16: engine/multitalk/quantize.py stores the blocks' base linears in one byte
+# (16.1 of the blocks' 18.6 B parameters) and keeps the audio adapter's layers (2.5 B, swapped per job) and the
+# norms in bf16: (16.1 * 1 + 2.5 * 2) / (18.6 * 2) = 0.57. Non-block weights stay bf16. Counted, not measured.
+QUANTIZED_WEIGHT_FACTOR = 0.57
 # Host: MEMORY.md "Host RAM" max RSS floor (python, torch, CUDA libraries, diffusers; no host weights).
 HOST_FLOOR = 1.87
 ENCODERS_ON_HOST = 10.6 + 1.2  # T5-XXL bf16 (ENGINE.md §6.1: 11.4 GB) + CLIP ViT-H (MEMORY.md P): estimates
@@ -141,11 +144,11 @@ def _latent_frames(settings: RenderCost) -> int:
 
 def _weights_gib(settings: RenderCost) -> tuple[float, float]:
     """(resident on the GPU, streamed from pinned host RAM) DiT weights in GiB."""
-    scale = QUANTIZED_WEIGHT_FACTOR if settings.quantize else 1.0
+    block = BLOCK_WEIGHTS * (QUANTIZED_WEIGHT_FACTOR if settings.quantize else 1.0)
     resident = settings.resident_blocks if settings.offload == "group" else DIT_BLOCKS
     resident = max(0, min(DIT_BLOCKS, resident))
     streamed = DIT_BLOCKS - resident
-    return (resident * BLOCK_WEIGHTS + NON_BLOCK_WEIGHTS) * scale, streamed * BLOCK_WEIGHTS * scale
+    return resident * block + NON_BLOCK_WEIGHTS, streamed * block
 
 
 def _vae_decode_gib(settings: RenderCost) -> float:
@@ -226,6 +229,20 @@ def max_frames_that_fit(
         else:
             high = mid - 1
     return low - (low - 1) % 4  # round down to 4n+1
+
+
+def max_resident_blocks(gpu_budget_bytes: int, settings: RenderCost, frames: int = CHUNK_FRAMES) -> int:
+    """Block offload: the most DiT blocks that can stay on the GPU for good, besides the OFFLOAD_IN_FLIGHT
+    streamed ones, while a segment of `frames` still fits `gpu_budget_bytes`; -1 when even streaming every
+    block does not fit. Each resident block saves its PCIe transfer on every forward."""
+
+    def fits(resident: int) -> bool:
+        cost = replace(settings, offload="group", resident_blocks=resident + OFFLOAD_IN_FLIGHT)
+        return estimate_peak(frames, cost).gpu_bytes <= gpu_budget_bytes
+
+    if not fits(0):
+        return -1
+    return max(r for r in range(DIT_BLOCKS - OFFLOAD_IN_FLIGHT + 1) if fits(r))
 
 
 def worker_memory() -> tuple[int, int]:

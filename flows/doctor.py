@@ -15,6 +15,7 @@ def doctor_report() -> dict:
         "tools": {name: _tool(name) for name in ("ffmpeg", "ffprobe", "espeak-ng")},
         "gpus": _gpus(),
         "models_dir": str(models_dir) if models_dir else None,
+        "engine_speed": _engine_speed(),
         "stages": {
             "separate": _separate(models_dir),
             "diarise": _diarise(),
@@ -110,6 +111,20 @@ def _render(models_dir) -> dict:
     return {"auto": still["auto"], "why": f"stills: {still['why']}", "by_source": by_source}
 
 
+def _engine_speed() -> dict:
+    """Which self-attention kernel the engine uses here (attention: auto) and what else is installed; fp8."""
+    from engine.multitalk.speed import ATTENTION_INSTALL, attention_installed, fp8_capable
+
+    gpu = bool(_gpus())
+    kernels = {"sdpa": "built in (PyTorch)"}
+    for name, hint in ATTENTION_INSTALL.items():
+        module = attention_installed(name)
+        kernels[name] = f"installed ({module})" if module else f"not installed ({hint})"
+    auto = "flash" if gpu and attention_installed("flash") else "sdpa"
+    fp8, why = fp8_capable()
+    return {"attention": auto, "kernels": kernels, "fp8": why if fp8 else f"no: {why}"}
+
+
 def _pkg(module: str, extra: str) -> str:
     return "installed" if _installed(module.split(".")[0]) else f"not installed (pip install -e '.[{extra}]')"
 
@@ -126,6 +141,11 @@ def format_doctor(report: dict) -> str:
     lines.append(
         f"models dir: {report['models_dir'] or 'not set (DUBFLOW_MODELS_DIR); HF/torch caches only'}"
     )
+    speed = report.get("engine_speed")
+    if speed:
+        lines.append(f"engine attention: {speed['attention']} (render.attention: auto)")
+        lines += [f"  {name:<10} {state}" for name, state in speed["kernels"].items()]
+        lines.append(f"engine fp8 weights: {speed['fp8']}")
     lines.append("stages (what auto picks):")
     for stage, info in report["stages"].items():
         for kind, pick in info.get("by_source", {"": info}).items():

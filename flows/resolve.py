@@ -11,17 +11,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.gpu_state import engine_override
-from engine.memory import GiB
-from engine.multitalk.settings import is_unit_scale
+from engine.memory import GiB, max_resident_blocks
+from engine.multitalk.settings import EngineSettings, guidance_passes
 from engine.selection import resolve_render_engine
 from flows.cluster import read_state
 from tasks.manifest import Manifest
 from tasks.render import RenderOptions
-from tasks.segment import PlanSettings, max_segment_frames
+from tasks.segment import PlanSettings, _render_cost, max_segment_frames
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,21 @@ class RunSettings:
             f"render: {r.steps} steps x {p.cfg_passes} guidance passes, seed {r.seed}, "
             f"text {r.text_scale:g} / audio {r.audio_scale:g}"
             + (", chained within shots" if r.chain else ""),
+            *self._speed(),
         ]
+
+    def _speed(self) -> list[str]:
+        r = self.render
+        switches = [f"{k} {v}" for k, v in r.engine_settings if k != "loras"]
+        switches += [
+            f"LoRA {Path(lora.path).name} x{lora.scale:g}"
+            for k, v in r.engine_settings
+            if k == "loras"
+            for lora in v
+        ]
+        if r.teacache is not None:
+            switches.append(f"TeaCache {r.teacache:g} after {r.teacache_warmup} steps")
+        return [f"speed: {', '.join(switches)}"] if switches else []
 
 
 def resolve_run(m: Manifest, source_kind: str, machine: Machine, models_dir: Path | None) -> RunSettings:
@@ -64,7 +78,7 @@ def resolve_run(m: Manifest, source_kind: str, machine: Machine, models_dir: Pat
     override = engine_override(engine)
     if override:  # another implementation (tests, benches): the real engine's GPU model does not describe it
         why = f"{why}; implemented by {override} (DUBFLOW_ENGINE_OVERRIDES), planned as a CPU renderer"
-    passes = 2 if is_unit_scale(m.render.text_scale) else 3  # ENGINE.md §4.4: text scale 1 drops a pass
+    passes = len(guidance_passes(m.render.text_scale, m.render.audio_scale))  # 3, 2 or 1 (ENGINE.md §4.4)
     max_s = m.render.max_segment_s
     plan = PlanSettings(
         engine=engine,
@@ -78,7 +92,14 @@ def resolve_run(m: Manifest, source_kind: str, machine: Machine, models_dir: Pat
         host_bytes=machine.host_bytes,
         cost_model="preview" if override else engine,
         chain=m.render.chain,
+        quantize=m.render.quantize,
+        offload=m.render.offload,
+        resident_blocks=0 if m.render.resident_blocks == "auto" else m.render.resident_blocks,
+        compile=m.render.compile,
+        vae_tiled=m.render.vae_tiling,
     )
+    if m.render.offload == "blocks" and m.render.resident_blocks == "auto":
+        plan = replace(plan, resident_blocks=resident_blocks_for(plan))
     render = RenderOptions(
         engine=engine,
         size=m.render.size,
@@ -88,9 +109,35 @@ def resolve_run(m: Manifest, source_kind: str, machine: Machine, models_dir: Pat
         text_scale=m.render.text_scale,
         audio_scale=m.render.audio_scale,
         chain=m.render.chain,
+        teacache=m.render.teacache,
+        teacache_warmup=m.render.teacache_warmup,
+        engine_settings=engine_settings(m, plan.resident_blocks) if engine != "preview" else (),
     )
     max_segment_frames(plan)  # an engine that cannot fit this machine is refused now, before any stage runs
     return RunSettings(engine, why, machine, plan, render)
+
+
+def resident_blocks_for(plan: PlanSettings) -> int:
+    """render.resident_blocks auto: as many blocks as the render GPU keeps besides a chunk (0 without a GPU)."""
+    if not plan.gpu_bytes:
+        return 0
+    return max(0, max_resident_blocks(plan.gpu_bytes, _render_cost(plan)))
+
+
+def engine_settings(m: Manifest, resident_blocks: int = 0) -> tuple[tuple[str, object], ...]:
+    """The manifest's load-time engine switches as keyword pairs for the engine's factory (EngineSettings);
+    only those that differ from the defaults, so a plain manifest builds the plain engine."""
+    from engine.multitalk.lora import LoraSpec
+
+    r = m.render
+    pairs: list[tuple[str, object]] = [
+        ("loras", tuple(LoraSpec.stamped(lora.file, lora.scale) for lora in r.loras)),
+        ("lora_merge", r.lora_merge), ("quantize", r.quantize), ("offload", r.offload),
+        ("resident_blocks", resident_blocks), ("attention", r.attention), ("compile", r.compile),
+        ("vae_tiling", r.vae_tiling),
+    ]  # fmt: skip
+    plain = EngineSettings()
+    return tuple((k, v) for k, v in pairs if v != getattr(plain, k))
 
 
 def detect_machine(workspace: str | Path | None = None) -> Machine:

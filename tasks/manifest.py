@@ -126,6 +126,11 @@ class SegmentOverride(Strict):
     steps: int | None = Field(None, ge=1, le=200)
 
 
+class LoraSettings(Strict):
+    file: Path = Field(description="a .safetensors LoRA for Wan 2.1 I2V-14B (kohya, diffusers or peft keys)")
+    scale: float = Field(1.0, ge=-8, le=8, allow_inf_nan=False)
+
+
 class RenderSettings(Strict):
     engine: Literal["auto", "preview", "multitalk", "infinitetalk"] = Field(
         "auto",
@@ -156,6 +161,42 @@ class RenderSettings(Strict):
     overrides: dict[int, SegmentOverride] = Field(
         default_factory=dict, description="per-segment settings by segment index, e.g. {7: {seed: 11}}"
     )
+    # speed and memory of the multitalk / infinitetalk engines (engine/multitalk/README.md, "Speed")
+    teacache: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="TeaCache threshold: skip DiT steps whose input barely moved; 0.2-0.5 for broadcast work"
+        " (colours shift above), 0: off",
+    )
+    teacache_warmup: int = Field(
+        5, ge=1, le=200, description="steps always computed before TeaCache may skip"
+    )
+    loras: list[LoraSettings] = Field(
+        default_factory=list,
+        description="LoRAs applied in order, e.g. a few-step distillation (lightx2v, FusionX): then use"
+        " steps 4-8, text_scale 1 and the release's audio_scale (1: one guidance pass per step)",
+    )
+    lora_merge: bool = Field(
+        True, description="merge the LoRAs into the weights (false: apply them unmerged)"
+    )
+    quantize: Literal["none", "int8", "fp8"] = Field(
+        "none", description="weight-only quantisation of the DiT blocks; fp8 needs an Ada or Hopper GPU"
+    )
+    offload: Literal["none", "blocks"] = Field(
+        "none", description="blocks: keep the DiT in host memory and stream its blocks (a 24 GB card)"
+    )
+    resident_blocks: Literal["auto"] | Annotated[int, Field(ge=0, le=40)] = Field(
+        "auto",
+        description="offload: DiT blocks kept on the GPU for good; auto: as many as the render GPU holds besides"
+        " a chunk (engine/memory.py)",
+    )
+    attention: Literal["auto", "sdpa", "flash", "sage"] = Field(
+        "auto", description="self-attention kernel; auto: flash-attention when installed, else PyTorch SDPA"
+    )
+    compile: bool = Field(False, description="torch.compile the transformer block (first segment compiles)")
+    vae_tiling: bool = Field(False, description="decode the VAE in tiles: less GPU memory, slower decode")
 
 
 class EnhanceSettings(Strict):
@@ -341,7 +382,11 @@ def _resolve_paths(m: Manifest, base: Path) -> Manifest:
     speakers = [
         s.model_copy(update={"track": fix(s.track), "voice_sample": fix(s.voice_sample)}) for s in m.speakers
     ]
-    return m.model_copy(update={"source": fix(m.source), "audio": audio, "speakers": speakers})
+    loras = [lora.model_copy(update={"file": fix(lora.file)}) for lora in m.render.loras]
+    render = m.render.model_copy(update={"loras": loras})
+    return m.model_copy(
+        update={"source": fix(m.source), "audio": audio, "speakers": speakers, "render": render}
+    )
 
 
 def _cross_check(
@@ -360,6 +405,7 @@ def _cross_check(
     if not problems and source_info.width:
         _check_render_geometry(m, add, source_info)
     _check_engine(m, add, source_info)
+    _check_render_speed(m, add)
     _check_lines(m, add, source_info)
     _check_audio_plan(m, add)
     problems.sort(key=lambda p: (p.line, p.column))
@@ -460,6 +506,30 @@ def _check_engine(m: Manifest, add, source: MediaInfo) -> None:
             f"multitalk animates a still, and {m.source.name} is a video; "
             "use engine: infinitetalk (video-to-video) or auto",
         )
+
+
+def _check_render_speed(m: Manifest, add) -> None:
+    """The engine's speed switches this machine cannot serve (engine/multitalk/speed.py asks the same)."""
+    from engine.multitalk.lora import LoraError, check_lora_file
+    from engine.multitalk.speed import ATTENTION_INSTALL, attention_installed, fp8_capable
+
+    r = m.render
+    for i, lora in enumerate(r.loras):
+        try:
+            check_lora_file(lora.file)
+        except LoraError as exc:
+            add(("render", "loras", i, "file"), f"{exc} (paths are relative to the manifest)")
+    if r.quantize == "fp8":
+        ok, why = fp8_capable()
+        if not ok:
+            add(("render", "quantize"), f"{why}; use quantize: int8")
+    if r.attention in ATTENTION_INSTALL and attention_installed(r.attention) is None:
+        add(
+            ("render", "attention"),
+            f"{r.attention} is not installed here ({ATTENTION_INSTALL[r.attention]}); use auto",
+        )
+    if r.resident_blocks not in ("auto", 0) and r.offload == "none":
+        add(("render", "resident_blocks"), "resident_blocks needs offload: blocks; set offload or remove it")
 
 
 def _loc(field: str) -> tuple:

@@ -43,6 +43,11 @@ class RenderOptions:
     text_scale: float
     audio_scale: float
     chain: bool = False  # continue each segment from the previous one of its shot (render.chain)
+    teacache: float | None = None  # TeaCache threshold (render.teacache), None: off
+    teacache_warmup: int = 5
+    # the engine's load-time switches (LoRAs, quantize, offload, attention, compile) as keyword pairs for its
+    # factory; empty for the preview engine
+    engine_settings: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,14 +125,16 @@ def render_segment(
             seed=options.seed,
             text_scale=options.text_scale,
             audio_scale=options.audio_scale,
+            teacache=options.teacache,
+            teacache_warmup=options.teacache_warmup,
             captions=_job_captions(captions, segment),
             output=tmp / f"seg{segment.index:04d}.mp4",
             continue_from=ws.path(previous) if previous is not None else None,
             state_output=tmp / "state.safetensors" if options.chain else None,
         )
         with gpu_state.using_renderer(
-            options.engine
-        ) as renderer:  # loaded once per worker, one job at a time
+            options.engine, options.engine_settings
+        ) as renderer:  # loaded once per worker (per engine settings), one job at a time
             result = renderer.render(job, progress=render_progress())
         video = ws.put_file(result.path)
         state = ws.put_file(job.state_output) if job.state_output and job.state_output.exists() else None

@@ -39,6 +39,8 @@ from prefect import task
 
 from engine.base import FPS, OutOfMemory
 from engine.memory import (
+    DIT_BLOCKS,
+    OFFLOAD_IN_FLIGHT,
     GiB,
     RenderCost,
     estimate_peak,
@@ -572,6 +574,12 @@ class PlanSettings:
     host_bytes: int | None = None
     cost_model: str | None = None  # whose memory and time model sizes the segments; None: the engine's
     chain: bool = False  # render.chain: a shot's segments render in a row
+    # the engine's memory switches (render.quantize / offload / resident_blocks / compile / vae_tiling)
+    quantize: str = "none"
+    offload: str = "none"
+    resident_blocks: int = 0
+    compile: bool = False
+    vae_tiled: bool = False
 
 
 @dataclass(frozen=True)
@@ -644,7 +652,13 @@ def _speech_end(active: np.ndarray, start_s: float, limit_s: float, pause_frames
 def _render_cost(settings: PlanSettings) -> RenderCost:
     model = settings.cost_model or settings.engine
     engine = model if model in ("multitalk", "infinitetalk", "preview") else "preview"
-    return RenderCost(engine=engine, size=settings.size, steps=settings.steps, cfg_passes=settings.cfg_passes)
+    return RenderCost(
+        engine=engine, size=settings.size, steps=settings.steps, cfg_passes=settings.cfg_passes,
+        quantize=None if settings.quantize == "none" else settings.quantize,  # type: ignore[arg-type]
+        offload="group" if settings.offload == "blocks" else "none",
+        resident_blocks=settings.resident_blocks + OFFLOAD_IN_FLIGHT if settings.offload == "blocks" else DIT_BLOCKS,
+        compile=settings.compile, vae_tiled=settings.vae_tiled,
+    )  # fmt: skip
 
 
 def max_segment_frames(settings: PlanSettings) -> int:

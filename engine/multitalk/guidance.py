@@ -5,6 +5,8 @@ Passes (MultiTalk: wan/multitalk.py:604-641, 664-713):
   drop_text   negative, real audio
   uncond      negative, null audio (1 person)
   drop_audio  prompt,   null audio  (only when text_scale == 1)
+With text_scale == audio_scale == 1 (the distilled LoRAs' sampler) the guided velocity is the cond pass
+itself, so only that pass runs.
 """
 
 from __future__ import annotations
@@ -14,18 +16,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.multitalk.settings import APG_MOMENTUM, APG_NORM_THRESHOLD, is_unit_scale
-
-THREE_PASS = ("cond", "drop_text", "uncond")
-TWO_PASS = ("cond", "drop_audio")
-
-
-def guidance_passes(text_scale: float) -> tuple[str, ...]:
-    return TWO_PASS if is_unit_scale(text_scale) else THREE_PASS
+from engine.multitalk.settings import (  # noqa: F401 - the pass rule lives with the settings (no torch)
+    APG_MOMENTUM,
+    APG_NORM_THRESHOLD,
+    ONE_PASS,
+    THREE_PASS,
+    TWO_PASS,
+    guidance_passes,
+    is_unit_scale,
+)
 
 
 def combine_cfg(v: dict[str, torch.Tensor], text_scale: float, audio_scale: float) -> torch.Tensor:
-    """Classifier-free guidance over the passes of `guidance_passes(text_scale)`, in fp32."""
+    """Classifier-free guidance over the passes of `guidance_passes(text_scale, audio_scale)`, in fp32."""
+    if "drop_audio" not in v and "drop_text" not in v:  # one pass: both scales are 1
+        return v["cond"].float()
     if is_unit_scale(text_scale):
         base = v["drop_audio"].float()
         return base + audio_scale * (v["cond"].float() - base)
@@ -80,6 +85,8 @@ def combine_apg(
 ) -> torch.Tensor:
     """v = v_cond + (s - 1) * APG(diff) per guided difference (ENGINE.md §4.5)."""
     cond = v["cond"].float()
+    if "drop_audio" not in v and "drop_text" not in v:  # one pass: both scales are 1, nothing to guide
+        return cond
 
     def apg(diff: torch.Tensor, buf: MomentumBuffer) -> torch.Tensor:
         return project_apg(diff, cond, buf, state.norm_threshold, state.eta)

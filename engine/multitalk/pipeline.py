@@ -9,6 +9,7 @@ sink before the next one starts, so host memory does not grow with length. Plain
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,7 @@ from engine.multitalk.settings import (
     EngineSettings,
     latent_frames,
 )
+from engine.multitalk.speed import prepare_transformer
 from engine.multitalk.streaming import (
     WINDOW_CONTEXT,
     Chunk,
@@ -62,7 +64,10 @@ from engine.multitalk.streaming import (
     resolve_state,
     to_uint8,
 )
+from engine.multitalk.teacache import CacheCall, TeaCache, coefficients_for, merge_summaries
 from engine.multitalk.validation import ResolvedJob, resolve_job
+
+log = logging.getLogger(__name__)
 
 # Transient DiT memory per sample at 480p, 81 frames (MEMORY.md: 4.8 GiB beyond weights for batch 1),
 # scaled by tokens; used to decide whether the guidance passes fit in one batch.
@@ -128,6 +133,11 @@ class MultiTalkPipeline:
         self.device = torch.device(settings.device)
         self.dtype = settings.torch_dtype()
         self.c.transformer.map_chunk = settings.map_chunk
+        # LoRAs, quantisation, offload, attention kernel, compile (EngineSetupError when this machine cannot)
+        self.speed = prepare_transformer(self.c.transformer, settings)
+        if settings.vae_tiling:
+            self.c.vae.enable_tiling()
+            self.speed["vae_tiling"] = True
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> MultiTalkPipeline:
@@ -195,12 +205,14 @@ class MultiTalkPipeline:
         stream = _Stream(r, source, framing, features, lead, text, anchor, state, generator)
         # 5. chunk by chunk: condition, denoise, decode, colour-match, emit, carry the tail
         info: dict[str, Any] = {}
+        cached: list[dict[str, Any]] = []  # TeaCache counts per chunk
         for chunk in plan.chunks:
             with _timed(timings, "encode"):
                 cond = self._chunk_conditioning(stream, chunk, plan)
             progress("encode", chunk.index + 1, len(plan.chunks))
             with _timed(timings, "denoise"):
                 latent, info = self._denoise_chunk(stream, cond, chunk, plan, progress)
+            cached += [info.pop("teacache")] if "teacache" in info else []
             with _timed(timings, "decode"):
                 video = self._decode(stream, chunk, plan, latent)  # (3, F, H, W) in [-1, 1]
                 emit(to_uint8(video[:, chunk.keep_from : chunk.keep_to]))
@@ -212,7 +224,13 @@ class MultiTalkPipeline:
         info.update(
             crop=framing.crop_in_source(), framing=dataclasses.asdict(framing), chunks=len(plan.chunks),
             generated=plan.generated, motion_frames=plan.motion_frames, switches=self._switches(),
+            speed=self.speed,
         )  # fmt: skip
+        if cached:
+            info["teacache"] = merge_summaries(cached)
+            log.info(
+                "teacache: %(skipped_total)d forwards skipped, %(computed_total)d computed", info["teacache"]
+            )
         frames = torch.from_numpy(np.concatenate(kept)) if sink is None else None
         return StreamOutput(frames, plan.num_frames, framing, r.job.seed, plan, stream.state, timings, info)
 
@@ -316,16 +334,17 @@ class MultiTalkPipeline:
         # 1. initial noise, and the motion latents before step 0 (MultiTalk: sigma = 1, pure noise)
         latent = torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
         latent = self._apply_motion(latent, cond, schedule.sigmas[0], gen, chunk)
-        passes = guidance_passes(r.job.text_scale)
+        passes = guidance_passes(r.job.text_scale, r.job.audio_scale)
         batched = self._batch_passes(len(passes), shape)
         apg = APGState() if r.job.guidance == "apg" else None
+        cache = self._step_cache(r)
         forwards, total = 0, len(plan.chunks) * schedule.steps
         for i in range(schedule.steps):
             # 2. InfiniteTalk: clean context before every model call
             if cond.motion_rule == "pin":
                 latent = pin_motion(latent, cond.motion)
-            # 3. guided velocity
-            velocities, calls = self._predict(latent, schedule.timestep(i), passes, cond, batched)
+            # 3. guided velocity (TeaCache may answer a pass from its cached residual)
+            velocities, calls = self._predict(latent, schedule.timestep(i), passes, cond, batched, (cache, i))
             forwards += calls
             if apg is not None:
                 v = combine_apg(velocities, r.job.text_scale, r.job.audio_scale, apg)
@@ -336,7 +355,15 @@ class MultiTalkPipeline:
             latent = self._apply_motion(latent, cond, schedule.sigmas[i + 1], gen, chunk)
             progress("denoise", chunk.index * schedule.steps + i + 1, total, chunk=chunk.index)
         info = {"passes": passes, "cfg_batched": batched, "forwards": forwards, "sigmas": schedule.sigmas}
+        if cache is not None:
+            info["teacache"] = cache.summary()
         return latent, info
+
+    def _step_cache(self, r: ResolvedJob) -> TeaCache | None:
+        """A fresh TeaCache for one chunk (new noise, new trajectory), or None without `teacache`."""
+        if r.job.teacache is None:
+            return None
+        return TeaCache(r.job.teacache, r.job.teacache_warmup, coefficients_for(r.job.size))
 
     def _apply_motion(
         self, latent: torch.Tensor, cond: _Conditioning, sigma: float, gen: torch.Generator, chunk: Chunk
@@ -395,10 +422,12 @@ class MultiTalkPipeline:
         passes: tuple[str, ...],
         cond: _Conditioning,
         batched: bool,
+        step_cache: tuple[TeaCache | None, int] = (None, 0),
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Velocity per pass, as one batch or one forward per pass. Returns (velocities, forwards)."""
         from engine.multitalk.transformer import AudioContext
 
+        cache, step = step_cache
         groups = [passes] if batched else [(p,) for p in passes]
         out: dict[str, torch.Tensor] = {}
         model_input = torch.cat([latent, cond.y.to(latent)], dim=1).to(self.dtype)  # (1, 36, T_lat, h, w)
@@ -416,6 +445,7 @@ class MultiTalkPipeline:
                 torch.cat([t for t, _ in inputs]).to(self.device, self.dtype),
                 cond.image.expand(batch, -1, -1).to(self.device, self.dtype),
                 audio,
+                **({} if cache is None else {"cache": CacheCall(cache, step, group)}),
             )
             out.update({name: velocity[j : j + 1].float() for j, name in enumerate(group)})
         return out, len(groups)

@@ -40,7 +40,10 @@ def available(models_dir: Path | str | None = None) -> tuple[bool, str]:
     from engine.multitalk.weights import resolve_folders
 
     if not torch.cuda.is_available():
-        return False, "no CUDA device (the 14B model needs a GPU with >= 48 GB, or offloading from part 2)"
+        return (
+            False,
+            "no CUDA device (the 14B model needs a GPU: >= 48 GB, or 24 GB with render.offload: blocks)",
+        )
     try:
         resolve_folders(EngineSettings(models_dir=Path(models_dir) if models_dir else None))
     except MissingWeightsError as exc:

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.multitalk.lora import LoraSpec
+
 FPS = 25
 AUDIO_RATE = 16_000
 TARGET_LUFS = -23.0
@@ -157,6 +159,17 @@ class EngineSettings:
     exact_length: bool = True  # exactly num_frames frames (upstream: T - 3 MultiTalk, T InfiniteTalk)
     stop_on_longest: bool = True  # upstream-style termination watches the longest track, not person 1's
     colour_anchor: Literal["chunk", "first"] = "chunk"  # V2V: each chunk's own source frame, or frame 0
+    # Speed and memory (speed.py, applied in this order at load): LoRAs merged into the weights (or hooked,
+    # unmerged), weight-only quantisation of the blocks' linears, block offload with prefetch, the
+    # self-attention kernel, regional torch.compile of the block
+    loras: tuple[LoraSpec, ...] = ()
+    lora_merge: bool = True
+    quantize: Literal["none", "int8", "fp8"] = "none"
+    offload: Literal["none", "blocks"] = "none"
+    resident_blocks: int = 0  # offload: blocks kept on the device for good (the rest are streamed)
+    attention: Literal["auto", "sdpa", "flash", "sage"] = "auto"
+    compile: bool = False
+    vae_tiling: bool = False  # decode the VAE in spatial tiles (less memory, more time)
 
     def streaming(self) -> StreamSwitches:
         """The improvement switches in force (all off under `parity`)."""
@@ -189,6 +202,7 @@ class EngineSettings:
         data = asdict(self)
         data["models_dir"] = str(self.models_dir) if self.models_dir else None
         data["dit_file"] = str(self.dit_file) if self.dit_file else None
+        data["loras"] = [{**lora, "path": str(lora["path"])} for lora in data["loras"]]
         return data
 
 
@@ -222,3 +236,17 @@ def closest_bucket(buckets: dict[float, tuple[int, int]], height: int, width: in
 
 def is_unit_scale(scale: float) -> bool:
     return math.isclose(scale, 1.0)
+
+
+# Guidance passes (ENGINE.md §4.4; guidance.py combines them): text scale 1 drops the negative-prompt passes,
+# text and audio scale 1 (the distilled LoRAs' sampler) leave the cond pass alone.
+THREE_PASS = ("cond", "drop_text", "uncond")
+TWO_PASS = ("cond", "drop_audio")
+ONE_PASS = ("cond",)
+
+
+def guidance_passes(text_scale: float, audio_scale: float | None = None) -> tuple[str, ...]:
+    """The model calls per step: 3, 2 with text scale 1, 1 with text and audio scale 1."""
+    if not is_unit_scale(text_scale):
+        return THREE_PASS
+    return ONE_PASS if audio_scale is not None and is_unit_scale(audio_scale) else TWO_PASS

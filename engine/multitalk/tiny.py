@@ -301,3 +301,58 @@ def write_single_file_dit(components: Any, folder: Any, keys: str = "diffusers",
         cfg = {"_class_name": "WanTransformer3DModel", **d.diffusers_kwargs()}
         (folder / "config.json").write_text(json.dumps(cfg))
     return folder / w.SINGLE_FILE
+
+
+# -- LoRAs in the released layouts ---------------------------------------------------------------
+# layout -> (key prefix, module naming, down part, up part): kohya (underscored original names), the
+# lightx2v / FusionX "diffusers" files (diffusion_model. + original names), diffusers (transformer. +
+# diffusers names) and peft (base_model.model. + diffusers names, alpha in adapter_config.json)
+TINY_LORA_LAYOUTS = {
+    "kohya": ("lora_unet_", "original", ".lora_down.weight", ".lora_up.weight"),
+    "lightx2v": ("diffusion_model.", "original", ".lora_down.weight", ".lora_up.weight"),
+    "diffusers": ("transformer.", "diffusers", ".lora_A.weight", ".lora_B.weight"),
+    "peft": ("base_model.model.", "diffusers", ".lora_A.weight", ".lora_B.weight"),
+}
+TINY_LORA_TARGETS = ("blocks.0.attn1.to_q", "blocks.1.ffn.net.0.proj", "blocks.1.attn2.to_k")
+
+
+def write_tiny_lora(
+    path: Any, dit: Any, layout: str, rank: int = 2, alpha: float = 4.0, seed: int = 0, diff: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A random LoRA for `dit` in `layout`, written to `path` (.safetensors); returns {diffusers module:
+    (down, up)}. `diff`: also a full-weight delta on an RMS norm and a bias delta, as lightx2v ships."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from engine.multitalk.weights import diffusers_to_original
+
+    prefix, naming, down_part, up_part = TINY_LORA_LAYOUTS[layout]
+    modules = dict(dit.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    truth = {}
+
+    def key_of(module: str) -> str:
+        name = (
+            diffusers_to_original(f"{module}.weight")[: -len(".weight")] if naming == "original" else module
+        )
+        return prefix + (name.replace(".", "_") if layout == "kohya" else name)
+
+    for module in TINY_LORA_TARGETS:
+        weight = modules[module].weight
+        down = 0.3 * torch.randn(rank, weight.shape[1], generator=gen)
+        up = 0.3 * torch.randn(weight.shape[0], rank, generator=gen)
+        state[key_of(module) + down_part], state[key_of(module) + up_part] = down, up
+        if layout != "peft":
+            state[key_of(module) + ".alpha"] = torch.tensor(alpha)
+        truth[module] = (down, up)
+    if diff:
+        norm, linear = "blocks.0.attn1.norm_q", "blocks.0.attn1.to_v"
+        state[key_of(norm) + ".diff"] = 0.1 * torch.randn(modules[norm].weight.shape, generator=gen)
+        state[key_of(linear) + ".diff_b"] = 0.1 * torch.randn(modules[linear].bias.shape, generator=gen)
+    path = Path(path)
+    save_file(state, str(path))
+    if layout == "peft":
+        (path.parent / "adapter_config.json").write_text(f'{{"r": {rank}, "lora_alpha": {alpha}}}')
+    return truth

@@ -12,6 +12,7 @@ S = h * w tokens per latent frame, L = T_lat * S, d = heads * head_dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import nn
 from engine.multitalk.attention import AudioCrossAttention, person_token_positions, reference_attention_map
 from engine.multitalk.audio import regroup_latent_windows
 from engine.multitalk.settings import AdapterConfig, DiTConfig
+from engine.multitalk.teacache import CacheCall
 
 
 class AudioProjModel(nn.Module):
@@ -120,6 +122,11 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
             block.norm_x = FP32LayerNorm(inner, eps, elementwise_affine=True)
             block.audio_cross_attn = AudioCrossAttention(inner, audio_output_dim, num_attention_heads)
         self.map_chunk = 4096
+        # speed switches (engine/multitalk/speed.py sets them): the block function (eager or compiled), the
+        # block offloader, the self-attention kernel
+        self.block_fn = self._block
+        self.offloader: Any = None
+        self.attention_fn = F.scaled_dot_product_attention
 
     @classmethod
     def from_dit_config(cls, cfg: DiTConfig) -> MultiTalkTransformer3DModel:
@@ -151,7 +158,7 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(x).unflatten(2, (attn.heads, -1))
         q, k = _apply_rope_3d(q, *rope), _apply_rope_3d(k, *rope)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return attn.to_out[0](out.transpose(1, 2).flatten(2).type_as(x)), q, k
 
     def _audio_attention(
@@ -212,6 +219,24 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         h = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
         return (x.float() + block.ffn(h).float() * c_gate).type_as(x)
 
+    def _blocks(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        temb: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        audio: AudioContext,
+        grid: tuple[int, int, int],
+    ) -> torch.Tensor:
+        """The 40 blocks; with an offloader, each block's weights arrive just before it runs."""
+        for i, block in enumerate(self.blocks):
+            if self.offloader is not None:
+                self.offloader.before(i)
+            x = self.block_fn(block, x, context, temb, rope, audio, grid)
+            if self.offloader is not None:
+                self.offloader.after(i)
+        return x
+
     # -- model ---------------------------------------------------------------------------------
     def forward(  # type: ignore[override]
         self,
@@ -220,9 +245,11 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         encoder_hidden_states: torch.Tensor,
         encoder_hidden_states_image: torch.Tensor,
         audio: AudioContext,
+        cache: CacheCall | None = None,
     ) -> torch.Tensor:
         """hidden_states (B, 36, T_lat, H_lat, W_lat); timestep (B,) in [0, 1000];
-        encoder_hidden_states (B, 512, text_dim); encoder_hidden_states_image (B, n_img, image_dim).
+        encoder_hidden_states (B, 512, text_dim); encoder_hidden_states_image (B, n_img, image_dim);
+        cache: TeaCache consulted on the timestep projection (the blocks' modulated input) before the blocks.
         Returns the velocity (B, 16, T_lat, H_lat, W_lat)."""
         batch, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
@@ -236,8 +263,13 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         )
         timestep_proj = timestep_proj.unflatten(1, (6, -1))  # (B, 6, d)
         context = torch.cat([image, text], dim=1)  # (B, n_img + 512, d)
-        for block in self.blocks:
-            x = self._block(block, x, context, timestep_proj, rope, audio, grid)
+        if cache is None or cache.cache.should_compute(cache.step, cache.passes, timestep_proj):
+            start = x
+            x = self._blocks(x, context, timestep_proj, rope, audio, grid)
+            if cache is not None:
+                cache.cache.store(cache.passes, x - start)
+        else:
+            x = x + cache.cache.residual(cache.passes).to(x)
         shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         x = self.proj_out(x)  # (B, L, 16 * p_t * p_h * p_w)

@@ -20,6 +20,7 @@ from engine.multitalk.settings import (
     default_shift,
     is_4n_plus_1,
 )
+from engine.multitalk.teacache import MAX_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,23 @@ def _check_numbers(job: RenderJob, buckets: dict[int, object], max_frame_num: in
         ("audio_scale", job.audio_scale, job.audio_scale >= 0, ">= 0"),
         ("guidance", job.guidance, job.guidance in ("cfg", "apg"), "'cfg' or 'apg'"),
         ("seed", job.seed, job.seed >= 0, ">= 0"),
-        ("teacache", job.teacache, job.teacache is None, "None (TeaCache is part 2 of the engine)"),
+        ("teacache", job.teacache, _teacache_ok(job.teacache), f"None or 0 to {MAX_THRESHOLD:g}"),
+        (
+            "teacache_warmup",
+            job.teacache_warmup,
+            job.teacache_warmup >= 1,
+            ">= 1 (step 0 has nothing to reuse)",
+        ),
         ("color_match", job.color_match, 0.0 <= job.color_match <= 1.0, "0 to 1"),
         ("source_start_frame", job.source_start_frame, job.source_start_frame >= 0, ">= 0"),
     ]
     for name, value, ok, rule in rules:
         if not ok:
             raise JobError(f"{name}: {value!r}; rule: {rule}")
+
+
+def _teacache_ok(threshold: float | None) -> bool:
+    return threshold is None or (math.isfinite(threshold) and 0 <= threshold <= MAX_THRESHOLD)
 
 
 def _motion_frames(job: RenderJob, defaults: dict[str, int]) -> int:

@@ -604,6 +604,8 @@ def use_adapter(model: Any, settings: EngineSettings, persons: int) -> Path:
     wanted = resolve_weights(settings).adapters[settings.adapter_name(persons)]
     if getattr(model, "adapter_file", None) != wanted:
         load_adapter(model, wanted, settings.device, settings.torch_dtype())
+        if getattr(model, "offloader", None) is not None:
+            model.offloader.refresh()  # the new adapter tensors of streamed blocks go back to the host
     return wanted
 
 
@@ -664,8 +666,10 @@ def _load_all(paths: WeightPaths, settings: EngineSettings, dtype: torch.dtype, 
     adapter = paths.adapters[
         settings.adapter_name()
     ]  # InfiniteTalk: single/ until a 2-person job (use_adapter)
+    # offload: the DiT and umT5 stay in host memory (speed.py streams the blocks; prompts encode on the CPU)
+    host_side = "cpu" if settings.offload != "none" else device
     transformer, _ = load_transformer(
-        paths.dit, paths.dit_layout, adapter, wav2vec.layers, wav2vec.dim, device, dtype
+        paths.dit, paths.dit_layout, adapter, wav2vec.layers, wav2vec.dim, host_side, dtype
     )
     load = {"torch_dtype": dtype, "output_loading_info": True}
     text_encoder = _checked(UMT5EncoderModel.from_pretrained(enc / "text_encoder", **load), "text_encoder")
@@ -681,7 +685,7 @@ def _load_all(paths: WeightPaths, settings: EngineSettings, dtype: torch.dtype, 
     return Components(
         transformer,
         vae.to(device),
-        text_encoder.to(device),
+        text_encoder.to(host_side),
         AutoTokenizer.from_pretrained(enc / "tokenizer"),
         image_encoder.to(device),
         wav2vec,
