@@ -25,6 +25,7 @@ class ClusterState:
     engine: str
     gpus: int
     log: str
+    tls: str | None = None  # the certificates folder (flows/certs.py) when the cluster speaks TLS
 
 
 def state_file(workspace: str | Path | None = None) -> Path:
@@ -40,6 +41,28 @@ def read_state(workspace: str | Path | None = None) -> ClusterState | None:
         return None
     state = ClusterState(**json.loads(path.read_text()))
     return state if process_alive(state.scheduler_pid) else None
+
+
+def tls_dir(workspace: str | Path | None = None) -> Path | None:
+    """Where this host's cluster certificates are: $DUBFLOW_TLS_DIR, else the folder `workers start` used."""
+    if os.environ.get("DUBFLOW_TLS_DIR"):
+        return Path(os.environ["DUBFLOW_TLS_DIR"])
+    state = read_state(workspace)
+    return Path(state.tls) if state and state.tls else None
+
+
+def security(folder: str | Path, role: str = "client"):
+    """distributed's Security for `role` with the certificates in `folder`: TLS required, peers verified."""
+    from distributed.security import Security
+
+    from flows.certs import role_files
+
+    ca, cert, key = role_files(folder, role)
+    return Security(
+        require_encryption=True,
+        tls_ca_file=str(ca),
+        **{f"tls_{role}_cert": str(cert), f"tls_{role}_key": str(key)},
+    )
 
 
 def count_gpus() -> int:

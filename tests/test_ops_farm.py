@@ -1,0 +1,172 @@
+"""The render farm's Dask cluster is closed to strangers: TLS with mutual certificates from the cluster's own CA
+(`dubflow workers certs`); a client without a certificate, with one from another CA, or speaking plain TCP is
+refused, and nothing listens beyond loopback without TLS."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flows.certs import make_certs
+from flows.cli import main
+from flows.cluster import security
+from flows.workers import start_workers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("certs")
+    make_certs(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tls_scheduler(certs, tmp_path_factory):
+    """A bare TLS scheduler (no workers: refusing a client needs none) on a free loopback port."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("sched") / "scheduler.log"
+    args = ["--tls-ca-file", certs / "ca.pem", "--tls-cert", certs / "scheduler.pem", "--tls-key"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+             "--no-dashboard", *map(str, args), str(certs / "scheduler.key")],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    address = f"tls://127.0.0.1:{port}"
+    try:
+        _wait_listening(port, proc, log)
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, log) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"the scheduler did not listen: {log.read_text()}")
+
+
+def test_certs_command_writes_a_ca_and_one_certificate_per_role_with_private_keys(tmp_path, capsys):
+    assert main(["workers", "certs", str(tmp_path / "farm")]) == 0
+    names = sorted(p.name for p in (tmp_path / "farm").iterdir())
+    assert names == sorted(
+        ["ca.pem", "ca.key"] + [f"{r}.{e}" for r in ("scheduler", "worker", "client") for e in ("pem", "key")]
+    )
+    for key in (tmp_path / "farm").glob("*.key"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    assert "keep ca.key here" in capsys.readouterr().out
+    # a second run would replace the CA and orphan every host's certificate: refused unless --force
+    assert main(["workers", "certs", str(tmp_path / "farm")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["workers", "certs", str(tmp_path / "farm"), "--force"]) == 0
+
+
+def test_a_client_with_the_cluster_certificate_is_served(tls_scheduler, certs):
+    from distributed import Client
+
+    with Client(tls_scheduler, security=security(certs, "client"), timeout=20) as client:
+        assert client.scheduler_info()["address"] == tls_scheduler
+
+
+@pytest.mark.parametrize("how", ["another CA", "plain tcp"])
+def test_an_unauthenticated_client_is_refused(tls_scheduler, tmp_path, how):
+    from distributed import Client
+
+    if how == "another CA":  # a certificate, but one the cluster never issued
+        make_certs(tmp_path / "rogue")
+        kwargs, address = {"security": security(tmp_path / "rogue", "client")}, tls_scheduler
+    else:
+        kwargs, address = {}, tls_scheduler.replace("tls://", "tcp://")
+    with pytest.raises((OSError, TimeoutError)):
+        Client(address, timeout=3, **kwargs)
+
+
+def test_a_tls_client_without_a_certificate_is_cut_off(tls_scheduler, certs):
+    """distributed cannot even be configured without a client certificate; a raw TLS socket that trusts the
+    cluster's CA but shows none is refused in the handshake, while the same socket with the client
+    certificate gets the scheduler's first message (dask's handshake)."""
+    host, port = tls_scheduler.removeprefix("tls://").rsplit(":", 1)
+
+    def first_read(with_certificate: bool) -> bytes:
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        ctx.check_hostname = False  # the cluster's certificates name roles, not hosts
+        if with_certificate:
+            ctx.load_cert_chain(certs / "client.pem", certs / "client.key")
+        with socket.create_connection((host, int(port)), timeout=2) as raw, ctx.wrap_socket(raw) as tls:
+            return tls.recv(1)  # TLS 1.3: the server's verdict on our certificate arrives with the first read
+
+    with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+        first_read(with_certificate=False)
+    assert first_read(with_certificate=True)
+
+
+def test_a_scheduler_beyond_loopback_needs_tls(tmp_path, capsys):
+    assert main(["workers", "start", "--cpu", "1", "--host", "0.0.0.0", "--workspace", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "would run code for anyone" in err and "--tls DIR" in err and not (tmp_path / "workers.json").exists()
+    )
+
+
+def test_tls_needs_every_certificate_of_the_roles_it_starts(tmp_path, certs, capsys):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("ca.pem", "scheduler.pem", "scheduler.key"):
+        (partial / name).write_bytes((certs / name).read_bytes())
+    with pytest.raises(Exception, match=r"worker\.pem not found"):
+        start_workers(tmp_path / "ws", cpu_workers=1, tls=partial)
+
+
+def test_flows_need_a_client_certificate_for_a_tls_scheduler(tmp_path, certs, monkeypatch):
+    from flows.workers import WorkersError, render_task_runner
+
+    monkeypatch.setenv("DUBFLOW_SCHEDULER", "tls://10.9.9.9:8786")
+    monkeypatch.delenv("DUBFLOW_TLS_DIR", raising=False)
+    with pytest.raises(WorkersError, match="requires TLS: set DUBFLOW_TLS_DIR"):
+        render_task_runner(tmp_path)
+    monkeypatch.setenv("DUBFLOW_TLS_DIR", str(certs))
+    runner = render_task_runner(tmp_path)
+    assert runner.client_kwargs["security"].tls_client_cert == str(certs / "client.pem")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_an_episode_renders_on_tls_workers(certs, demo_media, tmp_path, monkeypatch):
+    """`workers start --tls`: the scheduler and its workers speak TLS; the flow finds the certificate folder in
+    the workspace's record and its segments render on the workers."""
+    from flows.rerun import segment_stages
+    from flows.workers import stop_workers, workers_status
+    from tests.test_ops_rerun import last_run, write_manifest
+
+    monkeypatch.delenv("DUBFLOW_TLS_DIR", raising=False)
+    monkeypatch.delenv("DUBFLOW_SCHEDULER", raising=False)
+    monkeypatch.setenv("DUBFLOW_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    ws = tmp_path / "work"
+    state = start_workers(ws, cpu_workers=2, port=_free_port(), tls=certs)
+    try:
+        assert state.address.startswith("tls://127.0.0.1:") and state.tls == str(certs.resolve())
+        assert len(workers_status(ws)["workers"]) == 2
+        manifest = write_manifest(tmp_path, demo_media, "tls1", extra_render=", seed: 3")
+        assert main(["run", str(manifest), "--workspace", str(ws)]) == 0
+        workers = {s["worker"] for s in segment_stages(last_run(ws, "tls1")) if s["state"] == "executed"}
+        assert workers and workers <= {"render-0", "render-1"}
+    finally:
+        stop_workers(ws)
