@@ -4,12 +4,20 @@ refused, and nothing listens beyond loopback without TLS."""
 
 from __future__ import annotations
 
+import base64
+import glob
+import os
+import shutil
 import socket
 import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +178,75 @@ def test_an_episode_renders_on_tls_workers(certs, demo_media, tmp_path, monkeypa
         assert workers and workers <= {"render-0", "render-1"}
     finally:
         stop_workers(ws)
+
+
+# ---------------------------------------------------------------------------------------------- the Prefect API
+
+HAS_POSTGRES = bool(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl") or shutil.which("pg_ctl"))
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _http_status(url: str, auth: str | None = None) -> int:
+    request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"})
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_POSTGRES, reason="PostgreSQL is not installed (.ci/run installs it)")
+def test_a_server_on_another_interface_requires_its_auth_string_and_a_postgres_password(tmp_path):
+    """HOST=127.0.0.2 (not the default loopback address): the API listens there only, refuses requests without
+    the auth string server.sh made, and Prefect reaches PostgreSQL as the `prefect` role with a password."""
+    port = _free_port()
+    pgdata = tempfile.mkdtemp(prefix="dubflow-test-pg-")  # under /tmp: the postgres user must reach it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DUBFLOW_"))} | {
+        "DUBFLOW_SERVER_DIR": str(tmp_path),
+        "DUBFLOW_SERVER_HOST": "127.0.0.2",
+        "DUBFLOW_SERVER_PORT": str(port),
+        "DUBFLOW_PGPORT": str(_free_port()),
+        "DUBFLOW_PGDATA": pgdata,
+        "PYTHON": sys.executable,
+    }
+    script = str(REPO / "scripts" / "server.sh")
+    try:
+        started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=240)
+        assert started.returncode == 0, started.stderr + started.stdout
+        auth = (tmp_path / "api-auth").read_text().strip()
+        assert stat.S_IMODE((tmp_path / "api-auth").stat().st_mode) == 0o600
+        assert auth not in started.stdout and "PREFECT_API_AUTH_STRING" in started.stdout
+        assert "postgresql+asyncpg://prefect:***@" in started.stdout  # the password is never printed
+        api = f"http://127.0.0.2:{port}/api"
+        assert _http_status(f"{api}/flows/filter") == 401
+        assert _http_status(f"{api}/flows/filter", "dubflow:wrong") == 401
+        assert _http_status(f"{api}/flows/filter", auth) == 200
+        with socket.socket() as s:  # nothing on the default loopback address
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+        # Prefect's client setting carries the same string
+        probe = "import asyncio; from prefect.client.orchestration import get_client\n"
+        probe += "async def main():\n    async with get_client() as c: print(len(await c.read_flows()))\n"
+        probe += "asyncio.run(main())"
+        client_env = env | {"PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": auth}
+        ok = subprocess.run([sys.executable, "-c", probe], env=client_env, capture_output=True, text=True)
+        assert ok.returncode == 0 and ok.stdout.strip() == "0", ok.stderr[-2000:]
+        refused = subprocess.run(
+            [sys.executable, "-c", probe], env=client_env | {"PREFECT_API_AUTH_STRING": "x:y"}, capture_output=True,
+            text=True,
+        )  # fmt: skip
+        assert refused.returncode != 0 and "401" in refused.stderr
+        # the database: the role's password is required, and the superuser cannot log in over TCP
+        pg = sorted(glob.glob("/usr/lib/postgresql/*/bin/psql"))[-1]
+        psql = ["runuser", "-u", "postgres", "--", pg, "-h", "127.0.0.1", "-p", env["DUBFLOW_PGPORT"], "-w"]
+        assert subprocess.run(
+            [*psql, "-U", "prefect", "prefect", "-c", "select 1"], capture_output=True
+        ).returncode
+        assert subprocess.run(
+            [*psql, "-U", "postgres", "prefect", "-c", "select 1"], capture_output=True
+        ).returncode
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(pgdata, ignore_errors=True)
