@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.certs import CertsError, role_files
-from flows.cluster import ClusterState, count_gpus, process_alive, read_state, security, state_file, tls_dir
+from flows.cluster import ClusterState, count_gpus, read_state, security, state_file, tls_dir
+from tasks.lease import process_alive
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
