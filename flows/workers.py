@@ -28,7 +28,7 @@ from typing import Any
 
 from flows.certs import CertsError, role_files
 from flows.cluster import ClusterState, count_gpus, read_state, security, state_file, tls_dir
-from tasks.lease import process_alive
+from tasks.lease import host_name, process_alive
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -170,7 +170,8 @@ def join_workers(
     env = _worker_env(engine, n, "gpu" if gpus else "cpu", lock_dir.parent) | {
         "DUBFLOW_GPU_LOCK_DIR": str(lock_dir)  # per host: slots are this host's GPUs, never the shared store
     }
-    args = [sys.executable, "-m", "dask", *_worker_args(address, n, tls)]
+    # named after the host: two hosts' workers must not share a name (the scheduler refuses the second)
+    args = [sys.executable, "-m", "dask", *_worker_args(address, n, tls, name=host_name())]
     return subprocess.call(args, env=env, cwd=REPO)
 
 
@@ -247,7 +248,7 @@ def _tls_args(tls: str | None, role: str) -> list[str]:
     return ["--tls-ca-file", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)]
 
 
-def _worker_args(address: str, n: int, tls: str | None = None) -> list[str]:
+def _worker_args(address: str, n: int, tls: str | None = None, name: str = "render") -> list[str]:
     return [
         "worker",
         address,
@@ -260,7 +261,7 @@ def _worker_args(address: str, n: int, tls: str | None = None) -> list[str]:
         "--preload",
         "engine.gpu_state",
         "--name",
-        "render",
+        name,
         "--no-dashboard",
         *_tls_args(tls, "worker"),
     ]
