@@ -8,7 +8,7 @@ DUBFLOW_FAKE_FAULTS names a JSON file {"fail_frames": [F, ...], "oom_frames": [.
 is in `seeds`, when given) raises a plain error (or OutOfMemory, as does a job longer than
 N frames); edit the file to clear the fault. Register it as the `preview` engine with
 DUBFLOW_ENGINE_OVERRIDES=preview=engine.fake:SlowRenderer. DUBFLOW_FAKE_RENDERS names a file that
-gets a line as each render starts and ends (`start|end HOST PID SEED FIRST_FRAME FRAMES`), so a
+gets a line as each render starts and ends (`start|end HOST PID SEED FIRST_FRAME FRAMES UNIX_TIME`), so a
 test can tell which segment ran where, and whether a finished one ran again.
 """
 
@@ -65,7 +65,9 @@ def _note(event: str, job: RenderJob, frames: int) -> None:
     if log:
         host = os.environ.get("DUBFLOW_HOST") or os.uname().nodename
         with open(log, "a") as fh:  # one short append per line: whole lines even from several hosts
-            fh.write(f"{event} {host} {os.getpid()} {job.seed} {job.source_start_frame} {frames}\n")
+            fh.write(
+                f"{event} {host} {os.getpid()} {job.seed} {job.source_start_frame} {frames} {time.time():.3f}\n"
+            )
 
 
 def _check_faults(start: int, frames: int, seed: int) -> None:

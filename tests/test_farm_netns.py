@@ -198,11 +198,11 @@ def test_two_worker_hosts_share_a_batch_and_one_dies_midway(farm_net, demo_media
     rows = json.loads(out.split("ROWS ", 1)[1].splitlines()[0])
     assert [r["state"] for r in rows] == ["completed", "completed"], rows
     events = [line.split() for line in renders.read_text().splitlines()]
-    finished = Counter(tuple(e[3:]) for e in events if e[0] == "end")
+    finished = Counter(tuple(e[3:6]) for e in events if e[0] == "end")
     assert finished and max(finished.values()) == 1, finished  # no finished segment rendered again
     assert {e[1] for e in events if e[0] == "end"} == {"w1", "w2"}  # the segments went to both hosts
-    cut = [tuple(e[3:]) for e in events if e[0] == "start" and e[1] == "w2" and tuple(e[3:]) not in
-           {tuple(f[3:]) for f in events if f[0] == "end" and f[1] == "w2"}]  # fmt: skip
+    cut = [tuple(e[3:6]) for e in events if e[0] == "start" and e[1] == "w2" and tuple(e[3:6]) not in
+           {tuple(f[3:6]) for f in events if f[0] == "end" and f[1] == "w2"}]  # fmt: skip
     assert cut and all(finished[c] == 1 for c in cut)  # the segment w2 died in was finished by w1
     assert _lines(tmp_path / "loads.txt") == 2  # one model load per worker for the whole batch
     for episode in ("farm1", "farm2"):  # stitched on the client from segments rendered on w1 and w2
