@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -318,17 +319,32 @@ def farm_fanout(root: Path, cluster: HostCluster, flow_, workers: int) -> dict[s
     done = [s for e, _, s, t in rows if e == "end" and t <= killed["at"]]
     done_work = sum(_frames_of(episodes, s, 3000) * S_PER_FRAME for s in done)
     ideal_kill = killed["at"] - min(t for *_, t in rows) + (work - done_work) / (workers - PER_HOST)
+    ended = Counter(s for e, _, s, _ in rows if e == "end")
     return {
         "segments": sum(len(ep) for ep in episodes),
         "makespan_s": makespan,
         "ideal_s": ideal,
         "makespan_ratio": makespan / ideal,
-        "recovery_s": min(restarts) - killed["at"],
+        "host_removed_after_s": _removed_at(cluster.root / "cluster.log", "host1") - killed["at"],
+        "recovery_s": min(restarts) - killed["at"],  # includes waiting for a free worker: it is requeued
+        # the bench's tasks are NO_CACHE: a result that died with its host is computed again (the episode
+        # flow's render stage is cached in the workspace, so there it comes back Cached)
+        "finished_segments_rendered_again": sum(n - 1 for n in ended.values()),
         "lost_segments": len(killed["seeds"]),
         "makespan_with_host_killed_s": with_kill,
         "ideal_with_host_killed_s": ideal_kill,
         "makespan_with_host_killed_ratio": with_kill / ideal_kill,
     }
+
+
+def _removed_at(log: Path, host: str) -> float:
+    """When the scheduler removed the first worker of `host` (its log's local timestamp, as Unix time)."""
+    import datetime as dt
+
+    for line in log.read_text().splitlines():
+        if "Remove worker" in line and f"name: {host}-" in line:
+            return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return float("nan")
 
 
 def _frames_of(episodes: list[list[int]], seed: int, seed0: int) -> int:

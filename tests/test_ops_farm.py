@@ -250,3 +250,20 @@ def test_a_server_on_another_interface_requires_its_auth_string_and_a_postgres_p
     finally:
         subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(pgdata, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("address", "extra", "said"),
+    [
+        ("tcp://10.0.0.5:8786", [], "without TLS would let anyone on the network run code here"),
+        ("tls://10.0.0.5:8786", [], "requires TLS: give --tls DIR"),
+    ],
+)
+def test_joining_a_scheduler_on_another_host_needs_tls(address, extra, said, capsys):
+    assert main(["workers", "join", address, "--cpu", "1", *extra]) == 1
+    assert said in capsys.readouterr().err
+
+
+def test_workers_join_and_certs_need_their_argument(capsys):
+    assert main(["workers", "join"]) == 2
+    assert "needs the scheduler's address" in capsys.readouterr().err
