@@ -43,9 +43,10 @@ def test_a_lease_held_on_another_host_is_renewed_and_ends_when_that_host_dies(tm
         _wait_line(holder, "held")
         ws = Workspace(tmp_path)
         time.sleep(2.5)  # over two leases: only the renewals keep it held
-        with pytest.raises(
-            EpisodeBusy, match=rf"being run by pid {holder.pid} on host-b;.*expires 1 s after"
-        ), ws.lock("ep1", wait_s=0.5):
+        with (
+            pytest.raises(EpisodeBusy, match=rf"being run by pid {holder.pid} on host-b;.*expires 1 s after"),
+            ws.lock("ep1", wait_s=0.5),
+        ):
             pass
         holder.send_signal(signal.SIGKILL)  # the host dies: no release, no more renewals
         holder.wait(10)
