@@ -45,8 +45,8 @@ bench: setup
 POOL ?= dub-cpu
 API  ?= http://127.0.0.1:4200/api
 
-server: setup  ## Prefect server on PostgreSQL (DB=sqlite for the zero-setup SQLite server); prints the UI address
-	PYTHON=$(BIN)/python scripts/server.sh start $(if $(filter sqlite,$(DB)),--sqlite,)
+server: setup  ## Prefect server on PostgreSQL (DB=sqlite: SQLite); HOST=addr listens there, with auth on; prints the UI address
+	PYTHON=$(BIN)/python $(if $(HOST),DUBFLOW_SERVER_HOST=$(HOST),) scripts/server.sh start $(if $(filter sqlite,$(DB)),--sqlite,)
 
 server-stop:
 	PYTHON=$(BIN)/python scripts/server.sh stop

@@ -1,6 +1,7 @@
 """Fan-out, rerun and Prefect overhead, with the fake slow engine (engine/fake.py) on CPU render workers.
 
     python bench/fanout.py [--workers 4] [--part fanout|rerun|overhead|all]
+    python bench/fanout.py --hosts 2    # the farm: 2 simulated hosts x 2 workers, TLS against plain TCP
 
 1. fan-out: 3 episodes x 12 segments of uneven length, submitted by 3 concurrent flow runs to 4
    simulated GPU workers (local Dask cluster, engine preloaded). Model loads (goal 4), makespan vs
@@ -8,11 +9,17 @@
 2. rerun: 3 demo episodes, 36 segments in all, through dub_batch with 2 injected failures, then `rerun`:
    segments rendered on the rerun (goal 2) and its wall time vs a full episode run.
 3. Prefect overhead: flow start-up and per-task cost, ephemeral API vs a running server (PostgreSQL).
+4. hosts (--hosts N): N simulated hosts, each a `dubflow workers join` with 2 workers (its own process group
+   and $DUBFLOW_HOST) on one scheduler. Per-segment overhead with TLS (mutual certificates) against plain
+   TCP, measured in the same run on 1-frame segments; the fan-out above on the TLS cluster (makespan vs
+   ideal, model loads = workers); then one host killed mid-segment: recovery time (from the kill to the
+   lost segment starting on another host) and makespan against the ideal for the capacity left.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -21,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,6 +130,226 @@ def bench_fanout(root: Path, n_workers: int) -> dict[str, float]:
         "in_task_overhead_ms": 1000 * (sum(rendered) - work) / len(rendered),
         "overhead_per_segment_ms": 1000 * (makespan - ideal) * n_workers / len(rendered),
     }
+
+
+# ---------------------------------------------------------------------------------------------- 4. hosts
+
+PER_HOST = 2
+
+
+class HostCluster:
+    """A scheduler and `hosts` x 2 joined workers on loopback, each host its own process group."""
+
+    def __init__(self, root: Path, hosts: int, port: int, certs: Path | None):
+        self.root, self.hosts, self.certs = root, hosts, certs
+        self.address = f"{'tls' if certs else 'tcp'}://127.0.0.1:{port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self) -> HostCluster:
+        from flows.workers import _tls_args
+
+        tls = _tls_args(str(self.certs), "scheduler") if self.certs else []
+        port = self.address.rsplit(":", 1)[1]
+        self.procs["scheduler"] = self._spawn(
+            ["-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard", *tls], {}
+        )
+        for k in range(self.hosts):
+            join = ["-m", "flows.cli", "workers", "join", self.address, "--cpu", str(PER_HOST)]
+            join += ["--tls", str(self.certs)] if self.certs else []
+            self.procs[f"host{k}"] = self._spawn(
+                join, {"DUBFLOW_HOST": f"host{k}", "DUBFLOW_GPU_LOCK_DIR": str(self.root / f"locks{k}")}
+            )
+        with self.client() as client:
+            client.wait_for_workers(self.hosts * PER_HOST, timeout=120)
+        return self
+
+    def _spawn(self, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.root / "cluster.log", "ab")  # noqa: SIM115 - open for the process's life
+        return subprocess.Popen(
+            [sys.executable, *args], env=os.environ | env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def security(self) -> dict:
+        from flows.cluster import security
+
+        return {"security": security(self.certs, "client")} if self.certs else {}
+
+    def client(self):
+        from distributed import Client
+
+        return Client(self.address, timeout=30, **self.security())
+
+    def kill_host(self, name: str) -> float:
+        """Every process of the host at once (as when it loses power); the time of the kill."""
+        import signal
+
+        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        return time.time()
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def episode_flow_for(address: str, client_kwargs: dict):
+    """A bench episode: its segments (unique seeds, so the render log tells them apart) largest first."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.futures import wait
+    from prefect_dask import DaskTaskRunner
+
+    from flows.placement import render_slot
+
+    @task(cache_policy=NO_CACHE, task_run_name="render[{episode}#{index:02d}]")
+    def render_job(episode: str, index: int, frames: int, seed: int) -> float:
+        import numpy as np
+
+        from engine import gpu_state
+        from engine.base import PersonInput, RenderJob
+
+        job = RenderJob(
+            np.zeros((64, 64, 3), np.uint8),
+            (PersonInput(np.zeros(16, np.float32)),),
+            num_frames=frames,
+            seed=seed,
+        )
+        started = time.perf_counter()
+        gpu_state.resident_renderer("preview").render(job)
+        return time.perf_counter() - started
+
+    @flow(name="bench-farm-episode")
+    def episode(name: str, frames: list[int], seed0: int) -> list[float]:
+        order = sorted(range(len(frames)), key=lambda i: -frames[i])
+        futures = []
+        for i in order:
+            with render_slot(frames[i]):
+                futures.append(render_job.submit(name, i, frames[i], seed0 + i))
+        wait(futures)
+        return [f.result() for f in futures]
+
+    return episode.with_options(task_runner=DaskTaskRunner(address=address, client_kwargs=client_kwargs))
+
+
+def run_episodes(flow_, episodes: list[list[int]], seed0: int, during=None) -> float:
+    """All episodes at once, one flow run each (threads); the makespan. `during()` runs meanwhile."""
+    started = time.perf_counter()
+    threads = [
+        threading.Thread(target=flow_, args=(f"ep{k}", frames, seed0 + 100 * k))
+        for k, frames in enumerate(episodes)
+    ]
+    for t in threads:
+        t.start()
+    if during is not None:
+        during()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
+def render_log(path: Path) -> list[tuple[str, str, int, float]]:
+    """(event, host, seed, unix time) per line of the fake engine's render log."""
+    rows = [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+    return [(r[0], r[1], int(r[3]), float(r[6])) for r in rows]
+
+
+def bench_hosts(root: Path, n_hosts: int) -> dict[str, float]:
+    from flows.certs import make_certs
+
+    make_certs(root / "certs")
+    workers = n_hosts * PER_HOST
+    tiny = (
+        48  # one-frame segments in one flow run, less a one-segment run: what is left is the per-segment cost
+    )
+    out: dict[str, float] = {}
+    for mode, port in (("tcp", 8793), ("tls", 8794)):
+        sub = root / mode
+        sub.mkdir()
+        os.environ["DUBFLOW_FAKE_LOADS"] = str(sub / "loads.txt")
+        with HostCluster(sub, n_hosts, port, root / "certs" if mode == "tls" else None) as cluster:
+            flow_ = episode_flow_for(cluster.address, cluster.security())
+            flow_("warm-up", [1], 0)  # connect once; not timed
+            one = run_episodes(flow_, [[1]], 1000)
+            many = run_episodes(flow_, [[1] * (tiny + 1)], 1100)
+            out[f"{mode}_per_segment_overhead_ms"] = 1000 * ((many - one) * workers / tiny - S_PER_FRAME)
+            if mode == "tls":
+                out |= farm_fanout(root, cluster, flow_, workers)
+                out["model_loads"] = loads(sub)
+    out["workers"] = workers
+    out["tls_vs_tcp_overhead_ratio"] = out["tls_per_segment_overhead_ms"] / out["tcp_per_segment_overhead_ms"]
+    return out
+
+
+def farm_fanout(root: Path, cluster: HostCluster, flow_, workers: int) -> dict[str, float]:
+    episodes = segment_frames(3, 12)
+    work = sum(f * S_PER_FRAME for ep in episodes for f in ep)
+    longest = max(f for ep in episodes for f in ep) * S_PER_FRAME
+    ideal = max(work / workers, longest)
+    makespan = run_episodes(flow_, episodes, 2000)
+    log = Path(os.environ["DUBFLOW_FAKE_RENDERS"])
+    log.unlink(missing_ok=True)
+    killed: dict[str, float] = {}
+
+    def kill_when_busy() -> None:  # host1 dies inside a segment, a third of the way through
+        while True:
+            rows = render_log(log)
+            ends = {s for e, h, s, _ in rows if e == "end"}
+            busy = [s for e, h, s, _ in rows if e == "start" and h == "host1" and s not in ends]
+            if busy and len(ends) >= 12:
+                killed["at"] = cluster.kill_host("host1")
+                killed["seeds"] = busy  # type: ignore[assignment]
+                return
+            if len(ends) == len(episodes) * len(episodes[0]):
+                raise RuntimeError("host1 never rendered after the first third: nothing to kill")
+            time.sleep(0.02)
+
+    with_kill = run_episodes(flow_, episodes, 3000, during=kill_when_busy)
+    rows = render_log(log)
+    restarts = [t for e, h, s, t in rows if e == "start" and h != "host1" and s in killed["seeds"]]
+    # the ideal with the kill: up to it as it went, then what was not finished (lost segments whole) on the
+    # workers left, from the first render's start
+    done = [s for e, _, s, t in rows if e == "end" and t <= killed["at"]]
+    done_work = sum(_frames_of(episodes, s, 3000) * S_PER_FRAME for s in done)
+    ideal_kill = killed["at"] - min(t for *_, t in rows) + (work - done_work) / (workers - PER_HOST)
+    ended = Counter(s for e, _, s, _ in rows if e == "end")
+    return {
+        "segments": sum(len(ep) for ep in episodes),
+        "makespan_s": makespan,
+        "ideal_s": ideal,
+        "makespan_ratio": makespan / ideal,
+        "host_removed_after_s": _removed_at(cluster.root / "cluster.log", "host1") - killed["at"],
+        "recovery_s": min(restarts) - killed["at"],  # includes waiting for a free worker: it is requeued
+        # the bench's tasks are NO_CACHE: a result that died with its host is computed again (the episode
+        # flow's render stage is cached in the workspace, so there it comes back Cached)
+        "finished_segments_rendered_again": sum(n - 1 for n in ended.values()),
+        "lost_segments": len(killed["seeds"]),
+        "makespan_with_host_killed_s": with_kill,
+        "ideal_with_host_killed_s": ideal_kill,
+        "makespan_with_host_killed_ratio": with_kill / ideal_kill,
+    }
+
+
+def _removed_at(log: Path, host: str) -> float:
+    """When the scheduler removed the first worker of `host` (its log's local timestamp, as Unix time)."""
+    import datetime as dt
+
+    for line in log.read_text().splitlines():
+        if "Remove worker" in line and f"name: {host}-" in line:
+            return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return float("nan")
+
+
+def _frames_of(episodes: list[list[int]], seed: int, seed0: int) -> int:
+    k, i = divmod(seed - seed0, 100)
+    return episodes[k][i]
 
 
 # ---------------------------------------------------------------------------------------------- 2. rerun
@@ -272,8 +500,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--part", choices=["fanout", "rerun", "overhead", "all"], default="all")
+    parser.add_argument("--hosts", type=int, help="the farm part only: N simulated hosts x 2 workers")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dubflow-bench-"))
+    if args.hosts:
+        if args.hosts < 2:
+            parser.error("--hosts needs at least 2 (one is killed midway)")
+        with Server(root) as server:
+            os.environ.update(
+                clean_env() | {"PREFECT_API_URL": server.url, "PREFECT_HOME": str(root / "home")}
+            )
+            os.environ.update(
+                fake_env(root, DUBFLOW_FAKE_WRITE="0", DUBFLOW_FAKE_RENDERS=str(root / "renders.txt"))
+            )
+            title = f"farm: {args.hosts} hosts x {PER_HOST} workers, TLS vs plain TCP, one host killed"
+            _report(title, bench_hosts(root, args.hosts))
+        return
     parts = ["fanout", "rerun", "overhead"] if args.part == "all" else [args.part]
     eph = bench_ephemeral(root) if "overhead" in parts else None
     with Server(root) as server:

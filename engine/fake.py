@@ -7,7 +7,9 @@ DUBFLOW_FAKE_FAULTS names a JSON file {"fail_frames": [F, ...], "oom_frames": [.
 "oom_above_frames": N, "seeds": [S, ...]}: a job whose frame span covers F (and whose seed
 is in `seeds`, when given) raises a plain error (or OutOfMemory, as does a job longer than
 N frames); edit the file to clear the fault. Register it as the `preview` engine with
-DUBFLOW_ENGINE_OVERRIDES=preview=engine.fake:SlowRenderer.
+DUBFLOW_ENGINE_OVERRIDES=preview=engine.fake:SlowRenderer. DUBFLOW_FAKE_RENDERS names a file that
+gets a line as each render starts and ends (`start|end HOST PID SEED FIRST_FRAME FRAMES UNIX_TIME`), so a
+test can tell which segment ran where, and whether a finished one ran again.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class SlowRenderer:
         started = time.perf_counter()
         frames = job.resolved_num_frames()
         _check_faults(job.source_start_frame, frames, job.seed)
+        _note("start", job, frames)
         for done in range(1, frames + 1):  # reports like an engine: the long stage, step by step
             time.sleep(_env_float("DUBFLOW_FAKE_S_PER_FRAME", 0.0))
             if progress is not None and (done % 25 == 0 or done == frames):
@@ -51,9 +54,20 @@ class SlowRenderer:
         output = Path(job.output) if job.output else Path(tempfile.mkstemp(suffix=".mp4")[1])
         if os.environ.get("DUBFLOW_FAKE_WRITE", "1") != "0":
             _black_clip(output, frames)
+        _note("end", job, frames)
         return RenderResult(
             output, frames, FPS, 64, 64, job.seed, timings={"total": time.perf_counter() - started}
         )
+
+
+def _note(event: str, job: RenderJob, frames: int) -> None:
+    log = os.environ.get("DUBFLOW_FAKE_RENDERS")
+    if log:
+        host = os.environ.get("DUBFLOW_HOST") or os.uname().nodename
+        with open(log, "a") as fh:  # one short append per line: whole lines even from several hosts
+            fh.write(
+                f"{event} {host} {os.getpid()} {job.seed} {job.source_start_frame} {frames} {time.time():.3f}\n"
+            )
 
 
 def _check_faults(start: int, frames: int, seed: int) -> None:

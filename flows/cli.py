@@ -237,29 +237,66 @@ def rerun_summary(run: dict) -> str:
 
 @app.command("workers")
 def cmd_workers(
-    action: Annotated[Literal["start", "stop", "status"], typer.Argument(help="start, stop or status")],
+    action: Annotated[
+        Literal["start", "stop", "status", "join", "certs"],
+        typer.Argument(
+            help="start, stop, status, join ADDRESS (workers for another host's scheduler), certs DIR"
+        ),
+    ],
+    target: Annotated[
+        str | None, typer.Argument(help="join: the scheduler's address; certs: the folder")
+    ] = None,
     workspace: WorkspaceOpt = None,
     cpu: Annotated[int | None, typer.Option(help="start N CPU workers instead of one per GPU")] = None,
     engine: Annotated[str, typer.Option(help="engine each worker loads at start")] = "preview",
     port: Annotated[int, typer.Option(help="scheduler port")] = 8786,
+    host: Annotated[str, typer.Option(help="interface the scheduler listens on (beyond loopback: --tls)")] = (
+        "127.0.0.1"
+    ),
+    tls: Annotated[
+        Path | None, typer.Option(help="folder of `dubflow workers certs`: TLS, mutual auth")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="certs: replace an existing CA")] = False,
     as_json: JsonOpt = False,
 ) -> int:
-    """Long-lived render workers, one per GPU (a local Dask cluster)."""
-    from flows.workers import WorkersError, start_workers, stop_workers, workers_status
+    """Long-lived render workers, one per GPU (a Dask cluster: local, or secured with TLS across hosts)."""
+    from flows.certs import CertsError, make_certs
+    from flows.workers import WorkersError, join_workers, start_workers, stop_workers, workers_status
 
     try:
-        if action == "start":
-            state = start_workers(workspace, cpu_workers=cpu, engine=engine, port=port)
+        if action in ("join", "certs") and not target:
+            what = (
+                "the scheduler's address (tls://head:8786)"
+                if action == "join"
+                else "a folder for the certificates"
+            )
+            return _fail(f"`dubflow workers {action}` needs {what}", EXIT_BAD_INPUT)
+        if action == "certs":
+            files = make_certs(target, force=force)
+            print(
+                f"cluster CA and certificates in {Path(target).resolve()}: {', '.join(f.name for f in files)}"
+            )
+            print(
+                "keep ca.key here; copy ca.pem + scheduler.* to the head, worker.* to GPU hosts, client.* to flow hosts"
+            )
+        elif action == "join":
+            return join_workers(target, cpu_workers=cpu, engine=engine, tls=tls)
+        elif action == "start":
+            state = start_workers(workspace, cpu_workers=cpu, engine=engine, port=port, host=host, tls=tls)
             kind = f"{state.gpus} GPU" if state.gpus else "CPU"
             print(f"{state.workers} {kind} render worker(s) at {state.address} (engine {state.engine})")
             print(f"flows pick them up from the workspace, or set DUBFLOW_SCHEDULER={state.address}")
+            if state.tls:
+                print(
+                    f"clients on other hosts also need DUBFLOW_TLS_DIR (ca.pem, client.pem, client.key of {state.tls})"
+                )
         elif action == "stop":
             state = stop_workers(workspace)
             print(f"stopped the render workers at {state.address}")
         else:
             status = workers_status(workspace)
             print(json.dumps(status, indent=2) if as_json else _format_workers(status))
-    except WorkersError as exc:
+    except (WorkersError, CertsError) as exc:
         return _fail(str(exc))
     return 0
 

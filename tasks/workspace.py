@@ -13,14 +13,12 @@ counts by content hash and settings by value). Never run ids, paths or mtimes.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
+
+from tasks.lease import LeaseBusy, hold_lease, host_name, lease_seconds
 
 DEFAULT_ROOT = "dubflow-work"
 
@@ -78,13 +78,16 @@ class Workspace:
                 src.unlink()
             return blob
         dest.parent.mkdir(parents=True, exist_ok=True)
-        # per process and thread: two threads storing the same content must not share a temp file
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        # per host, process and thread: writers storing the same content must not share a temp file
+        tmp = dest.with_name(f".{dest.name}.{host_name()}.{os.getpid()}.{threading.get_ident()}.tmp")
         if move:
             shutil.move(str(src), tmp)
         else:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+        _fsync(tmp)  # whole on the storage before its name appears: another host may read it at once
+        os.replace(
+            tmp, dest
+        )  # atomic on one file system, NFS included: readers see no blob or the whole blob
         return blob
 
     def put_bytes(self, data: bytes, suffix: str) -> Blob:
@@ -115,31 +118,16 @@ class Workspace:
 
     @contextmanager
     def lock(self, episode: str, *, wait_s: float = 0.0) -> Iterator[None]:
-        """Hold the episode's lock; a second run of the same episode waits `wait_s`, then fails clearly."""
-        path = self.episode_dir(episode) / "lock"
-        fh = open(path, "a+")  # noqa: SIM115 - held for the whole block
-        deadline = time.monotonic() + wait_s
+        """Hold the episode's lock, on every host sharing this workspace (a lease file, tasks/lease.py); a
+        second run of the same episode waits `wait_s`, then fails clearly."""
         try:
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        fh.seek(0)
-                        holder = fh.read().strip() or "another process"
-                        raise EpisodeBusy(
-                            f"episode {episode!r} is being run by {holder}; wait for it to finish "
-                            f"(or run with --wait SECONDS)"
-                        ) from None
-                    time.sleep(0.2)
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()}")
-            fh.flush()
-            yield
-        finally:
-            fh.close()
+            with hold_lease(self.episode_dir(episode) / "lease", wait_s=wait_s):
+                yield
+        except LeaseBusy as exc:
+            raise EpisodeBusy(
+                f"episode {episode!r} is being run by {exc}; wait for it to finish (or run with --wait SECONDS); "
+                f"a lock left by a host that died expires {lease_seconds():g} s after its last renewal"
+            ) from None
 
     def append_run(self, episode: str, record: dict) -> None:
         with open(self.episode_dir(episode) / "runs.jsonl", "a") as fh:
@@ -163,6 +151,14 @@ class Workspace:
             shutil.copyfile(self.path(blob), tmp)
         os.replace(tmp, dest)
         return dest
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:
