@@ -30,7 +30,7 @@ from tasks.bind import bind_task
 from tasks.deliver import Expected, deliver_task, deliverables_listing
 from tasks.enhance import enhance_task
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
-from tasks.pasteback import pasteback_task
+from tasks.pasteback import outside_psnr_task, pasteback_task
 from tasks.remix import Ducking, MixTarget, remix_task
 from tasks.render import PersonSpec, RenderOptions, chain_successors, cut_audio_task, render_task
 from tasks.seams import seams_task
@@ -200,14 +200,22 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     # 6. render every segment (fanned out), 7. stitch, 8. enhance
     log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))
     clips, plan = _render_all(m, ws, runner, plan, slices, source, run.render, tracks, binding.shot_cuts)
-    picture = runner.run(stitch_task, "stitch", clips, timeline.total_frames)
+    # colour-matched to the source plate (a video) or the first segment (a still); not the preview's overlays
+    video = loaded.source_info.kind == "video"
+    reference = source if video else None
+    match = m.stitch.colour_match and engine != "preview"
+    stitched = runner.run(stitch_task, "stitch", clips, timeline.total_frames, reference, match)
+    picture = stitched.picture
     seams = _seam_qc(runner, engine, picture, clips)
     # 7b. a video source: the speakers pasted back onto its own frames, at its size and frame rate
-    pasted = loaded.source_info.kind == "video" and engine != "preview"
+    pasted, paste_qc = video and engine != "preview", None
     if pasted:
-        runner.progress.add_steps(1)
+        runner.progress.add_steps(2)
         args = (source, picture, clips, _persons(m), m.render.composite, m.render.feather_px)
         picture = runner.run(pasteback_task, "paste-back", *args)
+        if m.render.composite == "paste_back":
+            psnr_args = (source, picture, clips, _persons(m), m.render.feather_px)
+            paste_qc = runner.run(outside_psnr_task, "paste-back-psnr", *psnr_args)
     picture = runner.run(enhance_task, "enhance", picture, m.enhance.backend)
     # 9. remix, 10. deliver. Diarised tracks share overlapped speech, so their sum would double it:
     # the dialogue stem is then the separated vocals themselves.
@@ -234,6 +242,8 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         "engine": engine,
         "word_error_rate": transcript.wer if transcript else None,
         "seams": seams,
+        "stitch_colour": stitched.colour,
+        "paste_back": paste_qc,
         "notes": runner.notes,
     }
     args = (m.episode, picture, mix, timeline, captions, tuple(m.outputs), qc_extra, provenance, expected)

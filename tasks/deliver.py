@@ -18,6 +18,7 @@ from tasks.remix import Mix
 from tasks.speakers import MIX_RATE, Timeline
 from tasks.workspace import Blob, Workspace, stage_cache
 
+MIN_OUTSIDE_PSNR_DB = 40.0  # paste-back re-encodes the source once, at CRF 12: visually lossless
 SILENT_SPEAKER_DBFS = -60.0  # a speaker's stem never above this (10 ms RMS) has said nothing
 
 
@@ -152,6 +153,18 @@ def run_checks(qc: dict, expected: Expected, speakers: dict, timeline: Timeline)
         "silent_speakers": _check(not silent, silent, "none"),
         "lines_dropped": _check(not dropped, [c[2] for c in dropped], "none"),
         "audio_cut_seconds": _check(cut <= 1 / FPS, round(cut, 3), "<= 1 frame"),
+    } | _picture_checks(qc)
+
+
+def _picture_checks(qc: dict) -> dict[str, dict]:
+    """Paste-back: outside the speakers' regions the picture is the source, within encoding noise."""
+    psnr = (qc.get("paste_back") or {}).get("psnr_outside_db", "absent")
+    if psnr == "absent":
+        return {}
+    return {
+        "outside_psnr": _check(
+            psnr is None or psnr >= MIN_OUTSIDE_PSNR_DB, psnr, f">= {MIN_OUTSIDE_PSNR_DB} dB"
+        )
     }
 
 

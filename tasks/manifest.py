@@ -130,6 +130,14 @@ class RenderSettings(Strict):
     )
 
 
+class StitchSettings(Strict):
+    colour_match: bool = Field(
+        True,
+        description="match every segment's colour to the source plate (a video) or the first segment (a still);"
+        " the seam CIEDE2000 before and after goes to qc.json",
+    )
+
+
 class EnhanceSettings(Strict):
     backend: Literal["none", "ffmpeg", "spandrel"] = "none"
 
@@ -206,6 +214,7 @@ class Manifest(Strict):
     diarise: DiariseSettings = Field(default_factory=DiariseSettings)
     tts: TtsSettings = Field(default_factory=TtsSettings)
     render: RenderSettings = Field(default_factory=RenderSettings)
+    stitch: StitchSettings = Field(default_factory=StitchSettings)
     enhance: EnhanceSettings = Field(default_factory=EnhanceSettings)
     mix: MixSettings = Field(default_factory=MixSettings)
     qc: QcSettings = Field(default_factory=QcSettings)

@@ -40,3 +40,31 @@ def test_the_mask_is_one_on_the_box_and_zero_past_the_feather_and_the_crop():
     assert full[20:40, 20:40].min() == 1.0 and 0 < full[30, 42] < 1
     assert full[:, :15].max() == 0 and full[:, 45:].max() == 0 and full[45:].max() == 0
     assert _mask((Box(20, 20, 40, 40),), (50, 0, 100, 50), (100, 60), 5)[0] is None  # outside the crop
+
+
+def test_outside_the_speakers_regions_the_pasted_picture_stays_the_source(tmp_path):
+    """PSNR outside the feathered regions: encoding noise only (>= 40 dB) for paste-back; a whole-frame
+    change (what full_frame delivers) is far below."""
+    from fractions import Fraction
+
+    from engine.media import write_timed_video
+    from tasks.pasteback import outside_psnr, paste_back
+    from tasks.workspace import Workspace
+    from tests.footage_fixtures import moving_picture
+
+    ws = Workspace(tmp_path / "ws")
+    source, render = tmp_path / "source.mp4", tmp_path / "render.mp4"
+    write_timed_video(source, ((i, moving_picture(i, (120, 60))) for i in range(20)), Fraction(1, 25), crf=8)
+    rng = np.random.default_rng(0)
+    write_timed_video(
+        render,
+        ((i, rng.integers(0, 256, (60, 120, 3), dtype=np.uint8)) for i in range(20)),
+        Fraction(1, 25),
+    )
+    source_blob, render_blob = ws.put_file(source, move=False), ws.put_file(render, move=False)
+    clip = Clip(0, render_blob, 20, "infinitetalk", 0, (0, 0, 120, 60), ("ben",))
+    figures = {}
+    for composite in ("paste_back", "full_frame"):
+        pasted = paste_back(ws, source_blob, render_blob, [clip], (STILL,), composite, 4)
+        figures[composite] = outside_psnr(ws, source_blob, pasted, [clip], (STILL,), 4)["psnr_outside_db"]
+    assert figures["paste_back"] >= 40.0 and figures["full_frame"] < 20.0
