@@ -28,7 +28,7 @@ from flows.progress import EpisodeProgress
 from flows.resolve import detect_machine, resolve_run
 from tasks.bind import bind_task
 from tasks.deliver import Expected, deliver_task, deliverables_listing
-from tasks.enhance import enhance_task
+from tasks.enhance import EnhanceOptions, enhance_task, expected_frames
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
 from tasks.pasteback import outside_psnr_task, pasteback_task
 from tasks.remix import Ducking, MixTarget, remix_task
@@ -216,7 +216,8 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         if m.render.composite == "paste_back":
             psnr_args = (source, picture, clips, _persons(m), m.render.feather_px)
             paste_qc = runner.run(outside_psnr_task, "paste-back-psnr", *psnr_args)
-    picture = runner.run(enhance_task, "enhance", picture, m.enhance.backend)
+    enhance = enhance_options(m, loaded)
+    picture = runner.run(enhance_task, "enhance", picture, enhance)
     # 9. remix, 10. deliver. Diarised tracks share overlapped speech, so their sum would double it:
     # the dialogue stem is then the separated vocals themselves.
     diarised = vocals is not None and len(m.speakers) > 1 and not all(s.track for s in m.speakers)
@@ -230,7 +231,9 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     inputs = {"source": source, "dialogue": dialogue, "music_and_effects": bed, **raw}
     provenance = _provenance(m, loaded, run, inputs, {"separate": backend, "render": engine}, plan)
     expected = Expected(
-        timeline.source_frames if pasted else timeline.total_frames,
+        expected_frames(
+            enhance, timeline.source_frames if pasted else timeline.total_frames, timeline.seconds
+        ),
         target.loudness_lufs,
         target.true_peak_dbtp,
         _line_specs(m),
@@ -260,6 +263,13 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     if delivery.verdict == "fail" and not m.qc.allow_fail:
         raise QcFailed(m.episode, delivery.failed, outputs["qc.json"], summary)
     return summary
+
+
+def enhance_options(m: Manifest, loaded: LoadedManifest) -> EnhanceOptions:
+    """The manifest's enhance block, with the source's size to scale to when asked."""
+    e, info = m.enhance, loaded.source_info
+    size = (info.width, info.height) if e.scale_to_source and info.width else None
+    return EnhanceOptions(e.backend, e.denoise, e.sharpen, e.deflicker, e.fps, size)
 
 
 def mix_target(m: Manifest) -> MixTarget:

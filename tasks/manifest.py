@@ -139,7 +139,14 @@ class StitchSettings(Strict):
 
 
 class EnhanceSettings(Strict):
-    backend: Literal["none", "ffmpeg", "spandrel"] = "none"
+    backend: Literal["none", "ffmpeg"] = Field("none", description="ffmpeg: the filter chain below")
+    denoise: bool = Field(True, description="hqdn3d spatial and temporal denoise")
+    sharpen: bool = Field(True, description="unsharp mask")
+    deflicker: bool = Field(False, description="even out frame-to-frame brightness (5-frame mean)")
+    fps: Literal[25, 50] = Field(25, description="50: interpolate to 50 fps (frame blending)")
+    scale_to_source: bool = Field(
+        True, description="deliver at the source's resolution (a still rendered at 480p goes out at its size)"
+    )
 
 
 class DuckSettings(Strict):

@@ -316,3 +316,24 @@ def test_qc_failure_exits_non_zero_unless_the_manifest_allows_it(tmp_path, demo_
     assert qc["verdict"] == "fail" and qc["checks"]["silent_speakers"]["value"] == ["ben"]
     manifest.write_text(body + "qc: {allow_fail: true}\n")
     assert main(["run", str(manifest), "--workspace", str(tmp_path / "w")]) == 0
+
+
+def test_streaming_spec_ducking_enhance_and_prores_through_dubflow_run(tmp_path, demo_media, capsys):
+    """The post-production choices of a manifest, end to end: streaming -14 LUFS, a ducked bed, the ffmpeg
+    enhancer interpolating to 50 fps, and a ProRes mezzanine beside the mp4."""
+    manifest = _manifest(tmp_path, demo_media, "post")
+    manifest.write_text(
+        manifest.read_text()
+        + "mix: {spec: streaming-14, duck: {depth_db: 8}}\nenhance: {backend: ffmpeg, fps: 50}\n"
+        + "outputs: [mp4, prores, stems, vtt, qc]\n"
+    )
+    assert main(["run", str(manifest), "--workspace", str(tmp_path / "w")]) == 0, capsys.readouterr().err
+    out = tmp_path / "w" / "episodes" / "post" / "out"
+    qc = json.loads((out / "qc.json").read_text())
+    assert qc["verdict"] == "pass", qc["checks"]
+    assert qc["frames"] == qc["expected_frames"] and qc["expected_frames"] % 2 == 0  # 50 fps
+    assert abs(qc["loudness_lufs"] + 14.0) <= 0.5 and qc["true_peak_dbtp"] <= -1.0
+    assert qc["loudness"]["spec"] == "streaming-14" and qc["loudness"]["ducking"]["measured_depth_db"] > 4
+    streams = _streams(out / "post.mov")
+    assert set(streams) == {"prores", "pcm_s24le"} and abs(streams["prores"] - streams["pcm_s24le"]) <= FRAME
+    assert (out / "post.vtt").read_text().startswith("WEBVTT") and not (out / "post.srt").exists()
