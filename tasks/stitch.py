@@ -9,20 +9,21 @@ came out warmer or darker than its neighbours is brought back without flicker in
 - a video source: the source plate itself, the region the segment covers at the same frames;
 - a still: the first segment.
 
-The seam CIEDE2000 (mean colours of frames b - 1 and b at each boundary b) is reported before and after.
-The re-encoded picture has constant 25 fps timestamps, frame i at i / 25 s.
+The transfer is baked into a 33-point 3D LUT (a .cube file, the post house's own tool) that ffmpeg's
+lut3d applies to each clip as it re-encodes it: Lab arithmetic on 36k grid points instead of on every
+pixel. The matched clips are concatenated like the originals. The seam CIEDE2000 (mean colours of
+frames b - 1 and b at each boundary b) is reported before and after; the picture keeps constant 25 fps
+timestamps, frame i at i / 25 s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 from prefect import task
 
-from engine.base import FPS
-from engine.media import MediaError, VideoFrames, count_video_frames, run_ffmpeg, write_timed_video
+from engine.media import MediaError, VideoFrames, count_video_frames, run_ffmpeg
 from tasks.render import Clip
 from tasks.seams import delta_e2000, mean_lab, rgb_to_lab
 from tasks.workspace import Blob, Workspace, stage_cache
@@ -31,6 +32,7 @@ SAMPLES_PER_SEGMENT = 12  # frames of a segment (and of its reference) whose col
 STATS_STRIDE = 4  # every 4th pixel each way is plenty for a mean and a spread
 SEAM_DELTA_E_LIMIT = 2.0  # CIEDE2000 about 2: the smallest colour step most viewers notice side by side
 CRF = 14  # the matched picture is re-encoded once more before paste-back / delivery
+LUT_SIZE = 33  # grid points per axis of the 3D LUT: the usual .cube size
 
 
 @dataclass(frozen=True)
@@ -46,36 +48,39 @@ def stitch_clips(
     source video; None: the first segment)."""
     clips = sorted(clips, key=lambda c: c.segment)
     with ws.scratch() as tmp:
-        joined = concat(ws, clips, tmp / "joined.mp4")
-        if count_video_frames(joined) != total_frames:
-            raise MediaError(
-                f"stitched picture has {count_video_frames(joined)} frames, the plan has {total_frames}"
-            )
+        joined = _checked(concat([ws.path(c.video) for c in clips], tmp / "joined.mp4"), total_frames)
         if not match or not clips:
             return Stitched(ws.put_file(joined), None)
         source = VideoFrames(ws.path(reference)) if reference is not None else None
         picture = VideoFrames(joined)
-        transfers = [
-            segment_transfer(picture, clip, _end(clips, i, total_frames), source)
-            for i, clip in enumerate(clips)
+        ends = [c.start_frame for c in clips[1:]] + [total_frames]
+        transfers = [segment_transfer(picture, c, end, source) for c, end in zip(clips, ends, strict=True)]
+        anchor = transfers[0].segment  # a still's reference: the first segment
+        matched = [
+            apply_lut(ws.path(c.video), t.lut(anchor), tmp / f"matched{i}.mp4")
+            for i, (c, t) in enumerate(zip(clips, transfers, strict=True))
         ]
-        out, seams = tmp / "picture.mp4", {}
-        frames = _matched_frames(picture, clips, transfers, seams)
-        if write_timed_video(out, frames, Fraction(1, FPS), crf=CRF) != total_frames:
-            raise MediaError("colour matching lost frames")
+        out = _checked(concat(matched, tmp / "picture.mp4"), total_frames)
+        seams = {b: _seam_delta_e(picture, VideoFrames(out), b) for b in ends[:-1]}
         return Stitched(ws.put_file(out), colour_report(clips, transfers, seams, source is not None))
 
 
-def concat(ws: Workspace, clips: list[Clip], out):
+def _checked(picture, total_frames: int):
+    frames = count_video_frames(picture)
+    if frames != total_frames:
+        raise MediaError(
+            f"stitched picture has {frames} frames, the plan has {total_frames}; a clip is wrong"
+        )
+    return picture
+
+
+def concat(videos: list, out):
+    """Join encoded clips without re-encoding them (they share their codec settings)."""
     listing = out.with_suffix(".txt")
-    listing.write_text("".join(f"file '{ws.path(c.video)}'\n" for c in clips))
+    listing.write_text("".join(f"file '{path}'\n" for path in videos))
     args = ["-f", "concat", "-safe", "0", "-i", str(listing), "-c", "copy", "-an"]
     run_ffmpeg([*args, "-movflags", "+faststart", str(out)], what="stitch")
     return out
-
-
-def _end(clips: list[Clip], i: int, total_frames: int) -> int:
-    return clips[i + 1].start_frame if i + 1 < len(clips) else total_frames
 
 
 @dataclass(frozen=True)
@@ -85,17 +90,41 @@ class Transfer:
     segment: np.ndarray
     reference: np.ndarray | None  # None: the first segment's own (a still's reference)
 
-    def apply(self, frame: np.ndarray, reference: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> the same frame with the segment's Lab mean / std moved onto `reference`'s."""
+    def lut(self, anchor: np.ndarray) -> np.ndarray:
+        """(LUT_SIZE, LUT_SIZE, LUT_SIZE, 3) float RGB in [0, 1], indexed [b, g, r] (the .cube order, red
+        fastest): the segment's Lab mean / std moved onto the reference's (`anchor` for a still)."""
         import torch
 
         from engine.multitalk.colour import lab_to_rgb
 
-        lab = rgb_to_lab(frame)
+        target = anchor if self.reference is None else self.reference
+        axis = np.linspace(0.0, 255.0, LUT_SIZE)
+        b, g, r = np.meshgrid(axis, axis, axis, indexing="ij")
+        lab = rgb_to_lab(np.stack([r, g, b], axis=-1))
         mean, std = self.segment
-        moved = (lab - mean) * (reference[1] / np.maximum(std, 1e-6)) + reference[0]
-        rgb = lab_to_rgb(torch.from_numpy(moved).movedim(-1, 0)).movedim(0, -1).numpy()
-        return np.rint(rgb * 255).astype(np.uint8)
+        moved = (lab - mean) * (target[1] / np.maximum(std, 1e-6)) + target[0]
+        return lab_to_rgb(torch.from_numpy(moved).movedim(-1, 0)).movedim(0, -1).numpy()
+
+
+def apply_lut(clip, lut: np.ndarray, out):
+    """Re-encode a clip through a 3D LUT (ffmpeg lut3d, tetrahedral), every frame at its own time."""
+    cube = out.with_suffix(".cube")
+    rows = "\n".join(f"{r:.6f} {g:.6f} {b:.6f}" for r, g, b in lut.reshape(-1, 3))
+    cube.write_text(f"LUT_3D_SIZE {LUT_SIZE}\nDOMAIN_MIN 0 0 0\nDOMAIN_MAX 1 1 1\n{rows}\n")
+    run_ffmpeg(
+        ["-i", str(clip), "-vf", f"lut3d=file={_filter_path(cube)}:interp=tetrahedral", "-c:v", "libx264"]
+        + ["-preset", "veryfast", "-crf", str(CRF), "-pix_fmt", "yuv420p", "-fps_mode", "passthrough"]
+        + ["-an", str(out)],
+        what="colour match",
+    )
+    return out
+
+
+def _filter_path(path) -> str:
+    """A path as an ffmpeg filter option value: escaped for the option parser ('\\', ':', quotes), then
+    quoted for the filtergraph parser (spaces)."""
+    escaped = str(path).replace("\\", "\\\\").replace(":", "\\:").replace("'", "\\'")
+    return "'" + escaped.replace("'", "'\\''") + "'"
 
 
 def segment_transfer(picture: VideoFrames, clip: Clip, end: int, source: VideoFrames | None) -> Transfer:
@@ -118,25 +147,11 @@ def lab_statistics(frames: np.ndarray) -> np.ndarray:
     return np.stack([lab.mean(0), lab.std(0)])
 
 
-def _matched_frames(picture: VideoFrames, clips: list[Clip], transfers: list[Transfer], seams: dict):
-    """(pts, frame) of the matched picture, 25 fps; records each seam's ΔE2000 before and after."""
-    starts = [c.start_frame for c in clips]
-    first = transfers[0].segment
-    previous: tuple[np.ndarray, np.ndarray] | None = None
-    segment = 0
-    for i, frame in picture.iter_frames():
-        while segment + 1 < len(starts) and i >= starts[segment + 1]:
-            segment += 1
-        transfer = transfers[segment]
-        matched = transfer.apply(frame, first if transfer.reference is None else transfer.reference)
-        if previous is not None and i in starts:
-            seams[i] = (_delta_e(previous[0], frame), _delta_e(previous[1], matched))
-        previous = (frame, matched)
-        yield i, matched
-
-
-def _delta_e(a: np.ndarray, b: np.ndarray) -> float:
-    return float(delta_e2000(mean_lab(a), mean_lab(b)))
+def _seam_delta_e(before: VideoFrames, after: VideoFrames, boundary: int) -> tuple[float, float]:
+    """CIEDE2000 of the mean colours of frames boundary - 1 and boundary, before and after matching."""
+    a, b = before.frames25([boundary - 1, boundary])
+    c, d = after.frames25([boundary - 1, boundary])
+    return float(delta_e2000(mean_lab(a), mean_lab(b))), float(delta_e2000(mean_lab(c), mean_lab(d)))
 
 
 def colour_report(clips: list[Clip], transfers: list[Transfer], seams: dict, from_source: bool) -> dict:

@@ -70,7 +70,10 @@ def test_a_wrong_frame_count_is_refused(tmp_path):
 
 
 def test_colour_matching_brings_a_shifted_segment_back_under_the_threshold(tmp_path):
-    """Still mode (the first segment is the reference): the middle segment came out warm and bright."""
+    """Still mode (the first segment is the reference): the middle segment came out warm and bright. The
+    workspace path has a space and a colon (the LUT's path is an ffmpeg filter argument)."""
+    tmp_path = tmp_path / "shot 1: take 2"
+    tmp_path.mkdir()
     ws = Workspace(tmp_path / "ws")
     clips = _clips(tmp_path, ws, [(0, 0, 0), (28, 12, -10), (0, 0, 0)])
     report = stitch_clips(ws, clips, sum(LENGTHS), match=True).colour
