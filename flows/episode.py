@@ -567,6 +567,7 @@ def _provenance(m: Manifest, loaded: LoadedManifest, run, inputs: dict, backends
         },
         "models": {
             "models_dir": str(models) if models else None,
+            "render": engine_weights(run.engine, models),
             "separate": weights_revision(backends["separate"], m.separate.model, models)
             if backends["separate"] != "none"
             else None,
@@ -586,6 +587,20 @@ def _provenance(m: Manifest, loaded: LoadedManifest, run, inputs: dict, backends
         },
         "software": software_versions(),
     }
+
+
+def engine_weights(engine: str, models: Path | None) -> dict | str:
+    """The files the engine loaded (a Hugging Face snapshot path names its revision), or why there are none."""
+    if engine not in ("multitalk", "infinitetalk"):
+        return f"{engine}: no weights"
+    from engine.multitalk.settings import EngineSettings
+    from engine.multitalk.weights import resolve_weights
+
+    try:
+        paths = resolve_weights(EngineSettings(models_dir=models, product=engine))
+    except Exception as exc:  # noqa: BLE001 - a tiny test engine or missing weights: say which
+        return f"{engine}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return _json_safe(json.loads(json.dumps(dataclasses.asdict(paths), default=str)))
 
 
 def software_versions() -> dict[str, str | None]:

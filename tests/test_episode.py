@@ -292,6 +292,7 @@ def test_provenance_is_complete(first_run):
     assert all(len(h) == 64 for h in prov["inputs"].values())
     assert prov["backends"]["separate"] == "dsp" and prov["backends"]["render"] == "preview"
     assert prov["resolved"]["engine"] == "preview" and prov["seeds"]["render"] == 7
+    assert prov["models"]["render"] == "preview: no weights"
     assert prov["software"]["ffmpeg"].startswith("ffmpeg version") and prov["software"]["numpy"]
     assert prov["manifest"]["path"] == str(manifest.resolve())
 
