@@ -124,3 +124,22 @@ def test_per_speaker_stems_carry_the_mix_gain(tmp_path):
     stem = sf.read(ws.path(mix.dialogue), dtype="float32")[0]
     np.testing.assert_allclose(ana, stem, atol=1e-6)
     assert abs(20 * np.log10(np.max(np.abs(ana)) / np.max(np.abs(speech))) - mix.gain_db) < 0.01
+
+
+def test_gated_block_loudness_agrees_with_pyloudnorm_and_dialogue_gating_ignores_the_pauses():
+    from tasks.qc import block_loudness, dialogue_gated_loudness, gated_loudness
+
+    speech = _speechlike(8.0, seed=2)
+    pauses = (np.arange(len(speech)) // (2 * RATE)) % 2 == 1
+    speech[pauses] = 0.0
+    music = np.where(pauses, 0.1, 0.003) * np.random.default_rng(4).standard_normal(len(speech))
+    mix = (speech + music).astype(np.float32)
+    reference = pyloudnorm.Meter(RATE).integrated_loudness(mix.astype(np.float64))
+    assert abs(gated_loudness(block_loudness(mix, RATE)) - reference) < 0.1
+    # loud music between the lines drives the integrated figure, not the dialogue-gated one
+    speech_only = pyloudnorm.Meter(RATE).integrated_loudness(
+        (speech + np.where(pauses, 0, music)).astype(np.float64)
+    )
+    assert reference - dialogue_gated_loudness(mix, speech, RATE) > 5.0
+    gated = dialogue_gated_loudness(mix, speech, RATE)
+    assert abs(gated - speech_only) < abs(reference - speech_only) / 2  # (blocks across a line's edge count)
