@@ -62,7 +62,12 @@ def stitch_clips(
         ]
         out = _checked(concat(matched, tmp / "picture.mp4"), total_frames)
         seams = {b: _seam_delta_e(picture, VideoFrames(out), b) for b in ends[:-1]}
-        return Stitched(ws.put_file(out), colour_report(clips, transfers, seams, source is not None))
+        report = colour_report(clips, transfers, seams, source is not None)
+        # a segment that drifts inside itself can be matched on average and still join worse: then the
+        # frame-exact concat is delivered as it was, and qc.json says why
+        worse = (report["seam_delta_e_after"]["mean"] or 0.0) > (report["seam_delta_e_before"]["mean"] or 0.0)
+        report["applied"] = not worse
+        return Stitched(ws.put_file(joined if worse else out), report)
 
 
 def _checked(picture, total_frames: int):

@@ -148,7 +148,9 @@ def test_tiny_multitalk_dubs_a_still_through_dubflow_run(tmp_path, capsys, monke
     assert qc["frames"] == qc["expected_frames"] == record["frames"]
     colour = qc["stitch_colour"]  # every segment matched to the first; each seam measured before and after
     assert colour["reference"] == "first segment" and len(colour["seams"]) == len(renders) - 1
-    assert colour["seam_delta_e_after"]["mean"] <= colour["seam_delta_e_before"]["mean"] + 0.5
+    # the random-weight render drifts inside its segments: matching applies only where it narrows the seams
+    widens = colour["seam_delta_e_after"]["mean"] > colour["seam_delta_e_before"]["mean"]
+    assert colour["applied"] is not widens
 
 
 def _engine_takes_video() -> str | None:

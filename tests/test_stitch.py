@@ -77,7 +77,7 @@ def test_colour_matching_brings_a_shifted_segment_back_under_the_threshold(tmp_p
     ws = Workspace(tmp_path / "ws")
     clips = _clips(tmp_path, ws, [(0, 0, 0), (28, 12, -10), (0, 0, 0)])
     report = stitch_clips(ws, clips, sum(LENGTHS), match=True).colour
-    assert report["reference"] == "first segment"
+    assert report["reference"] == "first segment" and report["applied"]
     assert [s["frame"] for s in report["seams"]] == [10, 22]
     for seam in report["seams"]:
         assert seam["delta_e_before"] > 3 * SEAM_DELTA_E_LIMIT
