@@ -172,6 +172,51 @@ def read_audio(path: Path, sample_rate: int) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
 
+def read_whole_audio(path: Path, sample_rate: int) -> np.ndarray:
+    """`read_audio`, refusing a file that decodes shorter than it declares (a truncated WAV or mp4 would
+    otherwise become silence for the rest of the episode)."""
+    path = Path(path)
+    check_wav_complete(path)
+    audio = read_audio(path, sample_rate)
+    declared = probe(path).duration
+    decoded = len(audio) / sample_rate
+    if declared - decoded > TRUNCATION_TOLERANCE_S:
+        raise MediaError(
+            f"{path}: declares {declared:.2f} s but only {decoded:.2f} s decode; the file is truncated,"
+            " re-export or re-copy it"
+        )
+    return audio
+
+
+TRUNCATION_TOLERANCE_S = 0.1  # codec priming and a last partial packet stay well under this
+
+
+def check_wav_complete(path: Path) -> None:
+    """A RIFF/WAVE file whose data chunk claims more bytes than the file holds is truncated (decoders
+    stop at the end of the file and say nothing). Other formats pass; `read_whole_audio` checks them."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        size, rate, align = path.stat().st_size, 0, 0
+        while len(chunk := f.read(8)) == 8:
+            name, length = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if name == b"fmt ":
+                fmt = f.read(length)
+                rate, align = struct.unpack("<I", fmt[4:8])[0], struct.unpack("<H", fmt[12:14])[0]
+                length = 0
+            elif name == b"data":
+                held = size - f.tell()
+                if length != 0xFFFFFFFF and length > held and rate and align:
+                    raise MediaError(
+                        f"{path}: the WAV header declares {length / align / rate:.2f} s of audio but the"
+                        f" file holds {held / align / rate:.2f} s; it is truncated, re-export or re-copy it"
+                    )
+                return
+            f.seek(length + (length & 1), os.SEEK_CUR)
+
+
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> Path:
     """Write (samples,) or (channels, samples) float audio as 32-bit float WAV, atomically and byte-for-byte
     reproducibly (FloatWavWriter: no libsndfile PEAK chunk holding the write time, which would make the same
@@ -292,11 +337,17 @@ class VideoFrames:
                 stream = container.streams.video[0]
                 self.width, self.height = stream.codec_context.width, stream.codec_context.height
                 self.time_base = stream.time_base
+                declared = stream.frames  # the container's index (mp4: the moov atom); 0 where it has none
                 pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)
         except (av.error.FFmpegError, IndexError) as exc:  # type: ignore[attr-defined]
             raise MediaError(f"{self.path}: not a readable video ({exc})") from None
         if not pts:
             raise MediaError(f"{self.path}: the video has no frames")
+        if declared and len(pts) < declared:  # an mp4 cut after its moov: the index outlives the data
+            raise MediaError(
+                f"{self.path}: the container lists {declared} frames but only {len(pts)} are in the file;"
+                " it is truncated, re-export or re-copy it"
+            )
         self.pts = np.asarray(pts, dtype=np.int64)  # source frames in presentation order
         self.times = (self.pts - self.pts[0]) * float(self.time_base)  # seconds from the first frame
 
@@ -359,6 +410,19 @@ class VideoFrames:
         if missing:
             raise MediaError(f"{self.path}: frames {missing[:5]} could not be decoded")
         return np.stack([got[int(i)] for i in wanted])
+
+
+def stream_starts(path: Path) -> dict[str, float]:
+    """Presentation time of the first picture and the first sound in a file, in seconds ({"video": ..,
+    "audio": ..}): their difference is the file's A/V offset (edit lists applied, AAC priming skipped)."""
+    av = _import_av()
+    starts = {}
+    with av.open(str(path)) as container:
+        for kind in ("video", "audio"):
+            streams = getattr(container.streams, kind)
+            if streams and streams[0].start_time is not None:
+                starts[kind] = float(streams[0].start_time * streams[0].time_base)
+    return starts
 
 
 def write_timed_video(

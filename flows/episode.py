@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 from engine.base import FPS, engine_target, models_dir_from_env
+from engine.media import probe
 from flows import heartbeats
 from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
 from flows.memory_split import SplitPlanner, is_out_of_memory
@@ -25,18 +27,18 @@ from flows.placement import render_slot
 from flows.progress import EpisodeProgress
 from flows.resolve import detect_machine, resolve_run
 from tasks.bind import bind_task
-from tasks.deliver import deliver_task
-from tasks.enhance import enhance_task
+from tasks.deliver import Expected, deliver_task, deliverables_listing
+from tasks.enhance import EnhanceOptions, enhance_task, expected_frames
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
-from tasks.pasteback import pasteback_task
-from tasks.remix import MixTarget, remix_task
+from tasks.pasteback import outside_psnr_task, pasteback_task
+from tasks.remix import Ducking, MixTarget, remix_task
 from tasks.render import PersonSpec, RenderOptions, chain_successors, cut_audio_task, render_task
 from tasks.seams import seams_task
 from tasks.segment import EpisodePlan, plan_task
 from tasks.separate import resolve_separate_backend, separate_task, weights_revision
 from tasks.speakers import MIX_RATE, conform_task, timeline_task
 from tasks.stitch import stitch_task
-from tasks.workspace import Blob, Workspace, artifact_key, blobs_in, code_version
+from tasks.workspace import Blob, Workspace, artifact_key, blobs_in, code_version, file_sha256
 
 heartbeats.install()  # flow runs end without waiting up to 1 s on the heartbeat thread
 
@@ -47,6 +49,17 @@ class SegmentsFailed(RuntimeError):
         listing = "; ".join(f"#{i}: {err}" for i, err in sorted(failed.items()))
         super().__init__(
             f"{episode}: {len(failed)} segment(s) failed ({listing}); fix and run `dubflow rerun`"
+        )
+
+
+class QcFailed(RuntimeError):
+    """The episode was delivered, and a QC check failed (the manifest's qc.allow_fail lets it pass)."""
+
+    def __init__(self, episode: str, failed: tuple[str, ...], qc_path: str, summary: dict):
+        self.summary = summary
+        super().__init__(
+            f"{episode}: QC failed ({', '.join(failed)}); the package is delivered for inspection, see"
+            f" {qc_path} (set qc: {{allow_fail: true}} in the manifest to accept it)"
         )
 
 
@@ -130,6 +143,8 @@ def _run_episode(
         record |= {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
         if isinstance(exc, SegmentsFailed):
             record["failed_segments"] = sorted(exc.failed)
+        if isinstance(exc, QcFailed):
+            record |= exc.summary
         raise
     finally:
         record |= {
@@ -189,60 +204,90 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     # 6. render every segment (fanned out), 7. stitch, 8. enhance
     log.info("render: %s engine (%s), %d segments", engine, engine_why, len(plan.segments))
     clips, plan = _render_all(m, ws, runner, plan, slices, source, run.render, tracks, binding.shot_cuts)
-    picture = runner.run(stitch_task, "stitch", clips, timeline.total_frames)
+    # colour-matched to the source plate (a video) or the first segment (a still); not the preview's overlays
+    video = loaded.source_info.kind == "video"
+    reference = source if video else None
+    match = m.stitch.colour_match and engine != "preview"
+    stitched = runner.run(stitch_task, "stitch", clips, timeline.total_frames, reference, match)
+    picture = stitched.picture
     seams = _seam_qc(runner, engine, picture, clips)
     # 7b. a video source: the speakers pasted back onto its own frames, at its size and frame rate
-    pasted = loaded.source_info.kind == "video" and engine != "preview"
+    pasted, paste_qc = video and engine != "preview", None
     if pasted:
-        runner.progress.add_steps(1)
+        runner.progress.add_steps(2)
         args = (source, picture, clips, _persons(m), m.render.composite, m.render.feather_px)
         picture = runner.run(pasteback_task, "paste-back", *args)
-    picture = runner.run(enhance_task, "enhance", picture, m.enhance.backend)
+        if m.render.composite == "paste_back":
+            psnr_args = (source, picture, clips, _persons(m), m.render.feather_px)
+            paste_qc = runner.run(outside_psnr_task, "paste-back-psnr", *psnr_args)
+    enhance = enhance_options(m, loaded)
+    picture = runner.run(enhance_task, "enhance", picture, enhance)
     # 9. remix, 10. deliver. Diarised tracks share overlapped speech, so their sum would double it:
     # the dialogue stem is then the separated vocals themselves.
     diarised = vocals is not None and len(m.speakers) > 1 and not all(s.track for s in m.speakers)
     dialogue_stems = (
         [runner.run(conform_task, "conform[dialogue]", vocals, timeline)] if diarised else [*tracks.values()]
     )
-    target = MixTarget(m.mix.loudness_lufs, m.mix.true_peak_dbtp, m.mix.bed_gain_db)
-    mix = runner.run(remix_task, "remix", dialogue_stems, bed, timeline, target)
+    target = mix_target(m)
+    mix = runner.run(remix_task, "remix", dialogue_stems, bed, timeline, target, tracks)
     transcript = _transcript(m, runner, mix.dialogue, log)
     captions = plan.captions or (transcript.captions if transcript else ())
-    provenance = _provenance(m, ws, source, raw, backend, engine, plan, runner.tts_backend)
+    inputs = {"source": source, "dialogue": dialogue, "music_and_effects": bed, **raw}
+    provenance = _provenance(
+        m, loaded, run, inputs, {"separate": backend, "render": engine, "tts": runner.tts_backend}, plan
+    )
+    expected = Expected(
+        expected_frames(
+            enhance, timeline.source_frames if pasted else timeline.total_frames, timeline.seconds
+        ),
+        target.loudness_lufs,
+        target.true_peak_dbtp,
+        _line_specs(m, runner),
+        max(probe(ws.path(b)).duration for b in [*raw.values(), *([dialogue] if dialogue else [])]),
+    )
     qc_extra = {
         "segments": len(plan.segments),
         "forced_cuts": plan.forced_cuts,
         "engine": engine,
         "word_error_rate": transcript.wer if transcript else None,
         "seams": seams,
+        "stitch_colour": stitched.colour,
+        "paste_back": paste_qc,
         "notes": runner.notes,
     }
     if runner.fitted:
         from tasks.lines import fit_report
 
         qc_extra["lines"] = fit_report(runner.fitted, m.tts.max_speed)
-    delivery = runner.run(
-        deliver_task,
-        "deliver",
-        picture,
-        mix,
-        timeline,
-        captions,
-        tuple(m.outputs),
-        qc_extra,
-        provenance,
-        m.mix.model_dump(),
-        timeline.source_frames if pasted else timeline.total_frames,
-    )
+    args = (m.episode, picture, mix, timeline, captions, tuple(m.outputs), qc_extra, provenance, expected)
+    delivery = runner.run(deliver_task, "deliver", *args)
     outputs = _publish(ws, m.episode, delivery, plan, runner.extra_outputs)
     publish_qc_table(m.episode, ws, delivery.qc)
-    return {
+    summary = {
         "outputs": outputs,
         "qc_verdict": delivery.verdict,
         "engine": engine,
         "frames": timeline.total_frames,
         "seconds": timeline.total_frames / FPS,
     }
+    if delivery.verdict == "fail" and not m.qc.allow_fail:
+        raise QcFailed(m.episode, delivery.failed, outputs["qc.json"], summary)
+    return summary
+
+
+def enhance_options(m: Manifest, loaded: LoadedManifest) -> EnhanceOptions:
+    """The manifest's enhance block, with the source's size to scale to when asked."""
+    e, info = m.enhance, loaded.source_info
+    size = (info.width, info.height) if e.scale_to_source and info.width else None
+    return EnhanceOptions(e.backend, e.denoise, e.sharpen, e.deflicker, e.fps, size)
+
+
+def mix_target(m: Manifest) -> MixTarget:
+    """The manifest's mix block as the remix's target (the spec resolved to its figures)."""
+    spec, lufs, peak = m.mix.target()
+    duck = m.mix.duck
+    ducking = Ducking(duck.depth_db, duck.attack_ms, duck.release_ms) if duck else None
+    return MixTarget(lufs, peak, m.mix.bed_gain_db, spec, ducking)
 
 
 def _seam_qc(runner: StageRunner, engine: str, picture: Blob, clips: list) -> dict | None:
@@ -559,46 +604,94 @@ def _segment_options(base: RenderOptions, m: Manifest, index: int) -> RenderOpti
     return dataclasses.replace(base, **override.model_dump(exclude_none=True))
 
 
-def _provenance(
-    m: Manifest, ws: Workspace, source: Blob, raw: dict, backend: str, engine: str, plan, tts: str | None
-) -> dict:
+def _provenance(m: Manifest, loaded: LoadedManifest, run, inputs: dict, backends: dict, plan) -> dict:
+    """Everything needed to reproduce the delivery: input hashes, the settings as given and as resolved on
+    this machine, backends and model revisions, seeds, and the software that ran."""
+    models = models_dir_from_env()
     return {
         "episode": m.episode,
+        "manifest": {"path": str(loaded.path), "sha256": file_sha256(loaded.path)},
         "settings": m.model_dump(mode="json"),
+        "resolved": _json_safe(json.loads(json.dumps(dataclasses.asdict(run), default=str))),
+        "mix_target": dataclasses.asdict(mix_target(m)),
         "backends": {
-            "separate": backend,
-            "render": engine,
-            "tts": tts,
+            **backends,
+            "diarise": m.diarise.backend,
             "enhance": m.enhance.backend,
         },
-        "seed": m.render.seed,
-        "inputs": {"source": source.sha256, **{f"track:{k}": v.sha256 for k, v in raw.items()}},
+        "models": {
+            "models_dir": str(models) if models else None,
+            "render": engine_weights(run.engine, models),
+            "separate": weights_revision(backends["separate"], m.separate.model, models)
+            if backends["separate"] != "none"
+            else None,
+        },
+        "seeds": {
+            "render": m.render.seed,
+            "segments": {str(i): o.seed for i, o in m.render.overrides.items() if o.seed is not None},
+        },
+        "inputs": {name: blob.sha256 for name, blob in inputs.items() if blob is not None},
         "plan": plan.plan.sha256,
         "code": {
             **{
                 name: code_version(name)
                 for name in ("tasks.render", "tasks.pasteback", "tasks.remix", "tasks.deliver")
             },
-            f"engine:{engine}": code_version(engine_target(engine).partition(":")[0]),
+            f"engine:{run.engine}": code_version(engine_target(run.engine).partition(":")[0]),
         },
+        "software": software_versions(),
     }
 
 
+def engine_weights(engine: str, models: Path | None) -> dict | str:
+    """The files the engine loaded (a Hugging Face snapshot path names its revision), or why there are none."""
+    if engine not in ("multitalk", "infinitetalk"):
+        return f"{engine}: no weights"
+    from engine.multitalk.settings import EngineSettings
+    from engine.multitalk.weights import resolve_weights
+
+    try:
+        paths = resolve_weights(EngineSettings(models_dir=models, product=engine))
+    except Exception as exc:  # noqa: BLE001 - a tiny test engine or missing weights: say which
+        return f"{engine}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return _json_safe(json.loads(json.dumps(dataclasses.asdict(paths), default=str)))
+
+
+def software_versions() -> dict[str, str | None]:
+    """Python, the packages that shape the picture and the sound, and the ffmpeg binary."""
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    from engine.media import ffmpeg_exe
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("dubflow", "numpy", "scipy", "torch", "av", "pyloudnorm", "prefect", "soundfile"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    first = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, text=True).stdout.splitlines()
+    versions["ffmpeg"] = first[0] if first else None
+    return versions
+
+
 def _publish(ws: Workspace, episode: str, delivery, plan, extra: dict[str, Blob]) -> dict[str, str]:
-    """Readable links under episodes/<episode>/out/, and a link artifact to the finished mp4."""
-    named = {"qc.json": delivery.qc, "provenance.json": delivery.provenance, "plan.json": plan.plan, **extra}
-    if delivery.mp4:
-        named[f"{episode}.mp4"] = delivery.mp4
-    if delivery.srt:
-        named[f"{episode}.srt"] = delivery.srt
-    if delivery.vtt:
-        named[f"{episode}.vtt"] = delivery.vtt
-    named |= {f"stems/{k}.wav": v for k, v in delivery.stems.items()}
+    """Readable links under episodes/<episode>/out/, deliverables.json listing them with their hashes (also
+    a Prefect artifact), and a link artifact to the finished mp4."""
+    named = {**delivery.files, "plan.json": plan.plan, **extra}
+    listing = deliverables_listing(episode, named, delivery.verdict)
+    named["deliverables.json"] = ws.put_json(listing)
     outputs = {name: str(ws.link(episode, name, blob)) for name, blob in named.items()}
     try:
-        from prefect.artifacts import create_link_artifact
+        from prefect.artifacts import create_link_artifact, create_table_artifact
 
-        if delivery.mp4:
+        create_table_artifact(
+            key=artifact_key(episode, "deliverables"),
+            table=[{"file": k, **v} for k, v in listing["files"].items()],
+            description=f"{episode}: the delivered package (QC {delivery.verdict}), deliverables.json",
+        )
+        if f"{episode}.mp4" in outputs:
             create_link_artifact(
                 key=artifact_key(episode, "output"),
                 link=Path(outputs[f"{episode}.mp4"]).as_uri(),

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from engine.media import MediaError, MediaInfo, VideoFrames, probe
+from engine.media import MediaError, MediaInfo, VideoFrames, check_wav_complete, probe
 from tasks.yamlmarks import Mark, YamlProblem, load_marked
 
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+LENGTH_TOLERANCE_S = 0.04  # one frame at 25 fps: an export rounded up to its last frame is not "longer"
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "manifests" / "schema.json"
 
 
@@ -199,17 +200,82 @@ class RenderSettings(Strict):
     vae_tiling: bool = Field(False, description="decode the VAE in tiles: less GPU memory, slower decode")
 
 
+class StitchSettings(Strict):
+    colour_match: bool = Field(
+        True,
+        description="match every segment's colour to the source plate (a video) or the first segment (a still);"
+        " the seam CIEDE2000 before and after goes to qc.json",
+    )
+
+
 class EnhanceSettings(Strict):
-    backend: Literal["none", "ffmpeg"] = "none"
+    backend: Literal["none", "ffmpeg"] = Field("none", description="ffmpeg: the filter chain below")
+    denoise: bool = Field(True, description="hqdn3d spatial and temporal denoise")
+    sharpen: bool = Field(True, description="unsharp mask")
+    deflicker: bool = Field(False, description="even out frame-to-frame brightness (5-frame mean)")
+    fps: Literal[25, 50] = Field(25, description="50: interpolate to 50 fps (frame blending)")
+    scale_to_source: bool = Field(
+        True, description="deliver at the source's resolution (a still rendered at 480p goes out at its size)"
+    )
+
+
+class DuckSettings(Strict):
+    """The bed comes down under the dialogue: by `depth_db`, starting `attack_ms` before a line (look-ahead),
+    rising back over `release_ms` after it."""
+
+    depth_db: float = Field(10.0, gt=0, le=40, allow_inf_nan=False)
+    attack_ms: float = Field(80.0, ge=1, le=2000, allow_inf_nan=False)
+    release_ms: float = Field(400.0, ge=1, le=5000, allow_inf_nan=False)
+
+
+LoudnessSpec = Literal["ebu-r128", "atsc-a85", "streaming-16", "streaming-14", "custom"]
 
 
 class MixSettings(Strict):
-    loudness_lufs: float = Field(-23.0, ge=-70, le=-5, allow_inf_nan=False)
-    true_peak_dbtp: float = Field(-1.0, ge=-20, le=0, allow_inf_nan=False)
+    spec: LoudnessSpec | None = Field(
+        None,
+        description="delivery loudness spec: ebu-r128 (-23 LUFS, -1 dBTP), atsc-a85 (-24 LKFS, -2 dBTP),"
+        " streaming-16 / streaming-14 (-16 / -14 LUFS, -1 dBTP), or custom (loudness_lufs, true_peak_dbtp);"
+        " default ebu-r128, or custom when loudness_lufs is given",
+    )
+    loudness_lufs: float | None = Field(None, ge=-70, le=-5, allow_inf_nan=False)
+    true_peak_dbtp: float | None = Field(None, ge=-20, le=0, allow_inf_nan=False)
     bed_gain_db: float = Field(0.0, ge=-60, le=20, allow_inf_nan=False)
+    duck: DuckSettings | None = Field(
+        None, description="duck the M&E bed under the dialogue (off when absent)"
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> MixSettings:
+        from tasks.qc import LOUDNESS_SPECS
+
+        if self.spec in LOUDNESS_SPECS:
+            lufs, peak = LOUDNESS_SPECS[self.spec]
+            if self.loudness_lufs not in (None, lufs) or self.true_peak_dbtp not in (None, peak):
+                raise ValueError(
+                    f"spec {self.spec} is {lufs} LUFS, {peak} dBTP; drop loudness_lufs / true_peak_dbtp,"
+                    " or use spec: custom"
+                )
+        if self.spec == "custom" and self.loudness_lufs is None:
+            raise ValueError("spec custom needs loudness_lufs (and optionally true_peak_dbtp, default -1)")
+        return self
+
+    def target(self) -> tuple[str, float, float]:
+        """(spec name, integrated loudness target in LUFS, true-peak ceiling in dBTP)."""
+        from tasks.qc import LOUDNESS_SPECS
+
+        spec = self.spec or ("custom" if self.loudness_lufs is not None else "ebu-r128")
+        lufs, peak = LOUDNESS_SPECS.get(spec, (self.loudness_lufs, -1.0))
+        return spec, float(lufs), float(peak if self.true_peak_dbtp is None else self.true_peak_dbtp)
 
 
-Output = Literal["mp4", "stems", "srt", "vtt", "qc"]
+class QcSettings(Strict):
+    allow_fail: bool = Field(
+        False, description="deliver and exit 0 even when a QC check fails (the verdict still says fail)"
+    )
+
+
+Output = Literal["mp4", "prores", "stems", "srt", "vtt", "qc"]
 
 
 class Manifest(Strict):
@@ -225,9 +291,14 @@ class Manifest(Strict):
     diarise: DiariseSettings = Field(default_factory=DiariseSettings)
     tts: TtsSettings = Field(default_factory=TtsSettings)
     render: RenderSettings = Field(default_factory=RenderSettings)
+    stitch: StitchSettings = Field(default_factory=StitchSettings)
     enhance: EnhanceSettings = Field(default_factory=EnhanceSettings)
     mix: MixSettings = Field(default_factory=MixSettings)
-    outputs: list[Output] = Field(default_factory=lambda: ["mp4", "stems", "srt", "vtt", "qc"])
+    qc: QcSettings = Field(default_factory=QcSettings)
+    outputs: list[Output] = Field(
+        default_factory=lambda: ["mp4", "stems", "srt", "vtt", "qc"],
+        description="prores adds a ProRes 422 HQ / PCM .mov mezzanine",
+    )
 
     @field_validator("outputs")
     @classmethod
@@ -358,6 +429,8 @@ def _from_pydantic(err: dict, locate: _Locator) -> Problem:
         message = "required field is missing; add it"
     elif err["type"] == "literal_error":
         message = f"{message} (got {err.get('input')!r})"
+    elif err["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
     elif err["type"] == "string_pattern_mismatch":
         message = (
             f"{err.get('input')!r} must be letters, digits, '_', '.', '-' (starting with a letter or digit)"
@@ -413,13 +486,13 @@ def _cross_check(
 
 
 def _check_media(m: Manifest, add) -> MediaInfo:
-    source_info = MediaInfo(m.source, "image")
+    source_info, picture_s = MediaInfo(m.source, "image"), None
     try:
         source_info = probe(m.source)
         if source_info.kind == "audio":
             add(("source",), f"{m.source.name} has no picture; give a video or a still image")
-        elif source_info.kind == "video":
-            VideoFrames(m.source)  # every frame's timestamp, read now: a video PyAV cannot read fails here
+        elif source_info.kind == "video":  # every frame's timestamp, read now: a video PyAV cannot read,
+            picture_s = VideoFrames(m.source).duration  # or one cut short, fails here
     except MediaError as exc:
         add(("source",), f"{exc}; fix the path (relative to the manifest)")
     media: list[tuple[tuple, Path | None]] = [
@@ -437,7 +510,29 @@ def _check_media(m: Manifest, add) -> MediaInfo:
             add(loc, f"{info}; fix the path (relative to the manifest)")
         elif not info.has_audio:
             add(loc, f"{p.name} has no sound stream; give an audio file")
-    return source_info
+        elif truncated := _truncated(p):
+            add(loc, truncated)
+        elif picture_s is not None and loc[-1] in ("dialogue", "track"):
+            _check_fits_picture(loc, p, info.duration, picture_s, add)
+    return source_info  # lines past the video's end: _check_lines
+
+
+def _truncated(path: Path) -> str | None:
+    try:
+        check_wav_complete(path)
+    except MediaError as exc:
+        return str(exc)
+    return None
+
+
+def _check_fits_picture(loc: tuple, path: Path, audio_s: float, picture_s: float, add) -> None:
+    """Dubbed speech longer than a video source would be cut at the picture's end, unheard: refused."""
+    if audio_s > picture_s + LENGTH_TOLERANCE_S:
+        add(
+            loc,
+            f"{path.name} lasts {audio_s:.2f} s but the video source {picture_s:.2f} s; the last"
+            f" {audio_s - picture_s:.2f} s would be dropped: trim the audio or give the full-length source",
+        )
 
 
 def _raw_media_problems(data: dict, base: Path, locate: _Locator, taken: set) -> list[Problem]:
@@ -579,8 +674,8 @@ def _check_lines(m: Manifest, add, source: MediaInfo) -> None:
         if video_end is not None and line.start >= video_end:
             add(
                 ("lines", i, "start"),
-                f"starts at {line.start} s, at or after the end of {m.source.name} ({video_end:.3f} s); "
-                "fix the time or the source",
+                f"starts at {line.start} s, at or after the end of {m.source.name} ({video_end:.3f} s): the line"
+                " would be dropped; fix its time or give the full-length source",
             )
         for problem in text_problems(line.text):
             add(("lines", i, "text"), problem)

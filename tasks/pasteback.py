@@ -78,6 +78,34 @@ def _composited(
         yield int(video.pts[i] - video.pts[0]), picture
 
 
+PSNR_SAMPLES = 24  # source frames, spread over the episode, on which the untouched picture is measured
+
+
+def outside_psnr(
+    ws: Workspace,
+    source: Blob,
+    pasted: Blob,
+    clips: list[Clip],
+    persons: tuple[PersonSpec, ...],
+    feather_px: int = 16,
+) -> dict:
+    """PSNR of the delivered picture against the source outside every animated person's feathered region:
+    there the picture must stay the source, within encoding noise. Measured on PSNR_SAMPLES frames."""
+    video, delivered = VideoFrames(ws.path(source)), VideoFrames(ws.path(pasted))
+    regions = Regions(clips, persons, (video.width, video.height), feather_px)
+    grid = video.grid25(np.arange(video.count))
+    squared, pixels = 0.0, 0
+    sample = np.unique(np.linspace(0, video.count - 1, min(PSNR_SAMPLES, video.count)).round().astype(int))
+    for i in sample:
+        (_, original), (_, ours) = next(video.iter_frames(i, i + 1)), next(delivered.iter_frames(i, i + 1))
+        outside = regions.outside(int(grid[i]))
+        diff = original[outside].astype(np.float64) - ours[outside].astype(np.float64)
+        squared, pixels = squared + float(np.sum(diff**2)), pixels + diff.size
+    mse = squared / max(pixels, 1)
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return {"psnr_outside_db": round(psnr, 2) if np.isfinite(psnr) else None, "frames": len(sample)}
+
+
 class Regions:
     """Per 25 fps frame: the crop the rendered frame covers and the feathered mask of its animated persons."""
 
@@ -105,6 +133,16 @@ class Regions:
     def box_at(self, person: str, frame25: int) -> Box | None:
         """The person's box in effect at `frame25`, by the engine's rule (engine.base.box_at)."""
         return box_at(self.boxes.get(person) or None, frame25)
+
+    def outside(self, frame25: int) -> np.ndarray:
+        """(H, W) bool: the pixels no animated person's feathered region touches at `frame25`."""
+        clip = self.clip_at(frame25)
+        boxes = tuple(b for p in clip.persons if (b := self.box_at(p, frame25)) is not None)
+        mask, (x0, y0, x1, y1) = _mask(boxes, clip.crop or (0, 0, *self.size), self.size, self.feather)
+        out = np.ones((self.size[1], self.size[0]), bool)
+        if mask is not None:
+            out[y0:y1, x0:x1] = mask == 0
+        return out
 
     def blend(self, original: np.ndarray, rendered: np.ndarray, frame25: int) -> np.ndarray:
         clip = self.clip_at(frame25)
@@ -179,6 +217,9 @@ def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR))
 
 
+outside_psnr_task = task(
+    outside_psnr, name="paste-back-psnr", cache_policy=stage_cache("tasks.pasteback"), persist_result=True
+)
 pasteback_task = task(
     paste_back, name="paste-back", cache_policy=stage_cache("tasks.pasteback"), persist_result=True
 )

@@ -15,7 +15,7 @@ import numpy as np
 from prefect import task
 
 from engine.base import FPS
-from engine.media import VideoFrames, probe, read_audio, write_wav
+from engine.media import VideoFrames, probe, read_whole_audio, write_wav
 from tasks.workspace import Blob, Workspace, stage_cache
 
 MIX_RATE = 48_000
@@ -49,8 +49,8 @@ def episode_timeline(
 
 
 def conform_track(ws: Workspace, audio: Blob, timeline: Timeline) -> Blob:
-    """Decode to mono MIX_RATE float, pad with silence or trim to the timeline."""
-    samples = read_audio(ws.path(audio), MIX_RATE)
+    """Decode to mono MIX_RATE float (refusing a truncated file), pad with silence or trim to the timeline."""
+    samples = read_whole_audio(ws.path(audio), MIX_RATE)
     return _store_wav(ws, fit_length(samples, timeline.total_samples))
 
 

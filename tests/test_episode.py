@@ -230,3 +230,113 @@ def test_moving_person_timed_boxes_and_bind_propose(tmp_path, demo_media, capsys
     manifest.write_text(fixed)
     states = _run(manifest, tmp_path / "w")
     assert states["_record"]["state"] == "completed" and states["bind"] == "executed"
+
+
+def _moov_before_mdat(mp4: Path) -> bool:
+    import struct
+
+    order = []
+    with open(mp4, "rb") as f:
+        while len(head := f.read(8)) == 8:
+            size, name = struct.unpack(">I4s", head)
+            if size == 1:
+                size = struct.unpack(">Q", f.read(8))[0] - 8
+            order.append(name)
+            f.seek(size - 8, 1)
+    return order.index(b"moov") < order.index(b"mdat")
+
+
+def _cue_times(text: str, decimal: str) -> list[tuple[str, str]]:
+    import re
+
+    stamp = rf"(\d\d:\d\d:\d\d{re.escape(decimal)}\d\d\d)"
+    return re.findall(rf"^{stamp} --> {stamp}$", text, flags=re.M)
+
+
+def test_deliverables_are_present_valid_and_hashed(first_run):
+    import hashlib
+
+    _, ws, states = first_run
+    outputs = {k: Path(v) for k, v in states["_record"]["outputs"].items()}
+    listing = json.loads(outputs["deliverables.json"].read_text())
+    assert listing["qc_verdict"] == "pass"
+    for name, entry in listing["files"].items():  # every file listed with its real hash and size
+        data = outputs[name].read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"], name
+    expected = {"e2e.mp4", "e2e.srt", "e2e.vtt", "qc.json", "provenance.json", "contact-sheet.png"}
+    stems = {
+        f"stems/{s}.wav" for s in ("dialogue", "music_and_effects", "full_mix", "speaker-ana", "speaker-ben")
+    }
+    assert expected | stems <= set(listing["files"])
+    assert _moov_before_mdat(outputs["e2e.mp4"])  # faststart
+    length = None
+    for stem in stems:
+        info = sf.info(outputs[stem])
+        assert (info.samplerate, info.channels, info.subtype) == (48000, 1, "FLOAT"), stem
+        assert length in (None, info.frames)
+        length = info.frames
+    srt, vtt = outputs["e2e.srt"].read_text(), outputs["e2e.vtt"].read_text()
+    assert vtt.startswith("WEBVTT\n\n")
+    srt_cues, vtt_cues = _cue_times(srt, ","), _cue_times(vtt, ".")
+    assert srt_cues and [(a.replace(",", "."), b.replace(",", ".")) for a, b in srt_cues] == vtt_cues
+    qc = json.loads(outputs["qc.json"].read_text())
+    assert all(check["pass"] for check in qc["checks"].values()), qc["checks"]
+    assert qc["av_offset_frames"] == 0 and qc["loudness"]["spec"] == "ebu-r128"
+    assert qc["loudness"]["aac"]["loudness_range_lu"] is not None
+    assert qc["loudness"]["wav"]["dialogue_gated_lufs"] is not None
+
+
+def test_provenance_is_complete(first_run):
+    manifest, _, states = first_run
+    prov = json.loads(Path(states["_record"]["outputs"]["provenance.json"]).read_text())
+    assert set(prov) >= {"inputs", "settings", "resolved", "backends", "models", "seeds", "software", "code"}
+    assert set(prov["inputs"]) >= {"source", "dialogue", "ana", "ben"}
+    assert all(len(h) == 64 for h in prov["inputs"].values())
+    assert prov["backends"]["separate"] == "dsp" and prov["backends"]["render"] == "preview"
+    assert prov["resolved"]["engine"] == "preview" and prov["seeds"]["render"] == 7
+    assert prov["models"]["render"] == "preview: no weights"
+    assert prov["software"]["ffmpeg"].startswith("ffmpeg version") and prov["software"]["numpy"]
+    assert prov["manifest"]["path"] == str(manifest.resolve())
+
+
+def test_qc_failure_exits_non_zero_unless_the_manifest_allows_it(tmp_path, demo_media, capsys):
+    """Ben's track is silent: the package is delivered, the verdict is fail, and `dubflow run` says so."""
+    for name in ("scene", "ana"):
+        shutil.copy(demo_media[name], tmp_path / demo_media[name].name)
+    audio, rate = sf.read(demo_media["ben"], dtype="float32")
+    sf.write(tmp_path / "ben.wav", np.zeros_like(audio), rate, subtype="FLOAT")
+    speakers = "\n".join(f"  - {{id: {s}, box: {list(b)}, track: {s}.wav}}" for s, b in BOXES.items())
+    body = (
+        f"episode: mute\nsource: scene.png\nspeakers:\n{speakers}\n"
+        "render: {engine: preview, max_segment_s: 5}\noutputs: [mp4, qc]\n"
+    )
+    manifest = tmp_path / "mute.yaml"
+    manifest.write_text(body)
+    assert main(["run", str(manifest), "--workspace", str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err
+    assert "QC failed (silent_speakers)" in err and "allow_fail" in err
+    qc = json.loads((tmp_path / "w" / "episodes" / "mute" / "out" / "qc.json").read_text())
+    assert qc["verdict"] == "fail" and qc["checks"]["silent_speakers"]["value"] == ["ben"]
+    manifest.write_text(body + "qc: {allow_fail: true}\n")
+    assert main(["run", str(manifest), "--workspace", str(tmp_path / "w")]) == 0
+
+
+def test_streaming_spec_ducking_enhance_and_prores_through_dubflow_run(tmp_path, demo_media, capsys):
+    """The post-production choices of a manifest, end to end: streaming -14 LUFS, a ducked bed, the ffmpeg
+    enhancer interpolating to 50 fps, and a ProRes mezzanine beside the mp4."""
+    manifest = _manifest(tmp_path, demo_media, "post")
+    manifest.write_text(
+        manifest.read_text()
+        + "mix: {spec: streaming-14, duck: {depth_db: 8}}\nenhance: {backend: ffmpeg, fps: 50}\n"
+        + "outputs: [mp4, prores, stems, vtt, qc]\n"
+    )
+    assert main(["run", str(manifest), "--workspace", str(tmp_path / "w")]) == 0, capsys.readouterr().err
+    out = tmp_path / "w" / "episodes" / "post" / "out"
+    qc = json.loads((out / "qc.json").read_text())
+    assert qc["verdict"] == "pass", qc["checks"]
+    assert qc["frames"] == qc["expected_frames"] and qc["expected_frames"] % 2 == 0  # 50 fps
+    assert abs(qc["loudness_lufs"] + 14.0) <= 0.5 and qc["true_peak_dbtp"] <= -1.0
+    assert qc["loudness"]["spec"] == "streaming-14" and qc["loudness"]["ducking"]["measured_depth_db"] > 4
+    streams = _streams(out / "post.mov")
+    assert set(streams) == {"prores", "pcm_s24le"} and abs(streams["prores"] - streams["pcm_s24le"]) <= FRAME
+    assert (out / "post.vtt").read_text().startswith("WEBVTT") and not (out / "post.srt").exists()

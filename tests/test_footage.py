@@ -30,13 +30,13 @@ def _speech(path: Path, seconds: float, rate: int = 16000) -> Path:
     return path
 
 
-def _manifest(folder: Path, source: str, box: list[int], render: str, track_s: float) -> Path:
+def _manifest(folder: Path, source: str, box: list[int], render: str, track_s: float, post: str = "") -> Path:
     _speech(folder / "ana.wav", track_s)
     path = folder / "episode.yaml"
     path.write_text(
         f"episode: {folder.name.replace(' ', '-')}\nsource: {source}\n"
         f"speakers:\n  - {{id: ana, box: {box}, track: ana.wav}}\n"
-        f"separate: {{backend: dsp}}\nrender: {{{render}}}\noutputs: [mp4, qc]\n"
+        f"separate: {{backend: dsp}}\nrender: {{{render}}}\noutputs: [mp4, qc]\n{post}"
     )
     return path
 
@@ -66,6 +66,7 @@ def _check_pasted_back(record: dict, source: Path, box: list[int], feather: int)
     qc = json.loads(Path(record["outputs"]["qc.json"]).read_text())
     frame = float(np.median(np.diff(src.times)))
     assert qc["frames"] == qc["expected_frames"] == src.count
+    assert qc["checks"]["outside_psnr"]["pass"] and qc["checks"]["av_offset"]["value"] == 0
     assert abs(qc["av_difference_seconds"]) <= frame and abs(qc["video_seconds"] - src.duration) < 1e-3
     return got, qc
 
@@ -83,7 +84,8 @@ def test_a_video_is_dubbed_v2v_and_the_speaker_pasted_back(tmp_path, capsys, mon
     monkeypatch.setenv("DUBFLOW_ENGINE_OVERRIDES", "infinitetalk=tests.footage_fixtures:stand_in_v2v")
     source = write_moving_video(tmp_path / "clip.mp4", [float(t) for t in times])
     render = f"engine: infinitetalk, steps: 1, max_segment_s: 1, feather_px: {FEATHER}"
-    record = _run(_manifest(tmp_path, "clip.mp4", BOX, render, 2.0), tmp_path / "work", capsys)
+    unmatched = "stitch: {colour_match: false}\n"  # the stand-in's render is the source inverted: keep it so
+    record = _run(_manifest(tmp_path, "clip.mp4", BOX, render, 2.0, unmatched), tmp_path / "work", capsys)
     states = {s["stage"]: s["state"] for s in record["stages"]}
     assert states["paste-back"] == "executed" and sum(k.startswith("render[") for k in states) >= 2
     got, _ = _check_pasted_back(record, source, BOX, FEATHER)
@@ -144,6 +146,11 @@ def test_tiny_multitalk_dubs_a_still_through_dubflow_run(tmp_path, capsys, monke
     assert "paste-back" not in {s["stage"] for s in record["stages"]}  # a still: the render is the picture
     qc = json.loads(Path(record["outputs"]["qc.json"]).read_text())
     assert qc["frames"] == qc["expected_frames"] == record["frames"]
+    colour = qc["stitch_colour"]  # every segment matched to the first; each seam measured before and after
+    assert colour["reference"] == "first segment" and len(colour["seams"]) == len(renders) - 1
+    # the random-weight render drifts inside its segments: matching applies only where it narrows the seams
+    widens = colour["seam_delta_e_after"]["mean"] > colour["seam_delta_e_before"]["mean"]
+    assert colour["applied"] is not widens
 
 
 def _engine_takes_video() -> str | None:

@@ -56,3 +56,31 @@ def test_the_person_mask_stays_inside_each_region_and_keeps_the_frame_edge_hard(
     assert box_mask.shape[1] > 50  # the box mask feathers outward, over the neighbour's side
     with pytest.raises(ValueError, match="mask 'oval' is unknown; use one of: box, person"):
         paste_back(None, None, None, [], (), mask="oval")
+
+
+def test_outside_the_speakers_regions_the_pasted_picture_stays_the_source(tmp_path):
+    """PSNR outside the feathered regions: encoding noise only (>= 40 dB) for paste-back; a whole-frame
+    change (what full_frame delivers) is far below."""
+    from fractions import Fraction
+
+    from engine.media import write_timed_video
+    from tasks.pasteback import outside_psnr, paste_back
+    from tasks.workspace import Workspace
+    from tests.footage_fixtures import moving_picture
+
+    ws = Workspace(tmp_path / "ws")
+    source, render = tmp_path / "source.mp4", tmp_path / "render.mp4"
+    write_timed_video(source, ((i, moving_picture(i, (120, 60))) for i in range(20)), Fraction(1, 25), crf=8)
+    rng = np.random.default_rng(0)
+    write_timed_video(
+        render,
+        ((i, rng.integers(0, 256, (60, 120, 3), dtype=np.uint8)) for i in range(20)),
+        Fraction(1, 25),
+    )
+    source_blob, render_blob = ws.put_file(source, move=False), ws.put_file(render, move=False)
+    clip = Clip(0, render_blob, 20, "infinitetalk", 0, (0, 0, 120, 60), ("ben",))
+    figures = {}
+    for composite in ("paste_back", "full_frame"):
+        pasted = paste_back(ws, source_blob, render_blob, [clip], (STILL,), composite, 4)
+        figures[composite] = outside_psnr(ws, source_blob, pasted, [clip], (STILL,), 4)["psnr_outside_db"]
+    assert figures["paste_back"] >= 40.0 and figures["full_frame"] < 20.0
