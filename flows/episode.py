@@ -215,10 +215,10 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     pasted, paste_qc = video and engine != "preview", None
     if pasted:
         runner.progress.add_steps(2)
-        args = (source, picture, clips, _persons(m), m.render.composite, m.render.feather_px)
+        args = (source, picture, clips, _persons(m), m.render.composite, m.render.feather_px, m.render.mask)
         picture = runner.run(pasteback_task, "paste-back", *args)
         if m.render.composite == "paste_back":
-            psnr_args = (source, picture, clips, _persons(m), m.render.feather_px)
+            psnr_args = (source, picture, clips, _persons(m), m.render.feather_px, m.render.mask)
             paste_qc = runner.run(outside_psnr_task, "paste-back-psnr", *psnr_args)
     enhance = enhance_options(m, loaded)
     picture = runner.run(enhance_task, "enhance", picture, enhance)

@@ -146,6 +146,11 @@ class RenderSettings(Strict):
     feather_px: int = Field(
         16, ge=0, le=256, description="paste_back: soft edge around each speaker's box, in source pixels"
     )
+    mask: Literal["box", "person"] = Field(
+        "box",
+        description="paste_back: box (the whole region, feathered outward) or person (a head-and-shoulders mask"
+        " feathered inward, never past the region: the background around the person stays the source)",
+    )
     chain: bool = Field(
         False,
         description="carry the engine's motion frames across consecutive segments of one shot (seamless joins);"

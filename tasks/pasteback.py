@@ -88,11 +88,12 @@ def outside_psnr(
     clips: list[Clip],
     persons: tuple[PersonSpec, ...],
     feather_px: int = 16,
+    mask: str = "box",
 ) -> dict:
     """PSNR of the delivered picture against the source outside every animated person's feathered region:
     there the picture must stay the source, within encoding noise. Measured on PSNR_SAMPLES frames."""
     video, delivered = VideoFrames(ws.path(source)), VideoFrames(ws.path(pasted))
-    regions = Regions(clips, persons, (video.width, video.height), feather_px)
+    regions = Regions(clips, persons, (video.width, video.height), feather_px, mask)
     grid = video.grid25(np.arange(video.count))
     squared, pixels = 0.0, 0
     sample = np.unique(np.linspace(0, video.count - 1, min(PSNR_SAMPLES, video.count)).round().astype(int))

@@ -200,7 +200,12 @@ def canonical(value: Any) -> Any:
     raise TypeError(f"cannot hash stage input of type {type(value).__name__}")
 
 
-PROJECT_PACKAGES = ("engine", "tasks", "flows")
+PROJECT_PACKAGES = (
+    "engine",
+    "tasks",
+    "flows",
+    "tests",
+)  # tests: engines swapped in by DUBFLOW_ENGINE_OVERRIDES
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Packages whose version cannot change what a stage writes (orchestration, terminal output): upgrading
 # them must not re-render a season. Forgetting one here costs a recompute, never a stale artefact.

@@ -96,6 +96,22 @@ def test_a_video_is_dubbed_v2v_and_the_speaker_pasted_back(tmp_path, capsys, mon
         assert psnr(255 - a[inner], b[inner]) >= 25
 
 
+def test_the_person_mask_keeps_the_source_outside_the_silhouette(tmp_path, capsys, monkeypatch):
+    """render.mask: person: inside the region's rounded upper corners the picture stays the source, the
+    person's centre is the render, and nothing outside the region changes (the mask feathers inward)."""
+    monkeypatch.setenv("DUBFLOW_ENGINE_OVERRIDES", "infinitetalk=tests.footage_fixtures:stand_in_v2v")
+    source = write_moving_video(tmp_path / "clip.mp4", [i / 30 for i in range(48)])  # 1.6 s: 40 frames at 25
+    render = f"engine: infinitetalk, steps: 1, feather_px: {FEATHER}, mask: person"
+    unmatched = "stitch: {colour_match: false}\n"
+    record = _run(_manifest(tmp_path, "clip.mp4", BOX, render, 1.6, unmatched), tmp_path / "work", capsys)
+    got, _ = _check_pasted_back(record, source, BOX, 0)  # nothing changes outside the box itself
+    corner = (slice(BOX[1], BOX[1] + 3), slice(BOX[0], BOX[0] + 3))  # outside the rounded head outline
+    centre = (slice(30, 36), slice(57, 63))
+    for (_, a), (_, b) in zip(VideoFrames(source).iter_frames(), got.iter_frames(), strict=True):
+        assert psnr(a[corner], b[corner]) >= 35  # the source
+        assert psnr(255 - a[centre], b[centre]) >= 20 > psnr(a[centre], b[centre])  # the render
+
+
 def test_full_frame_delivers_the_render_scaled_to_the_source(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DUBFLOW_ENGINE_OVERRIDES", "infinitetalk=tests.footage_fixtures:stand_in_v2v")
     source = write_moving_video(tmp_path / "clip.mp4", [i / 30 for i in range(45)])
