@@ -53,6 +53,12 @@ def ffprobe_exe() -> str | None:
     return shutil.which("ffprobe")
 
 
+def media_arg(path: Path | str) -> str:
+    """A file path as ffmpeg/ffprobe must see it: absolute, so that a file named `-version` is not read
+    as an option, nor `pipe:0` or `http://...` as a protocol."""
+    return os.path.abspath(path)
+
+
 def run_ffmpeg(args: list[str], *, what: str) -> bytes:
     """Run ffmpeg quietly; on failure raise MediaError with the last line ffmpeg printed."""
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args]
@@ -106,11 +112,14 @@ def _probe_av(path: Path) -> MediaInfo:
     exe = ffprobe_exe()
     if exe is None:
         return _probe_with_soundfile(path)
-    cmd = [exe, "-v", "error", "-show_streams", "-show_format", "-of", "json", str(path)]
+    cmd = [exe, "-v", "error", "-show_streams", "-show_format", "-of", "json", "-i", media_arg(path)]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
         raise MediaError(f"{path}: not a readable media file")
-    data = json.loads(proc.stdout or b"{}")
+    try:
+        data = json.loads(proc.stdout or b"{}")
+    except json.JSONDecodeError:
+        raise MediaError(f"{path}: ffprobe gave no description of it; not a readable media file") from None
     streams = data.get("streams", [])
     video = next((s for s in streams if s.get("codec_type") == "video" and not _is_cover(s)), None)
     audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
@@ -167,7 +176,8 @@ def _probe_with_soundfile(path: Path) -> MediaInfo:
 def read_audio(path: Path, sample_rate: int) -> np.ndarray:
     """Decode any audio (or a video's sound) to mono float32 at `sample_rate`."""
     raw = run_ffmpeg(
-        ["-i", str(path), "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"], what=str(path)
+        ["-i", media_arg(path), "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"],
+        what=str(path),
     )
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
@@ -227,7 +237,8 @@ def count_video_frames(path: Path) -> int:
         "stream=nb_read_packets",
         "-of",
         "csv=p=0",
-        str(path),
+        "-i",
+        media_arg(path),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -260,7 +271,7 @@ def read_frames(path: Path, width: int, *, colour: bool = False) -> Iterator[np.
         "error",
         "-nostdin",
         "-i",
-        str(path),
+        media_arg(path),
         "-vf",
         f"fps={FPS},scale={width}:{height}",
     ]
@@ -462,7 +473,7 @@ def _decode_with_ffmpeg(path: Path, tmp: Path) -> Path:
             f"{path}: cannot decode this format without ffmpeg; install ffmpeg or convert to WAV"
         ) from None
     wav = tmp / "decoded.wav"
-    cmd = [exe, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-c:a", "pcm_f32le", str(wav)]
+    cmd = [exe, "-nostdin", "-v", "error", "-i", media_arg(path), "-vn", "-c:a", "pcm_f32le", media_arg(wav)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not wav.is_file():
         first = (done.stderr.strip().splitlines() or ["unknown format"])[-1]
