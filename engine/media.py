@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import struct
 import subprocess
 import tempfile
@@ -204,7 +206,9 @@ def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temp path beside `final`; rename it into place only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{final.stem}.{owner_tag()}", suffix=f".tmp{final.suffix}", dir=final.parent
+    )
     os.close(fd)
     tmp = Path(name)
     try:
@@ -213,6 +217,26 @@ def atomic_path(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def owner_tag() -> str:
+    """Marks a temp file or folder with the process that writes it (`pid123~host~`): once that process is
+    gone (killed with -9), the next run knows the file for scratch and removes it (Workspace.sweep)."""
+    return f"pid{os.getpid()}~{socket.gethostname()}~"
+
+
+def owner_is_gone(name: str) -> bool:
+    """Whether a name carries the owner tag of a process of this host that no longer runs."""
+    found = re.search(r"pid(\d+)~([^~/]+)~", name)
+    if found is None or found[2] != socket.gethostname():
+        return False  # not ours to judge: another host's process may be writing it
+    try:
+        os.kill(int(found[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
 
 
 def _umask() -> int:

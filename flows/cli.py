@@ -87,6 +87,8 @@ def _quiet_defaults() -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+        # Prefect waits 20 s for its temporary API server; a loaded host (a render on every core) needs more
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }.items():
         os.environ.setdefault(key, value)
 
@@ -134,12 +136,17 @@ def cmd_run(
 ) -> int:
     """Run the episode flow for a manifest."""
     from tasks.manifest import ManifestError, load_manifest
+    from tasks.workspace import Workspace, WorkspaceError
 
     try:
         loaded = load_manifest(file)
     except ManifestError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
+    try:  # before Prefect starts: a read-only workspace fails now, not after the first stages
+        Workspace(workspace).check_writable()
+    except WorkspaceError as exc:
+        return _fail(str(exc))
     return run_episode(loaded.path, workspace, wait_s=wait)
 
 
@@ -164,6 +171,9 @@ def _quiet_console() -> None:
         from prefect.logging.configuration import setup_logging
 
         setup_logging()
+    from flows import ephemeral
+
+    ephemeral.install()  # the temporary Prefect server dies with this command, even one killed with -9
 
 
 def _with_display(call) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from tasks.segment import EpisodePlan, plan_task
 from tasks.separate import resolve_separate_backend, separate_task, weights_revision
 from tasks.speakers import conform_task, timeline_task, tts_task
 from tasks.stitch import stitch_task
-from tasks.workspace import Blob, Workspace, artifact_key, blobs_in, code_version
+from tasks.workspace import DISK_FULL, Blob, DiskFull, Workspace, artifact_key, blobs_in, code_version
 
 heartbeats.install()  # flow runs end without waiting up to 1 s on the heartbeat thread
 
@@ -62,6 +63,7 @@ class StageRunner:
     notes: list[str] = field(default_factory=list)  # warnings carried into qc.json
     planned: list[int] = field(default_factory=list)  # segment indices of the plan (status: pending ones)
     force_segments: frozenset[int] = frozenset()  # re-render these even when cached (`rerun --segments`)
+    journal: dict | None = None  # the run's record: rewritten after each stage, for `status` after a kill
 
     def bind(self, tsk, name: str | None = None):
         options: dict[str, Any] = {"result_storage": self.ws.results_dir}
@@ -77,7 +79,12 @@ class StageRunner:
         """A state's result; a cached record whose blobs are gone or truncated is recomputed, never served."""
         if state.is_failed() or state.is_crashed():
             self.record(label, "failed", error=_error_text(state))
-            state.result()  # raises the stage's own error
+            try:
+                state.result()  # raises the stage's own error
+            except OSError as exc:
+                if exc.errno in DISK_FULL:
+                    raise DiskFull(label, exc) from exc
+                raise
         result = state.result()
         executed = state.name != "Cached"
         if not executed and not all(self.ws.has(b) for b in blobs_in(result)):
@@ -91,6 +98,9 @@ class StageRunner:
     def record(self, label: str, state: str, **info: Any) -> None:
         self.stages.append({"stage": label, "state": state, **info})
         self.progress.step(label, state)
+        if self.journal is not None:
+            progress = {"stages": self.stages, "planned_segments": self.planned}
+            self.ws.note_progress(self.episode, self.journal | progress)
 
 
 @flow(name="dub-episode", log_prints=True)
@@ -105,6 +115,7 @@ def dub_episode(
     `force_segments` re-renders those segments even when cached (`dubflow rerun --segments`)."""
     loaded = load_manifest(manifest, require_boxes=until != "bind")
     ws = Workspace(workspace)
+    ws.check_writable()
     with ws.lock(loaded.manifest.episode, wait_s=wait_s):
         return _run_episode(loaded, ws, until, frozenset(force_segments or ()))
 
@@ -119,6 +130,13 @@ def _run_episode(
     record: dict[str, Any] = {"episode": m.episode, "manifest": str(loaded.path), "started": started}
     if until:  # a look ahead (`dubflow plan`, `dubflow bind`): not a run of the episode, so no record
         return _stages(loaded, ws, runner, log, until)
+    for path in ws.sweep():
+        log.info(f"removed scratch left by a killed run: {path}")
+    if interrupted := ws.close_interrupted(m.episode):
+        log.warning(
+            f"the run started {interrupted.get('started')} was interrupted; its finished stages are reused"
+        )
+    runner.journal = record | {"pid": os.getpid()}
     try:
         summary = _stages(loaded, ws, runner, log, until)
         runner.progress.finish()
@@ -136,6 +154,7 @@ def _run_episode(
             "planned_segments": runner.planned,
         }
         ws.append_run(m.episode, record)
+        ws.end_progress(m.episode)
 
 
 def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, until: str | None) -> dict:
