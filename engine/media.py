@@ -10,10 +10,12 @@ the engines' 25 fps grid exactly.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -38,7 +40,13 @@ class MediaError(ValueError):
 
 @cache
 def ffmpeg_exe() -> str:
-    found = os.environ.get("FFMPEG_BINARY") or shutil.which("ffmpeg")
+    named = os.environ.get("FFMPEG_BINARY")
+    if named:
+        found = shutil.which(named)
+        if found is None:
+            raise MediaError(f"$FFMPEG_BINARY={named!r} is not an executable; fix it or unset it")
+        return found
+    found = shutil.which("ffmpeg")
     if found:
         return found
     try:
@@ -67,8 +75,18 @@ def run_ffmpeg(args: list[str], *, what: str) -> bytes:
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
         last = (proc.stderr.decode(errors="replace").strip().splitlines() or ["unknown error"])[-1]
+        _raise_if_disk_full(proc.returncode, last, args[-1])
         raise MediaError(f"{what}: ffmpeg failed: {last}")
     return proc.stdout
+
+
+def _raise_if_disk_full(returncode: int, message: str, output: str) -> None:
+    """ffmpeg stopped by a full disk or the file-size limit (SIGXFSZ) is a disk fault, not a media one:
+    an OSError naming the file, which the flow reports with its stage (tasks.workspace.DiskFull)."""
+    if returncode == -signal.SIGXFSZ:
+        raise OSError(errno.EFBIG, "File too large (the file-size limit)", output)
+    if "No space left on device" in message:
+        raise OSError(errno.ENOSPC, "No space left on device", output)
 
 
 @dataclass(frozen=True)

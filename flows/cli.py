@@ -94,14 +94,18 @@ def _quiet_defaults() -> None:
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
-    print(f"dubflow: {message}", file=sys.stderr)
+    from tasks.secrets import redact
+
+    print(f"dubflow: {redact(message)}", file=sys.stderr)
     return code
 
 
 def _fail_with(exc: BaseException, what: str) -> int:
     """One line for the user (`what failed: Type: first line`); the traceback too under --debug."""
     if _debug:
-        traceback.print_exception(exc, file=sys.stderr)
+        from tasks.secrets import redact
+
+        print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
     first = str(exc).splitlines()[0] if str(exc) else ""
     return _fail(f"{what}: {type(exc).__name__}: {first}")
 

@@ -32,6 +32,7 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 
 from engine.media import owner_is_gone, owner_tag
+from tasks.secrets import redact
 
 DEFAULT_ROOT = "dubflow-work"
 RUNNING = "running.json"  # episodes/<episode>/: the run in progress, stage by stage
@@ -139,6 +140,7 @@ class Workspace:
                 shutil.move(str(src), tmp)
             else:
                 shutil.copyfile(src, tmp)
+            kill_point("blob-write")
             os.replace(tmp, dest)
         except OSError as exc:  # a full disk: no half-written blob stays, and the error names the blob
             tmp.unlink(missing_ok=True)
@@ -201,7 +203,7 @@ class Workspace:
 
     def append_run(self, episode: str, record: dict) -> None:
         with open(self.episode_dir(episode) / "runs.jsonl", "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.write(json.dumps(redact(record), sort_keys=True) + "\n")
 
     def runs(self, episode: str) -> list[dict]:
         """The episode's finished runs, then the one in progress (state "running") or the one a kill cut
@@ -217,7 +219,7 @@ class Workspace:
         """The run so far, rewritten after every stage: what `status` shows if the run is killed."""
         path = self.episode_dir(episode) / RUNNING
         tmp = path.with_name(f".{RUNNING}.{owner_tag()}{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(record, sort_keys=True))
+        tmp.write_text(json.dumps(redact(record), sort_keys=True))
         os.replace(tmp, path)
 
     def end_progress(self, episode: str) -> None:
@@ -265,6 +267,26 @@ class Workspace:
             shutil.copyfile(self.path(blob), tmp)
         os.replace(tmp, dest)
         return dest
+
+
+_kill_counts: dict[str, int] = {}
+_kill_lock = threading.Lock()
+
+
+def kill_point(name: str) -> None:
+    """Fault injection for the kill suite (tests/test_faults.py, bench/faults.py): with
+    DUBFLOW_KILL_AT=name:N this process SIGKILLs itself the N-th time it passes `name` (a blob written
+    but not yet renamed into place). Unset, as in production, it is one environment lookup."""
+    spec = os.environ.get("DUBFLOW_KILL_AT", "")
+    point, _, count = spec.partition(":")
+    if point != name:
+        return
+    with _kill_lock:
+        _kill_counts[name] = _kill_counts.get(name, 0) + 1
+        if _kill_counts[name] >= int(count or 1):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def file_sha256(path: Path) -> str:
