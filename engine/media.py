@@ -109,6 +109,8 @@ def probe(path: Path) -> MediaInfo:
         raise MediaError(f"{path}: file not found")
     if path.is_dir():
         raise MediaError(f"{path}: is a directory, not a media file")
+    if not path.is_file():  # a FIFO would block ffprobe for ever, /dev/zero would feed it for ever
+        raise MediaError(f"{path}: not a regular file (a pipe or a device); give a media file")
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: file is empty")
     if path.suffix.lower() in IMAGE_SUFFIXES:

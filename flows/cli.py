@@ -411,11 +411,14 @@ def status_record(run: dict) -> dict:
 
 def _episode_name(file: Path) -> str | None:
     """The episode name alone: status must work even when media moved or the manifest no longer validates."""
+    from tasks.limits import Limits, LimitsError
+    from tasks.manifest import ManifestError, read_manifest_text
     from tasks.yamlmarks import YamlProblem, load_marked
 
     try:
-        data, _ = load_marked(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, YamlProblem):
+        limits = Limits.from_env()
+        data, _ = load_marked(read_manifest_text(file, limits.manifest_bytes), max_nodes=limits.yaml_nodes)
+    except (ManifestError, LimitsError, YamlProblem):
         return None
     episode = data.get("episode") if isinstance(data, dict) else None
     return episode if isinstance(episode, str) and episode and "/" not in episode else None

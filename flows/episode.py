@@ -137,6 +137,7 @@ def _run_episode(
             f"the run started {interrupted.get('started')} was interrupted; its finished stages are reused"
         )
     runner.journal = record | {"pid": os.getpid()}
+    ws.note_progress(m.episode, runner.journal | {"stages": [], "planned_segments": []})
     try:
         summary = _stages(loaded, ws, runner, log, until)
         runner.progress.finish()

@@ -193,3 +193,32 @@ def _alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.slow
+def test_the_fault_suite_quick_subset_survives_every_kill_and_fault(tmp_path):
+    """bench/faults.py --quick: kills (a random moment, a blob write), broken media, hostile manifests, a full
+    disk, a failing render, out of memory, missing ffmpeg and weights, and the HF token in no output."""
+    report = tmp_path / "faults.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "faults.py"),
+        "--kills",
+        "3",
+        "--quick",
+        "--json",
+        str(report),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=tmp_path)
+    assert report.exists(), done.stdout[-2000:] + done.stderr[-2000:]
+    tallies = json.loads(report.read_text())
+    assert [t["name"] for t in tallies] == [
+        "hostile manifests rejected",
+        "bad media handled",
+        "kills survived (nothing lost or redone)",
+        "faults survived",
+        "outputs free of the HF token",
+    ]
+    for tally in tallies:
+        assert tally["total"] > 0 and tally["passed"] == tally["total"], (tally["name"], tally["failures"])
