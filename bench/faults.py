@@ -406,7 +406,7 @@ def _leftovers(ws: Path) -> list[str]:
 
 def faults(root: Path, env: dict[str, str], ref: Reference, *, quick: bool) -> Tally:
     tally = Tally("faults survived")
-    cases = [_full_disk, _render_fails, _out_of_memory, _missing_ffmpeg, _missing_weights]
+    cases = [_two_episodes, _full_disk, _render_fails, _out_of_memory, _missing_ffmpeg, _missing_weights]
     if not quick:
         cases.append(_api_gone)
     for case in cases:
@@ -418,6 +418,32 @@ def faults(root: Path, env: dict[str, str], ref: Reference, *, quick: bool) -> T
 
 def _one_line(code: int, err: str, *needles: str) -> bool:
     return code != 0 and err.count("\n") == 1 and "Traceback" not in err and all(n in err for n in needles)
+
+
+def _two_episodes(ws: Path, env: dict[str, str], ref: Reference):
+    """Two episodes of the same media at once in one workspace: both complete, every blob matches its hash."""
+    other = ref.manifest.with_name("k2.yaml")
+    other.write_text(ref.manifest.read_text().replace("episode: k\n", "episode: k2\n"))
+    runs = [
+        subprocess.Popen(
+            [*CLI, "run", str(m), "--workspace", str(ws)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for m in (ref.manifest, other)
+    ]
+    codes = [proc.wait(timeout=900) for proc in runs]
+    _outputs.extend(proc.stderr.read() for proc in runs)
+    second = ws / "episodes" / "k2" / "out" / "k2.mp4"
+    same = second.is_file() and hashlib.sha256(second.read_bytes()).hexdigest() == ref.sha
+    bad, left = _bad_blobs(ws), _leftovers(ws)
+    ok = codes == [0, 0] and _delivered(ws) == ref.sha and same and not bad and not left
+    return (
+        ok,
+        f"exits {codes}, both delivered the reference bytes: {same}, bad blobs {bad[:2]}, left {left[:2]}",
+    )
 
 
 def _full_disk(ws: Path, env: dict[str, str], ref: Reference):

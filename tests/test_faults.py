@@ -88,6 +88,35 @@ def test_a_blob_write_past_the_file_size_limit_leaves_no_temp_and_names_the_blob
     assert not [n for n in left if ".tmp" in n], left
 
 
+def _store_many(root: str, seed: int) -> list[str]:
+    """One process of the concurrency test: 40 blobs, half shared with the other processes."""
+    import random
+
+    ws = Workspace(root)
+    rng = random.Random(seed)
+    names = []
+    for i in range(40):
+        data = f"shared {i}".encode() * 5000 if i % 2 else rng.randbytes(20_000)
+        names.append(ws.put_bytes(data, ".bin").relpath)
+    return names
+
+
+def test_processes_storing_at_once_never_leave_two_contents_under_one_hash(tmp_path):
+    import hashlib
+    from concurrent.futures import ProcessPoolExecutor
+
+    root = str(tmp_path / "ws")
+    Workspace(root)
+    with ProcessPoolExecutor(4) as pool:
+        stored = [n for names in pool.map(_store_many, [root] * 4, range(4)) for n in names]
+    for rel in set(stored):
+        path = Path(root) / rel
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name.split(".")[0]
+    assert len(set(stored)) == 4 * 20 + 20  # 20 distinct per process, 20 shared by all
+    assert not list((Path(root) / "tmp").iterdir())
+    assert not [p for p in Path(root).rglob("*") if ".tmp" in p.name]
+
+
 def test_disk_full_names_the_stage_and_the_file():
     error = DiskFull(
         "separate[dialogue]", OSError(errno.ENOSPC, "No space left on device", "/ws/store/ab/x.wav")
