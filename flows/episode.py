@@ -144,9 +144,14 @@ def _run_episode(
         record |= {"state": "completed", **summary}
         return record
     except Exception as exc:
-        record |= {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        error = exc
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:  # the flow's own writes: the inputs' ingest
+            error = DiskFull("ingest (inputs into the store)", exc)
+        record |= {"state": "failed", "error": f"{type(error).__name__}: {error}"}
         if isinstance(exc, SegmentsFailed):
             record["failed_segments"] = sorted(exc.failed)
+        if error is not exc:
+            raise error from exc
         raise
     finally:
         record |= {
