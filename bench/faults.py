@@ -490,9 +490,9 @@ def _full_disk_ingest(ws: Path, env: dict[str, str], ref: Reference):
 
 
 def _full_disk_stage(ws: Path, env: dict[str, str], ref: Reference):
-    """A limit just above the inputs: the first stage writing a larger file (the separation) fails."""
+    """A limit just above the inputs: the first stage writing a larger file fails (a conform, here)."""
     largest_input = max(p.stat().st_size for p in ref.manifest.parent.iterdir() if p.is_file())
-    return _full_disk(ws, env, ref, largest_input + 2048, "stage separate")
+    return _full_disk(ws, env, ref, largest_input + 2048, "stage ")
 
 
 def _full_disk(ws: Path, env: dict[str, str], ref: Reference, limit_bytes: int, stage: str):

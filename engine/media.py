@@ -556,7 +556,10 @@ class FloatWavWriter:
     def write(self, block: np.ndarray) -> None:
         """block: (channels, n) or (n,) float."""
         frames = block.T if block.ndim == 2 else block[:, None]
-        self.file.write(np.ascontiguousarray(frames, dtype="<f4").tobytes())
+        try:
+            self.file.write(np.ascontiguousarray(frames, dtype="<f4").tobytes())
+        except OSError as exc:  # a full disk: name the file being written, not only the errno
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self.frames += frames.shape[0]
 
     def __enter__(self) -> FloatWavWriter:

@@ -83,7 +83,7 @@ class StageRunner:
                 state.result()  # raises the stage's own error
             except OSError as exc:
                 if exc.errno in DISK_FULL:
-                    raise DiskFull(label, exc) from exc
+                    raise DiskFull(label, exc, self.ws.root) from exc
                 raise
         result = state.result()
         executed = state.name != "Cached"
@@ -146,7 +146,7 @@ def _run_episode(
     except Exception as exc:
         error = exc
         if isinstance(exc, OSError) and exc.errno in DISK_FULL:  # the flow's own writes: the inputs' ingest
-            error = DiskFull("ingest (inputs into the store)", exc)
+            error = DiskFull("ingest (inputs into the store)", exc, ws.root)
         record |= {"state": "failed", "error": f"{type(error).__name__}: {error}"}
         if isinstance(exc, SegmentsFailed):
             record["failed_segments"] = sorted(exc.failed)

@@ -66,9 +66,9 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 class DiskFull(WorkspaceError):
     """A stage could not write its output: it names the stage and the file."""
 
-    def __init__(self, stage: str, exc: OSError):
-        self.stage, self.path = stage, exc.filename
-        where = f" writing {exc.filename}" if exc.filename else ""
+    def __init__(self, stage: str, exc: OSError, workspace: Path | None = None):
+        self.stage, self.path = stage, exc.filename or workspace
+        where = f" writing {self.path}" if self.path else ""
         super().__init__(
             f"stage {stage}: {exc.strerror or 'no space left'}{where}; free space on that disk (or raise the "
             "file-size limit) and run again: finished stages are kept"
