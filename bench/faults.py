@@ -131,6 +131,9 @@ def hostile_manifests(root: Path, env: dict[str, str]) -> Tally:
     (folder / "good.yaml").write_text(GOOD)
     base_s, base_kb = _validate(folder, "good.yaml", env)[1:]
     tally, worst_s, worst_kb = Tally("hostile manifests rejected"), (0.0, ""), (0, "")
+    _in_process_seconds(
+        folder, folder / "good.yaml"
+    )  # the first call pays the imports: not a manifest's cost
     worst_in, base_in = (0.0, ""), _in_process_seconds(folder, folder / "good.yaml")
     for case in hostile_cases():
         path = case.make(folder)

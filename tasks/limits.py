@@ -4,7 +4,7 @@ They come from the environment of the host that runs the batch, never from the m
 manifest must not raise its own limits):
 
   DUBFLOW_MAX_MANIFEST_BYTES   size of the manifest file                 (default 1 MiB)
-  DUBFLOW_MAX_YAML_NODES       scalars, lists and mappings in it          (default 100000)
+  DUBFLOW_MAX_YAML_NODES       scalars, lists and mappings in it          (default 50000)
   DUBFLOW_MAX_EPISODE_S        duration of the source video, seconds      (default 14400: 4 h)
   DUBFLOW_MAX_RESOLUTION       longest side of the source picture, pixels (default 4096)
   DUBFLOW_MAX_SEGMENTS         segments in the plan                       (default 2000)
@@ -24,7 +24,7 @@ class LimitsError(ValueError):
 @dataclass(frozen=True)
 class Limits:
     manifest_bytes: int = 1 << 20
-    yaml_nodes: int = 100_000
+    yaml_nodes: int = 50_000
     episode_s: float = 4 * 3600.0
     resolution: int = 4096
     segments: int = 2000

@@ -148,7 +148,7 @@ def hostile_cases() -> list[Case]:
         Case(
             "200k-item list (under the size cap)",
             _text("episode: x\nspeakers: [" + "1," * 200_000 + "1]\n"),
-            "more than 100000 nodes",
+            "more than 50000 nodes",
             2,
         ),
         Case("alias bomb", _text("a: &a [1, 2]\nb: [*a, *a]\n"), "anchors", 1),
