@@ -353,7 +353,8 @@ def _verify(ws: Path, ref: Reference, code: int, err: str, orphans: list[int], s
     done = {s["stage"] for s in killed.get("stages", []) if s["state"] in ("executed", "cached")}
     redone = [s["stage"] for s in rerun["stages"] if s["stage"] in done and s["state"] == "executed"]
     problems = []
-    if killed and (shown != "interrupted" or killed.get("state") != "interrupted"):
+    finished = killed.get("state") == "completed"  # killed while exiting, after its record: nothing lost
+    if killed and not finished and (shown != "interrupted" or killed.get("state") != "interrupted"):
         problems.append(f"status said {shown!r}, history {killed.get('state')!r}")
     if not killed and shown is not None:  # killed before the flow began: there is no run to show
         problems.append(f"status said {shown!r} of a run that never started")

@@ -259,6 +259,8 @@ class Workspace:
         """A readable name for a blob under episodes/<episode>/out/ (a hard link, else a copy)."""
         dest = self.episode_dir(episode) / "out" / name
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_file() and os.path.samefile(dest, self.path(blob)):
+            return dest  # linked already (an unchanged re-run)
         tmp = dest.with_name(f".{dest.name}.tmp")
         tmp.unlink(missing_ok=True)
         try:
@@ -266,6 +268,9 @@ class Workspace:
         except OSError:
             shutil.copyfile(self.path(blob), tmp)
         os.replace(tmp, dest)
+        tmp.unlink(
+            missing_ok=True
+        )  # rename does nothing when both names are links to one file: no stray temp
         return dest
 
 

@@ -57,6 +57,17 @@ def test_sweep_removes_the_scratch_of_dead_processes_only(tmp_path):
     assert live.exists() and foreign.exists() and legacy.exists()
 
 
+def test_linking_an_output_again_leaves_no_temp_beside_it(tmp_path):
+    """rename() is a no-op when both names are links to one file: an unchanged re-run left `.k.mp4.tmp`."""
+    ws = Workspace(tmp_path)
+    blob = ws.put_bytes(b"picture", ".mp4")
+    for _ in range(2):
+        assert ws.link("e1", "e1.mp4", blob).read_bytes() == b"picture"
+    other = ws.put_bytes(b"another picture", ".mp4")
+    assert ws.link("e1", "e1.mp4", other).read_bytes() == b"another picture"
+    assert sorted(p.name for p in (ws.root / "episodes" / "e1" / "out").iterdir()) == ["e1.mp4"]
+
+
 def test_scratch_folders_carry_their_process(tmp_path):
     ws = Workspace(tmp_path)
     with ws.scratch() as folder:
