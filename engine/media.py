@@ -10,9 +10,13 @@ the engines' 25 fps grid exactly.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import tempfile
@@ -36,7 +40,13 @@ class MediaError(ValueError):
 
 @cache
 def ffmpeg_exe() -> str:
-    found = os.environ.get("FFMPEG_BINARY") or shutil.which("ffmpeg")
+    named = os.environ.get("FFMPEG_BINARY")
+    if named:
+        found = shutil.which(named)
+        if found is None:
+            raise MediaError(f"$FFMPEG_BINARY={named!r} is not an executable; fix it or unset it")
+        return found
+    found = shutil.which("ffmpeg")
     if found:
         return found
     try:
@@ -53,14 +63,30 @@ def ffprobe_exe() -> str | None:
     return shutil.which("ffprobe")
 
 
+def media_arg(path: Path | str) -> str:
+    """A file path as ffmpeg/ffprobe must see it: absolute, so that a file named `-version` is not read
+    as an option, nor `pipe:0` or `http://...` as a protocol."""
+    return os.path.abspath(path)
+
+
 def run_ffmpeg(args: list[str], *, what: str) -> bytes:
     """Run ffmpeg quietly; on failure raise MediaError with the last line ffmpeg printed."""
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
         last = (proc.stderr.decode(errors="replace").strip().splitlines() or ["unknown error"])[-1]
+        _raise_if_disk_full(proc.returncode, last, args[-1])
         raise MediaError(f"{what}: ffmpeg failed: {last}")
     return proc.stdout
+
+
+def _raise_if_disk_full(returncode: int, message: str, output: str) -> None:
+    """ffmpeg stopped by a full disk or the file-size limit (SIGXFSZ) is a disk fault, not a media one:
+    an OSError naming the file, which the flow reports with its stage (tasks.workspace.DiskFull)."""
+    if returncode == -signal.SIGXFSZ:
+        raise OSError(errno.EFBIG, "File too large (the file-size limit)", output)
+    if "No space left on device" in message:
+        raise OSError(errno.ENOSPC, "No space left on device", output)
 
 
 @dataclass(frozen=True)
@@ -83,6 +109,8 @@ def probe(path: Path) -> MediaInfo:
         raise MediaError(f"{path}: file not found")
     if path.is_dir():
         raise MediaError(f"{path}: is a directory, not a media file")
+    if not path.is_file():  # a FIFO would block ffprobe for ever, /dev/zero would feed it for ever
+        raise MediaError(f"{path}: not a regular file (a pipe or a device); give a media file")
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: file is empty")
     if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -106,11 +134,14 @@ def _probe_av(path: Path) -> MediaInfo:
     exe = ffprobe_exe()
     if exe is None:
         return _probe_with_soundfile(path)
-    cmd = [exe, "-v", "error", "-show_streams", "-show_format", "-of", "json", str(path)]
+    cmd = [exe, "-v", "error", "-show_streams", "-show_format", "-of", "json", "-i", media_arg(path)]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
         raise MediaError(f"{path}: not a readable media file")
-    data = json.loads(proc.stdout or b"{}")
+    try:
+        data = json.loads(proc.stdout or b"{}")
+    except json.JSONDecodeError:
+        raise MediaError(f"{path}: ffprobe gave no description of it; not a readable media file") from None
     streams = data.get("streams", [])
     video = next((s for s in streams if s.get("codec_type") == "video" and not _is_cover(s)), None)
     audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
@@ -167,7 +198,8 @@ def _probe_with_soundfile(path: Path) -> MediaInfo:
 def read_audio(path: Path, sample_rate: int) -> np.ndarray:
     """Decode any audio (or a video's sound) to mono float32 at `sample_rate`."""
     raw = run_ffmpeg(
-        ["-i", str(path), "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"], what=str(path)
+        ["-i", media_arg(path), "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"],
+        what=str(path),
     )
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
@@ -239,7 +271,9 @@ def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temp path beside `final`; rename it into place only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{final.stem}.{owner_tag()}", suffix=f".tmp{final.suffix}", dir=final.parent
+    )
     os.close(fd)
     tmp = Path(name)
     try:
@@ -248,6 +282,32 @@ def atomic_path(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def host_name() -> str:
+    """This host's name in leases, temp files and worker names ($DUBFLOW_HOST where hosts share a hostname,
+    e.g. containers, or the network namespaces of tests/test_farm_netns.py)."""
+    return os.environ.get("DUBFLOW_HOST") or socket.gethostname()
+
+
+def owner_tag() -> str:
+    """Marks a temp file or folder with the process that writes it (`pid123~host~`): once that process is
+    gone (killed with -9), the next run knows the file for scratch and removes it (Workspace.sweep)."""
+    return f"pid{os.getpid()}~{host_name()}~"
+
+
+def owner_is_gone(name: str) -> bool:
+    """Whether a name carries the owner tag of a process of this host that no longer runs."""
+    found = re.search(r"pid(\d+)~([^~/]+)~", name)
+    if found is None or found[2] != host_name():
+        return False  # not ours to judge: another host's process may be writing it
+    try:
+        os.kill(int(found[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
 
 
 def _umask() -> int:
@@ -272,7 +332,8 @@ def count_video_frames(path: Path) -> int:
         "stream=nb_read_packets",
         "-of",
         "csv=p=0",
-        str(path),
+        "-i",
+        media_arg(path),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -305,7 +366,7 @@ def read_frames(path: Path, width: int, *, colour: bool = False) -> Iterator[np.
         "error",
         "-nostdin",
         "-i",
-        str(path),
+        media_arg(path),
         "-vf",
         f"fps={FPS},scale={width}:{height}",
     ]
@@ -526,7 +587,7 @@ def _decode_with_ffmpeg(path: Path, tmp: Path) -> Path:
             f"{path}: cannot decode this format without ffmpeg; install ffmpeg or convert to WAV"
         ) from None
     wav = tmp / "decoded.wav"
-    cmd = [exe, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-c:a", "pcm_f32le", str(wav)]
+    cmd = [exe, "-nostdin", "-v", "error", "-i", media_arg(path), "-vn", "-c:a", "pcm_f32le", media_arg(wav)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not wav.is_file():
         first = (done.stderr.strip().splitlines() or ["unknown format"])[-1]
@@ -565,7 +626,10 @@ class FloatWavWriter:
     def write(self, block: np.ndarray) -> None:
         """block: (channels, n) or (n,) float."""
         frames = block.T if block.ndim == 2 else block[:, None]
-        self.file.write(np.ascontiguousarray(frames, dtype="<f4").tobytes())
+        try:
+            self.file.write(np.ascontiguousarray(frames, dtype="<f4").tobytes())
+        except OSError as exc:  # a full disk: name the file being written, not only the errno
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self.frames += frames.shape[0]
 
     def __enter__(self) -> FloatWavWriter:

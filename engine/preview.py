@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from engine.base import AUDIO_RATE, FPS, Box, JobError, ProgressHook, RenderJob, RenderResult
+from engine.media import media_arg
 from engine.video import Mp4Writer
 
 SAMPLES_PER_FRAME = AUDIO_RATE // FPS  # 640
@@ -127,7 +128,7 @@ def _decode_video(ffmpeg: str, path: Path, start: int, frames: int, width: int, 
         "-ss",
         f"{start / FPS:.3f}",
         "-i",
-        str(path),
+        media_arg(path),
         "-vf",
         f"fps={FPS},scale={width}:{height}",
         "-frames:v",

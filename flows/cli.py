@@ -87,19 +87,25 @@ def _quiet_defaults() -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+        # Prefect waits 20 s for its temporary API server; a loaded host (a render on every core) needs more
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }.items():
         os.environ.setdefault(key, value)
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
-    print(f"dubflow: {message}", file=sys.stderr)
+    from tasks.secrets import redact
+
+    print(f"dubflow: {redact(message)}", file=sys.stderr)
     return code
 
 
 def _fail_with(exc: BaseException, what: str) -> int:
     """One line for the user (`what failed: Type: first line`); the traceback too under --debug."""
     if _debug:
-        traceback.print_exception(exc, file=sys.stderr)
+        from tasks.secrets import redact
+
+        print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
     first = str(exc).splitlines()[0] if str(exc) else ""
     return _fail(f"{what}: {type(exc).__name__}: {first}")
 
@@ -134,12 +140,17 @@ def cmd_run(
 ) -> int:
     """Run the episode flow for a manifest."""
     from tasks.manifest import ManifestError, load_manifest
+    from tasks.workspace import Workspace, WorkspaceError
 
     try:
         loaded = load_manifest(file)
     except ManifestError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
+    try:  # before Prefect starts: a read-only workspace fails now, not after the first stages
+        Workspace(workspace).check_writable()
+    except WorkspaceError as exc:
+        return _fail(str(exc))
     return run_episode(loaded.path, workspace, wait_s=wait)
 
 
@@ -164,6 +175,9 @@ def _quiet_console() -> None:
         from prefect.logging.configuration import setup_logging
 
         setup_logging()
+    from flows import ephemeral
+
+    ephemeral.install()  # the temporary Prefect server dies with this command, even one killed with -9
 
 
 def _with_display(call) -> int:
@@ -444,11 +458,14 @@ def status_record(run: dict) -> dict:
 
 def _episode_name(file: Path) -> str | None:
     """The episode name alone: status must work even when media moved or the manifest no longer validates."""
+    from tasks.limits import Limits, LimitsError
+    from tasks.manifest import ManifestError, read_manifest_text
     from tasks.yamlmarks import YamlProblem, load_marked
 
     try:
-        data, _ = load_marked(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, YamlProblem):
+        limits = Limits.from_env()
+        data, _ = load_marked(read_manifest_text(file, limits.manifest_bytes), max_nodes=limits.yaml_nodes)
+    except (ManifestError, LimitsError, YamlProblem):
         return None
     episode = data.get("episode") if isinstance(data, dict) else None
     return episode if isinstance(episode, str) and episode and "/" not in episode else None

@@ -77,6 +77,10 @@ def format_status(status: dict) -> str:
     ]
     if status.get("error"):
         lines.append(f"  error: {status['error']}")
+    if status["state"] == "interrupted":
+        lines.append(
+            "  the run was killed before it finished; `dubflow run` resumes it (finished stages are reused)"
+        )
     stages = Table("stage", "state", box=box.SIMPLE_HEAD, pad_edge=False)
     for stage in status["stages"]:
         _add_row(stages, stage["stage"], stage["state"])

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,16 @@ from tasks.segment import EpisodePlan, plan_task
 from tasks.separate import resolve_separate_backend, separate_task, weights_revision
 from tasks.speakers import MIX_RATE, conform_task, timeline_task
 from tasks.stitch import stitch_task
-from tasks.workspace import Blob, Workspace, artifact_key, blobs_in, code_version, file_sha256
+from tasks.workspace import (
+    DISK_FULL,
+    Blob,
+    DiskFull,
+    Workspace,
+    artifact_key,
+    blobs_in,
+    code_version,
+    file_sha256,
+)
 
 heartbeats.install()  # flow runs end without waiting up to 1 s on the heartbeat thread
 
@@ -77,6 +87,7 @@ class StageRunner:
     force_segments: frozenset[int] = frozenset()  # re-render these even when cached (`rerun --segments`)
     tts_backend: str | None = None  # lines mode: the backend that spoke the lines
     fitted: list = field(default_factory=list)  # lines mode: tasks.lines.FittedLine of every line
+    journal: dict | None = None  # the run's record: rewritten after each stage, for `status` after a kill
 
     def bind(self, tsk, name: str | None = None):
         options: dict[str, Any] = {"result_storage": self.ws.results_dir}
@@ -92,7 +103,12 @@ class StageRunner:
         """A state's result; a cached record whose blobs are gone or truncated is recomputed, never served."""
         if state.is_failed() or state.is_crashed():
             self.record(label, "failed", error=_error_text(state))
-            state.result()  # raises the stage's own error
+            try:
+                state.result()  # raises the stage's own error
+            except OSError as exc:
+                if exc.errno in DISK_FULL:
+                    raise DiskFull(label, exc, self.ws.root) from exc
+                raise
         result = state.result()
         executed = state.name != "Cached"
         if not executed and not all(self.ws.has(b) for b in blobs_in(result)):
@@ -106,6 +122,9 @@ class StageRunner:
     def record(self, label: str, state: str, **info: Any) -> None:
         self.stages.append({"stage": label, "state": state, **info})
         self.progress.step(label, state)
+        if self.journal is not None:
+            progress = {"stages": self.stages, "planned_segments": self.planned}
+            self.ws.note_progress(self.episode, self.journal | progress)
 
 
 @flow(name="dub-episode", log_prints=True)
@@ -120,6 +139,7 @@ def dub_episode(
     `force_segments` re-renders those segments even when cached (`dubflow rerun --segments`)."""
     loaded = load_manifest(manifest, require_boxes=until != "bind")
     ws = Workspace(workspace)
+    ws.check_writable()
     with ws.lock(loaded.manifest.episode, wait_s=wait_s):
         return _run_episode(loaded, ws, until, frozenset(force_segments or ()))
 
@@ -134,17 +154,30 @@ def _run_episode(
     record: dict[str, Any] = {"episode": m.episode, "manifest": str(loaded.path), "started": started}
     if until:  # a look ahead (`dubflow plan`, `dubflow bind`): not a run of the episode, so no record
         return _stages(loaded, ws, runner, log, until)
+    for path in ws.sweep():
+        log.info(f"removed scratch left by a killed run: {path}")
+    if interrupted := ws.close_interrupted(m.episode):
+        log.warning(
+            f"the run started {interrupted.get('started')} was interrupted; its finished stages are reused"
+        )
+    runner.journal = record | {"pid": os.getpid()}
+    ws.note_progress(m.episode, runner.journal | {"stages": [], "planned_segments": []})
     try:
         summary = _stages(loaded, ws, runner, log, until)
         runner.progress.finish()
         record |= {"state": "completed", **summary}
         return record
     except Exception as exc:
-        record |= {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        error = exc
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:  # the flow's own writes: the inputs' ingest
+            error = DiskFull("ingest (inputs into the store)", exc, ws.root)
+        record |= {"state": "failed", "error": f"{type(error).__name__}: {error}"}
         if isinstance(exc, SegmentsFailed):
             record["failed_segments"] = sorted(exc.failed)
         if isinstance(exc, QcFailed):
             record |= exc.summary
+        if error is not exc:
+            raise error from exc
         raise
     finally:
         record |= {
@@ -153,6 +186,7 @@ def _run_episode(
             "planned_segments": runner.planned,
         }
         ws.append_run(m.episode, record)
+        ws.end_progress(m.episode)
 
 
 def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, until: str | None) -> dict:

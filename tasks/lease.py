@@ -15,23 +15,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from engine.media import host_name
+
 DEFAULT_LEASE_S = 30.0
 
 
 class LeaseBusy(RuntimeError):
     """Another process (on this host or another) holds the lease; the message names it."""
-
-
-def host_name() -> str:
-    """This host's name in leases and temp files ($DUBFLOW_HOST where containers share one hostname)."""
-    return os.environ.get("DUBFLOW_HOST") or socket.gethostname()
 
 
 def lease_seconds() -> float:
@@ -62,6 +58,15 @@ def hold_lease(path: Path, *, wait_s: float = 0.0, lease_s: float | None = None)
         beat.join()
         if (_read(path) or {}).get("token") == record["token"]:
             path.unlink(missing_ok=True)
+
+
+def lease_held(path: Path, lease_s: float | None = None) -> bool:
+    """Whether a live holder has the lease: its file exists and has not expired (a holder of this host whose
+    process is gone, or no renewal within the lease, does not count)."""
+    record = _read(path)
+    if record is None:
+        return False
+    return not _expired(path, record, lease_s or lease_seconds())
 
 
 def holder_text(record: dict | None) -> str:

@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.media import MediaError, MediaInfo, VideoFrames, check_wav_complete, probe
+from tasks.limits import Limits, LimitsError, env_name
 from tasks.yamlmarks import Mark, YamlProblem, load_marked
 
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -38,6 +50,10 @@ BoxList = Annotated[
         description="x0, y0, x1, y1 in source pixels: the person's region (head, neck and shoulders), not the face",
     ),
 ]
+# Seeds reach numpy and torch generators: a whole number in numpy's range, and `seed: yes` is not one
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, strict=True)]
+# Guidance scales: finite, and within what the engines were trained for (a scale of 1e6 burns every frame)
+Scale = Annotated[float, Field(ge=0, le=50, allow_inf_nan=False)]
 
 
 class TimedBoxSpec(Strict):
@@ -52,7 +68,13 @@ class TimedBoxSpec(Strict):
 class Speaker(Strict):
     id: str = Field(pattern=SLUG, description="name used everywhere for this speaker's track")
     name: str | None = Field(None, description="display name (defaults to id)")
-    box: BoxList | list[TimedBoxSpec] | None = Field(
+    box: (
+        Annotated[
+            Annotated[BoxList, Tag("list[int]")] | Annotated[list[TimedBoxSpec], Tag("list[TimedBoxSpec]")],
+            Discriminator(lambda v: "list[TimedBoxSpec]" if _is_timed(v) else "list[int]"),
+        ]
+        | None
+    ) = Field(
         None,
         description="this person's region on screen: the whole head with room to move, neck and shoulders"
         " (the engine routes the voice to it, paste-back composites inside it), never another person's face;"
@@ -71,6 +93,13 @@ class Speaker(Strict):
         if isinstance(self.box, list) and self.box and isinstance(self.box[0], TimedBoxSpec):
             return [{"from": b.start, "to": b.end, "box": list(b.box)} for b in self.box]
         return None if self.box is None else list(self.box)
+
+
+def _is_timed(value: object) -> bool:
+    """A box given as [{from, to, box}, ...] rather than [x0, y0, x1, y1]: one kind of error, not both."""
+    if isinstance(value, TimedBoxSpec):
+        return True
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict | TimedBoxSpec)
 
 
 class Line(Strict):
@@ -123,7 +152,7 @@ class TtsSettings(Strict):
 class SegmentOverride(Strict):
     """Settings for one planned segment, e.g. another seed for a re-render (`dubflow rerun --segments`)."""
 
-    seed: int | None = Field(None, ge=0)
+    seed: Seed | None = None
     steps: int | None = Field(None, ge=1, le=200)
 
 
@@ -158,13 +187,13 @@ class RenderSettings(Strict):
     )
     size: Literal[480, 720] = 480
     steps: int = Field(8, ge=1, le=200)
-    seed: int = Field(7, ge=0)
+    seed: Seed = 7
     max_segment_s: Literal["auto"] | Annotated[float, Field(gt=0.5, le=600, allow_inf_nan=False)] = "auto"
     min_gap_s: float = Field(0.3, ge=0.08, le=5, allow_inf_nan=False)
     prompt: str = "Two people talking, natural expressions, steady camera."
-    text_scale: float = Field(5.0, ge=0)
-    audio_scale: float = Field(4.0, ge=0)
-    overrides: dict[int, SegmentOverride] = Field(
+    text_scale: Scale = 5.0
+    audio_scale: Scale = 4.0
+    overrides: dict[Annotated[int, Field(ge=0)], SegmentOverride] = Field(
         default_factory=dict, description="per-segment settings by segment index, e.g. {7: {seed: 11}}"
     )
     # speed and memory of the multitalk / infinitetalk engines (engine/multitalk/README.md, "Speed")
@@ -358,13 +387,17 @@ class LoadedManifest:
 
 
 def load_manifest(
-    path: Path | str, *, check_media: bool = True, require_boxes: bool = True
+    path: Path | str, *, check_media: bool = True, require_boxes: bool = True, limits: Limits | None = None
 ) -> LoadedManifest:
-    """Parse, validate and cross-check a manifest; `require_boxes=False` for `dubflow bind --propose`."""
+    """Parse, validate and cross-check a manifest; `require_boxes=False` for `dubflow bind --propose`.
+
+    Every problem is reported in one pass: the values that fail their types are set aside and the
+    cross-field and media checks still run on the rest."""
     path = Path(path)
-    text = _read_text(path)
+    limits = limits or _limits(path)
+    text = read_manifest_text(path, limits.manifest_bytes)
     try:
-        data, builder = load_marked(text)
+        data, builder = load_marked(text, max_nodes=limits.yaml_nodes)
     except YamlProblem as exc:
         raise ManifestError(path, [Problem(exc.line, exc.column, "", str(exc))]) from None
     if not isinstance(data, dict):
@@ -374,39 +407,185 @@ def load_manifest(
         )
     locate = _Locator(builder.marks, builder.key_marks)
     try:
-        manifest = Manifest.model_validate(data)
+        manifest, typed, salvage = Manifest.model_validate(data), [], _Salvage({}, [])
     except ValidationError as exc:
-        problems = [_from_pydantic(err, locate) for err in exc.errors()]
-        if check_media:  # the models failed, but missing media are worth reporting in the same pass
-            problems += _raw_media_problems(data, path.parent, locate, {(p.line, p.column) for p in problems})
-        raise ManifestError(path, sorted(problems, key=lambda p: (p.line, p.column))) from None
+        typed = [_from_pydantic(err, locate) for err in exc.errors()]
+        salvage = _salvage(data, exc.errors())
+        manifest = salvage.manifest
+    if manifest is None:  # nothing left to cross-check; missing media are still worth reporting
+        if check_media:
+            typed += _raw_media_problems(data, path.parent, locate, {(p.line, p.column) for p in typed})
+        raise ManifestError(path, sorted(typed, key=lambda p: (p.line, p.column)))
     manifest = _resolve_paths(manifest, path.parent)
-    problems, source_info = _cross_check(manifest, locate, check_media, require_boxes)
+    locate.kept, locate.cut = salvage.kept, salvage.cut
+    problems, source_info = _cross_check(manifest, locate, check_media, require_boxes, limits)
+    problems = sorted(typed + problems, key=lambda p: (p.line, p.column))
     if problems:
         raise ManifestError(path, problems)
     return LoadedManifest(path.resolve(), manifest, source_info)
 
 
-def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise ManifestError(path, [Problem(1, 1, "", "file not found")])
-    if path.is_dir():
-        raise ManifestError(path, [Problem(1, 1, "", "is a directory; give the manifest's .yaml file")])
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise ManifestError(path, [Problem(1, 1, "", "binary data, not a YAML text file")])
+def _limits(path: Path) -> Limits:
+    try:
+        return Limits.from_env()
+    except LimitsError as exc:
+        raise _whole_file(path, f"cannot check this manifest: {exc}") from None
+
+
+def read_manifest_text(path: Path, max_bytes: int) -> str:
+    """The manifest's text, bounded before any parsing: a regular file (not a FIFO, a device or a link to
+    one), at most `max_bytes`, no NUL byte, UTF-8. Never blocks and never reads more than max_bytes + 1."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    except FileNotFoundError:
+        raise _whole_file(path, "file not found") from None
+    except IsADirectoryError:
+        raise _whole_file(path, "is a directory; give the manifest's .yaml file") from None
+    except OSError as exc:
+        raise _whole_file(path, f"cannot open: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "is a directory" if stat.S_ISDIR(mode) else "not a regular file (a pipe, device or socket)"
+        raise _whole_file(path, f"{what}; give the manifest's .yaml file")
+    with os.fdopen(fd, "rb") as fh:
+        raw = fh.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise _whole_file(
+            path,
+            f"larger than {max_bytes} bytes, far above any real manifest; "
+            f"raise ${env_name('manifest_bytes')} if it is genuine",
+        )
+    if (nul := raw.find(b"\x00")) >= 0:
+        line, column = raw[:nul].count(b"\n") + 1, nul - (raw.rfind(b"\n", 0, nul) + 1) + 1
+        raise _whole_file(path, "NUL byte: binary data, not a YAML text file", line, column)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise ManifestError(
-            path, [Problem(line, 1, "", "not UTF-8 text; save the manifest as UTF-8")]
-        ) from None
+        raise _whole_file(path, "not UTF-8 text; save the manifest as UTF-8", line) from None
+
+
+def _whole_file(path: Path, message: str, line: int = 1, column: int = 1) -> ManifestError:
+    return ManifestError(path, [Problem(line, column, "", message)])
+
+
+# ---------------------------------------------------------------------------------------------- salvage
+
+_DROPPED = object()  # a list item set aside: kept in place so that the other items keep their indices
+
+
+@dataclass
+class _Salvage:
+    """What is left of a manifest once the values that failed their types are set aside.
+
+    `kept` maps a list's path (original indices) to the original index of each item left in it;
+    `cut` holds the paths (original indices) of what was set aside, whose problems are already reported."""
+
+    kept: dict[tuple, list[int]]
+    cut: list[tuple]
+    manifest: Manifest | None = None
+
+
+def _salvage(data: dict, errors: list) -> _Salvage:
+    import copy
+
+    work, cut, kept = copy.deepcopy(data), [], {}
+    for _ in range(8):  # each round sets aside the failing values, or their parents once those are missing
+        for err in errors:
+            loc = _set_aside(work, _original(_clean_loc(err["loc"]), kept), missing=err["type"] == "missing")
+            if loc is None:
+                return _Salvage(kept, cut)
+            cut.append(loc)
+        pruned, kept = _pruned(work, ())
+        try:
+            return _Salvage(kept, cut, Manifest.model_validate(pruned))
+        except ValidationError as exc:
+            errors = exc.errors()
+    return _Salvage(kept, cut)
+
+
+def _set_aside(work: dict, loc: tuple, *, missing: bool) -> tuple | None:
+    """Remove the value at `loc` (its parent, when the error is that a required field is missing there);
+    None when what fails is required at the top (no source, no speakers): nothing is left to cross-check."""
+    if loc == ("episode",):
+        work["episode"] = "episode"  # no check reads the name: a placeholder lets the others run
+        return loc
+    if missing:
+        loc = loc[:-1]
+    while len(loc) > 1 or (loc and loc[0] not in ("source", "speakers")):
+        parent, key = _walk(work, loc[:-1]), loc[-1]
+        if isinstance(parent, dict) and (key in parent or str(key) in parent):
+            parent.pop(key if key in parent else str(key))
+            return loc
+        if isinstance(parent, list) and isinstance(key, int) and 0 <= key < len(parent):
+            parent[key] = _DROPPED
+            return loc
+        loc = loc[:-1]
+    return None
+
+
+def _walk(value: object, loc: tuple) -> object:
+    for key in loc:
+        if isinstance(value, dict):
+            value = value.get(key, value.get(str(key)))
+        elif isinstance(value, list) and isinstance(key, int) and 0 <= key < len(value):
+            value = value[key]
+        else:
+            return None
+    return value
+
+
+def _pruned(value: object, path: tuple) -> tuple[object, dict[tuple, list[int]]]:
+    """A copy without the set-aside items, and the original index of every item left in each list."""
+    kept: dict[tuple, list[int]] = {}
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out[k], inner = _pruned(v, (*path, k))
+            kept |= inner
+        return out, kept
+    if isinstance(value, list):
+        indices = [i for i, v in enumerate(value) if v is not _DROPPED]
+        if len(indices) != len(value):
+            kept[path] = indices
+        items = []
+        for i in indices:
+            item, inner = _pruned(value[i], (*path, i))
+            items.append(item)
+            kept |= inner
+        return items, kept
+    return value, kept
+
+
+def _original(loc: tuple, kept: dict[tuple, list[int]]) -> tuple:
+    """A path into the pruned manifest -> the same path with the original list indices."""
+    out: tuple = ()
+    for part in loc:
+        if isinstance(part, int) and out in kept and part < len(kept[out]):
+            part = kept[out][part]
+        out = (*out, part)
+    return out
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """A pydantic error location without its union members and validator names ('list[int]', ...)."""
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
 
 
 class _Locator:
     def __init__(self, marks: dict[tuple, Mark], key_marks: dict[tuple, Mark]):
         self.marks, self.key_marks = marks, key_marks
+        self.kept: dict[tuple, list[int]] = {}  # a salvaged manifest's lists: original index of each item
+        self.cut: list[tuple] = []  # set aside by the salvage: their problems are reported already
+
+    def original(self, loc: tuple) -> tuple:
+        return _original(loc, self.kept)
+
+    def reported(self, loc: tuple) -> bool:
+        """Whether a problem at `loc` (original indices) is a consequence of a value already reported."""
+        return any(loc[: len(c)] == c or c[: len(loc)] == loc for c in self.cut)
 
     def at(self, loc: tuple) -> Mark:
         """Mark of the deepest existing node on the path (a missing field points at its parent)."""
@@ -418,7 +597,7 @@ class _Locator:
 
 
 def _from_pydantic(err: dict, locate: _Locator) -> Problem:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    loc = _clean_loc(err["loc"])
     mark = locate.at(loc)
     field = _field_name(loc)
     message = err["msg"]
@@ -436,6 +615,12 @@ def _from_pydantic(err: dict, locate: _Locator) -> Problem:
         message = f"{message} (got {err.get('input')!r})"
     elif err["type"] == "value_error":
         message = message.removeprefix("Value error, ")
+    elif err["type"] == "finite_number":
+        message = "must be a finite number (not .nan or .inf)"
+    elif err["type"] == "int_type" and isinstance(err.get("input"), bool):
+        message = (
+            f"must be a whole number, not {str(err['input']).lower()} (YAML reads yes/no/on/off as booleans)"
+        )
     elif err["type"] == "string_pattern_mismatch":
         message = (
             f"{err.get('input')!r} must be letters, digits, '_', '.', '-' (starting with a letter or digit)"
@@ -468,11 +653,14 @@ def _resolve_paths(m: Manifest, base: Path) -> Manifest:
 
 
 def _cross_check(
-    m: Manifest, locate: _Locator, check_media: bool, require_boxes: bool = True
+    m: Manifest, locate: _Locator, check_media: bool, require_boxes: bool = True, limits: Limits | None = None
 ) -> tuple[list[Problem], MediaInfo]:
     problems: list[Problem] = []
 
     def add(loc: tuple, message: str) -> None:
+        loc = locate.original(loc)
+        if locate.reported(loc):
+            return
         mark = locate.at(loc)
         problems.append(Problem(mark.line, mark.column, _field_name(loc), message))
 
@@ -486,6 +674,7 @@ def _cross_check(
     _check_render_speed(m, add)
     _check_lines(m, add, source_info)
     _check_audio_plan(m, add)
+    _check_limits(m, add, source_info, limits or Limits())
     problems.sort(key=lambda p: (p.line, p.column))
     return problems, source_info
 
@@ -499,7 +688,7 @@ def _check_media(m: Manifest, add) -> MediaInfo:
         elif source_info.kind == "video":  # every frame's timestamp, read now: a video PyAV cannot read,
             picture_s = VideoFrames(m.source).duration  # or one cut short, fails here
     except MediaError as exc:
-        add(("source",), f"{exc}; fix the path (relative to the manifest)")
+        add(("source",), _media_problem(m.source, exc))
     media: list[tuple[tuple, Path | None]] = [
         (("audio", "dialogue"), m.audio.dialogue),
         (("audio", "original"), m.audio.original),
@@ -512,7 +701,7 @@ def _check_media(m: Manifest, add) -> MediaInfo:
         results = list(pool.map(_probe_or_error, [p for _, p in media]))
     for (loc, p), info in zip(media, results, strict=True):
         if isinstance(info, MediaError):
-            add(loc, f"{info}; fix the path (relative to the manifest)")
+            add(loc, _media_problem(p, info))
         elif not info.has_audio:
             add(loc, f"{p.name} has no sound stream; give an audio file")
         elif truncated := _truncated(p):
@@ -555,8 +744,49 @@ def _raw_media_problems(data: dict, base: Path, locate: _Locator, taken: set) ->
         info = _probe_or_error(base / value)
         mark = locate.at(loc)
         if isinstance(info, MediaError) and (mark.line, mark.column) not in taken:
-            problems.append(Problem(mark.line, mark.column, _field_name(loc), f"{info}; fix the path"))
+            problems.append(
+                Problem(mark.line, mark.column, _field_name(loc), _media_problem(base / value, info))
+            )
     return problems
+
+
+def _media_problem(path: Path, error: MediaError) -> str:
+    """A missing file is a wrong path; a file that is there but unreadable needs a new export, not a new path."""
+    if path.is_file():
+        return f"{error}; the file is there but cannot be used: re-export it or give another file"
+    return f"{error}; fix the path (relative to the manifest)"
+
+
+def _check_limits(m: Manifest, add, source: MediaInfo, limits: Limits) -> None:
+    """The host's ceilings (tasks/limits.py): a source too long or too large, a plan with too many segments."""
+    duration = (
+        source.duration if source.kind == "video" else max((ln.end or ln.start for ln in m.lines), default=0)
+    )
+    if duration > limits.episode_s:
+        add(
+            ("source",),
+            f"{duration:.0f} s long; this host accepts episodes up to {limits.episode_s:.0f} s "
+            f"(${env_name('episode_s')}); split the episode",
+        )
+    if max(source.width, source.height) > limits.resolution:
+        add(
+            ("source",),
+            f"{source.width}x{source.height}; this host accepts sources up to {limits.resolution} pixels "
+            f"on the longest side (${env_name('resolution')}); scale it down",
+        )
+    if isinstance(m.render.max_segment_s, float) and duration / m.render.max_segment_s > limits.segments:
+        add(
+            ("render", "max_segment_s"),
+            f"{duration:.0f} s in segments of at most {m.render.max_segment_s} s is more than "
+            f"{limits.segments} segments (${env_name('segments')}); raise max_segment_s",
+        )
+    for index in m.render.overrides:
+        if index >= limits.segments:
+            add(
+                ("render", "overrides", str(index)),
+                f"segment {index} is beyond the {limits.segments} segments a plan may have "
+                f"(${env_name('segments')})",
+            )
 
 
 def _probe_or_error(path: Path) -> MediaInfo | MediaError:

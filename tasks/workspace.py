@@ -13,6 +13,7 @@ counts by content hash and settings by value). Never run ids, paths or mtimes.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -28,9 +29,12 @@ from typing import Any
 
 from prefect.cache_policies import CachePolicy
 
-from tasks.lease import LeaseBusy, hold_lease, host_name, lease_seconds
+from engine.media import owner_is_gone, owner_tag
+from tasks.lease import LeaseBusy, hold_lease, lease_held, lease_seconds
+from tasks.secrets import redact
 
 DEFAULT_ROOT = "dubflow-work"
+RUNNING = "running.json"  # episodes/<episode>/: the run in progress, stage by stage
 
 
 @dataclass(frozen=True)
@@ -50,11 +54,61 @@ class EpisodeBusy(RuntimeError):
     """Another process holds this episode's lock."""
 
 
+class WorkspaceError(RuntimeError):
+    """The workspace cannot be used: not writable, or its disk is full."""
+
+
+# a full disk, a file-size limit (RLIMIT_FSIZE) or a quota: the same remedy
+DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+class DiskFull(WorkspaceError):
+    """A stage could not write its output: it names the stage and the file."""
+
+    def __init__(self, stage: str, exc: OSError, workspace: Path | None = None):
+        self.stage, self.path = stage, exc.filename or workspace
+        where = f" writing {self.path}" if self.path else ""
+        super().__init__(
+            f"stage {stage}: {exc.strerror or 'no space left'}{where}; free space on that disk (or raise the "
+            "file-size limit) and run again: finished stages are kept"
+        )
+
+
 class Workspace:
     def __init__(self, root: Path | str | None = None):
         self.root = Path(root or os.environ.get("DUBFLOW_WORKSPACE") or DEFAULT_ROOT).resolve()
+        try:
+            for sub in ("store", "cache", "episodes", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WorkspaceError(
+                f"workspace {self.root} cannot be created ({exc.strerror}); give a writable --workspace"
+            ) from None
+
+    def check_writable(self) -> None:
+        """Fail now, before any work, when a run could not write its results (a read-only mount, a full
+        disk, wrong ownership)."""
         for sub in ("store", "cache", "episodes", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            try:
+                with tempfile.NamedTemporaryFile(dir=self.root / sub, prefix=".writable-"):
+                    pass
+            except OSError as exc:
+                raise WorkspaceError(
+                    f"workspace {self.root} is not writable ({sub}/: {exc.strerror}); "
+                    "give a writable --workspace or fix its permissions"
+                ) from None
+
+    def sweep(self) -> list[Path]:
+        """Remove the scratch that processes killed mid-write left behind (temp folders in tmp/, temp blobs
+        in store/, temp files beside outputs); a live process's scratch is never touched."""
+        candidates = [*(self.root / "tmp").iterdir(), *(self.root / "store").glob("*/.*.tmp*")]
+        candidates += (self.root / "episodes").glob("*/**/.*.tmp*")
+        removed = []
+        for path in candidates:
+            if owner_is_gone(path.name):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     @property
     def results_dir(self) -> Path:
@@ -78,16 +132,20 @@ class Workspace:
                 src.unlink()
             return blob
         dest.parent.mkdir(parents=True, exist_ok=True)
-        # per host, process and thread: writers storing the same content must not share a temp file
-        tmp = dest.with_name(f".{dest.name}.{host_name()}.{os.getpid()}.{threading.get_ident()}.tmp")
-        if move:
-            shutil.move(str(src), tmp)
-        else:
-            shutil.copyfile(src, tmp)
-        _fsync(tmp)  # whole on the storage before its name appears: another host may read it at once
-        os.replace(
-            tmp, dest
-        )  # atomic on one file system, NFS included: readers see no blob or the whole blob
+        # per host, process and thread: writers storing the same content must not share a temp file; the
+        # owner tag lets the next run remove it if this process dies (Workspace.sweep)
+        tmp = dest.with_name(f".{dest.name}.{owner_tag()}{threading.get_ident()}.tmp")
+        try:
+            if move:
+                shutil.move(str(src), tmp)
+            else:
+                shutil.copyfile(src, tmp)
+            _fsync(tmp)  # whole on the storage before its name appears: another host may read it at once
+            kill_point("blob-write")
+            os.replace(tmp, dest)  # atomic on one file system, NFS included: no blob or the whole blob
+        except OSError as exc:  # a full disk: no half-written blob stays, and the error names the blob
+            tmp.unlink(missing_ok=True)
+            raise OSError(exc.errno, exc.strerror, str(dest)) from exc
         return blob
 
     def put_bytes(self, data: bytes, suffix: str) -> Blob:
@@ -105,7 +163,7 @@ class Workspace:
     @contextmanager
     def scratch(self) -> Iterator[Path]:
         """A private temp directory on the store's filesystem, removed afterwards."""
-        d = Path(tempfile.mkdtemp(dir=self.root / "tmp"))
+        d = Path(tempfile.mkdtemp(prefix=owner_tag(), dir=self.root / "tmp"))
         try:
             yield d
         finally:
@@ -131,18 +189,54 @@ class Workspace:
 
     def append_run(self, episode: str, record: dict) -> None:
         with open(self.episode_dir(episode) / "runs.jsonl", "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.write(json.dumps(redact(record), sort_keys=True) + "\n")
 
     def runs(self, episode: str) -> list[dict]:
+        """The episode's finished runs, then the one in progress (state "running") or the one a kill cut
+        short (state "interrupted", with the stages it completed)."""
         path = self.root / "episodes" / episode / "runs.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        runs = []
+        if path.exists():
+            runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        current = self.current_run(episode)
+        return runs + ([current] if current else [])
+
+    def note_progress(self, episode: str, record: dict) -> None:
+        """The run so far, rewritten after every stage: what `status` shows if the run is killed."""
+        path = self.episode_dir(episode) / RUNNING
+        tmp = path.with_name(f".{RUNNING}.{owner_tag()}{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(redact(record), sort_keys=True))
+        os.replace(tmp, path)
+
+    def end_progress(self, episode: str) -> None:
+        (self.root / "episodes" / episode / RUNNING).unlink(missing_ok=True)
+
+    def current_run(self, episode: str) -> dict | None:
+        path = self.root / "episodes" / episode / RUNNING
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        busy = self._lock_held(episode)
+        return record | {"state": "running" if busy else "interrupted"}
+
+    def close_interrupted(self, episode: str) -> dict | None:
+        """Under the episode's lock, at the start of a run: a run that was killed goes into the history."""
+        current = self.current_run(episode)
+        if current is not None:
+            self.append_run(episode, current | {"state": "interrupted", "finished": None})
+            self.end_progress(episode)
+        return current
+
+    def _lock_held(self, episode: str) -> bool:
+        return lease_held(self.root / "episodes" / episode / "lease")
 
     def link(self, episode: str, name: str, blob: Blob) -> Path:
         """A readable name for a blob under episodes/<episode>/out/ (a hard link, else a copy)."""
         dest = self.episode_dir(episode) / "out" / name
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_file() and os.path.samefile(dest, self.path(blob)):
+            return dest  # linked already (an unchanged re-run)
         tmp = dest.with_name(f".{dest.name}.tmp")
         tmp.unlink(missing_ok=True)
         try:
@@ -150,6 +244,9 @@ class Workspace:
         except OSError:
             shutil.copyfile(self.path(blob), tmp)
         os.replace(tmp, dest)
+        tmp.unlink(
+            missing_ok=True
+        )  # rename does nothing when both names are links to one file: no stray temp
         return dest
 
 
@@ -159,6 +256,26 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_kill_counts: dict[str, int] = {}
+_kill_lock = threading.Lock()
+
+
+def kill_point(name: str) -> None:
+    """Fault injection for the kill suite (tests/test_faults.py, bench/faults.py): with
+    DUBFLOW_KILL_AT=name:N this process SIGKILLs itself the N-th time it passes `name` (a blob written
+    but not yet renamed into place). Unset, as in production, it is one environment lookup."""
+    spec = os.environ.get("DUBFLOW_KILL_AT", "")
+    point, _, count = spec.partition(":")
+    if point != name:
+        return
+    with _kill_lock:
+        _kill_counts[name] = _kill_counts.get(name, 0) + 1
+        if _kill_counts[name] >= int(count or 1):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def file_sha256(path: Path) -> str:
