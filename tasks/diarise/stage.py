@@ -110,7 +110,7 @@ def diarise(
         (Turn(t.start, t.end, mapping[t.label]) for t in turns), key=lambda t: (t.start, t.end, t.label)
     )
     confidence = speaker_confidence(named, mapping, voice, speakers, samples, wav16)
-    notes += reliability_warnings(named, confidence, speakers, wav16 if not guided else None)
+    notes += reliability_warnings(named, confidence, speakers, None if voice and voice.guided else wav16)
     for note in notes:
         log.warning("diarise: %s", note)
     record = {
@@ -124,7 +124,7 @@ def diarise(
             "num_speakers": num_speakers,
             "order": order,
             "pinned": dict(pinned or {}),
-            "enrolment_guided": guided and voice is not None,
+            "enrolment_guided": voice is not None and voice.guided,
         },
         "mapping": mapping,
         "speakers": [s.id for s in speakers],
