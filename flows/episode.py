@@ -7,6 +7,7 @@ came from the cache and what failed in the workspace's runs.jsonl.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -20,7 +21,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 from engine.base import FPS, engine_target, models_dir_from_env
-from engine.media import probe
+from engine.media import MediaError, probe
 from flows import heartbeats
 from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
 from flows.memory_split import SplitPlanner, is_out_of_memory
@@ -206,7 +207,10 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     vocals, dub_instrumental = dialogue, None
     if dialogue is not None and not m.audio.clean and backend != "none":
         revision = weights_revision(backend, m.separate.model, models_dir_from_env())
-        sep = runner.run(separate_task, "separate[dialogue]", dialogue, backend, m.separate.model, revision)
+        with _named_as(ws, dialogue, m.audio.dialogue):
+            sep = runner.run(
+                separate_task, "separate[dialogue]", dialogue, backend, m.separate.model, revision
+            )
         vocals, dub_instrumental = sep.vocals, sep.instrumental
     bed = _bed(m, loaded, ws, runner, backend, dub_instrumental)
     # 3. speakers: one raw track per speaker (given, synthesised, or the single voice)
@@ -413,11 +417,24 @@ def _diarised(m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob) -> 
 
     backend, why = resolve_diarise_backend(m.diarise.backend)
     get_run_logger().info("diarise: %s (%s)", backend, why)
-    settings = m.diarise.model_dump() | {"backend": backend}
-    result = runner.run(diarise_task, "diarise", vocals, _speaker_refs(m, ws), settings)
+    settings = m.diarise.model_dump() | {"backend": backend, "episode": m.episode}
+    with _named_as(ws, vocals, m.audio.dialogue):
+        result = runner.run(diarise_task, "diarise", vocals, _speaker_refs(m, ws), settings)
     runner.extra_outputs |= {"diarisation.rttm": result.rttm, "speaker-mapping.json": result.mapping}
     runner.notes += list(result.warnings)
     return result.tracks
+
+
+@contextlib.contextmanager
+def _named_as(ws: Workspace, blob: Blob, user_file: Path | None):
+    """A media error about a stored blob names the user's own file instead (the store's hashed path
+    means nothing to them)."""
+    try:
+        yield
+    except MediaError as exc:
+        if user_file is None or str(ws.path(blob)) not in str(exc):
+            raise
+        raise MediaError(str(exc).replace(str(ws.path(blob)), str(user_file))) from None
 
 
 def _speaker_refs(m: Manifest, ws: Workspace) -> list[tuple[str, Blob | None]]:
@@ -650,7 +667,7 @@ def _provenance(m: Manifest, loaded: LoadedManifest, run, inputs: dict, backends
         "mix_target": dataclasses.asdict(mix_target(m)),
         "backends": {
             **backends,
-            "diarise": m.diarise.backend,
+            "diarise": _diarise_backend(m),
             "enhance": m.enhance.backend,
         },
         "models": {
@@ -708,6 +725,17 @@ def software_versions() -> dict[str, str | None]:
     first = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, text=True).stdout.splitlines()
     versions["ffmpeg"] = first[0] if first else None
     return versions
+
+
+def _diarise_backend(m: Manifest) -> str:
+    """What made the speaker tracks: the diarise backend only when the dialogue was diarised."""
+    if all(s.track for s in m.speakers):
+        return "given tracks"
+    if not m.audio.dialogue or len(m.speakers) == 1:
+        return "none"
+    from tasks.diarise import resolve_diarise_backend
+
+    return resolve_diarise_backend(m.diarise.backend)[0]
 
 
 def _publish(ws: Workspace, episode: str, delivery, plan, extra: dict[str, Blob]) -> dict[str, str]:

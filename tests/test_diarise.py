@@ -292,3 +292,74 @@ def test_pyannote_turns_are_named_by_enrolment_and_overlaps_reach_both_tracks(me
     ana, ben = (sf.read(result.tracks[s], dtype="float32")[0][overlap] for s in ("ana", "ben"))
     np.testing.assert_array_equal(ana, ben)
     assert np.abs(ben).max() > 0.05  # real speech, given to both speakers
+
+
+def test_enrolment_guided_mapping_json_holds_scores_backend_revision_and_settings(media, tmp_path):
+    refs = [media["refs"]["ana"], media["refs"]["ben"]]
+    result = diarise(media["two"], refs, tmp_path, backend="embedded", num_speakers=2, uri="ep 07")
+    saved = json.loads((tmp_path / "mapping.json").read_text())
+    assert saved["settings"]["enrolment_guided"] is True and saved["revision"].startswith("embedded/")
+    assert saved["settings"]["num_speakers"] == 2 and saved["settings"]["order"] == "first-appearance"
+    for speaker in ("ana", "ben"):
+        entry = saved["confidence"][speaker]
+        assert entry["speech_s"] > 2.0 and 0.6 < entry["similarity"] <= 1.0
+        assert entry["confidence"] == min(entry["similarity"], entry["core_share"])
+    rows = [line.split() for line in result.rttm.read_text().splitlines()]
+    assert {r[1] for r in rows} == {"ep_07"} and {r[7] for r in rows} == {"ana", "ben"}
+
+
+def test_errors_name_the_users_file_not_the_stored_blob(tmp_path):
+    noise = (0.001 * np.random.default_rng(0).standard_normal(2 * RATE)).astype(np.float32)
+    blob = write_wav(tmp_path / "3f9a0c.wav", noise)
+    with pytest.raises(MediaError, match=r"^episode 1/dialogue\.wav: no speech found"):
+        diarise(
+            blob, [SpeakerRef("a")], tmp_path / "o", backend="embedded", source_name="episode 1/dialogue.wav"
+        )
+
+
+def test_reliability_warnings_short_speaker_and_low_confidence():
+    from tasks.diarise.stage import reliability_warnings
+
+    turns = [Turn(0.0, 9.0, "ana"), Turn(9.5, 10.8, "ben"), Turn(11.0, 16.0, "cal")]
+    confidence = {
+        "ana": {"speech_s": 9.0, "confidence": 0.9},
+        "ben": {"speech_s": 1.3, "confidence": 0.9},
+        "cal": {"speech_s": 5.0, "confidence": 0.41},
+    }
+    notes = reliability_warnings(turns, confidence, [SpeakerRef(s) for s in confidence], None)
+    assert len(notes) == 2
+    assert "ben: only 1.3 s of speech" in notes[0] and "cal: low diarisation confidence 0.41" in notes[1]
+
+
+def test_a_split_that_follows_the_music_is_flagged():
+    """One voice under music, another without it: the clusters may be 'music' and 'no music'."""
+    from tasks.diarise.stage import music_boundary_warnings
+
+    speech, _ = conversation([("ana", 0), ("ben", 0), ("ana", 1), ("ben", 1)])
+    half = len(speech) // 2
+    scored = speech.copy()
+    scored[half:] = mix_at(speech[half:], music(len(speech[half:]) / RATE, seed=4), -10.0)
+    cut = half / RATE
+    by_music = [Turn(0.0, cut - 0.2, "A"), Turn(cut + 0.2, len(speech) / RATE, "B")]
+    notes = music_boundary_warnings(by_music, scored)
+    assert len(notes) == 1 and notes[0].startswith("speakers B and A: B speaks") and "music" in notes[0]
+    mixed = [
+        Turn(0.0, cut / 2, "A"),
+        Turn(cut / 2, cut, "B"),
+        Turn(cut, cut * 1.5, "A"),
+        Turn(cut * 1.5, cut * 2, "B"),
+    ]
+    assert music_boundary_warnings(mixed, scored) == []
+
+
+def test_the_pkg_resources_warning_never_reaches_the_terminal(tmp_path):
+    import subprocess
+
+    code = (
+        "import numpy as np; from tasks.diarise.embedded import embed_segments;"
+        "embed_segments(np.zeros(16000, dtype=np.float32), [(0.0, 1.0)])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert "pkg_resources" not in done.stderr + done.stdout

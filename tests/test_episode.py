@@ -190,7 +190,13 @@ def test_diarised_episode_names_tracks_after_their_enrolment_samples(tmp_path, d
     states = _run(manifest, tmp_path / "work")
     record = states["_record"]
     assert states["diarise"] == "executed" and record["state"] == "completed"
-    assert Path(record["outputs"]["speaker-mapping.json"]).exists()
+    mapping = json.loads(Path(record["outputs"]["speaker-mapping.json"]).read_text())
+    assert mapping["backend"] == "embedded" and isinstance(mapping["settings"]["enrolment_guided"], bool)
+    assert set(mapping["confidence"]) == {"ana", "ben"} and mapping["revision"]
+    rttm = [line.split() for line in Path(record["outputs"]["diarisation.rttm"]).read_text().splitlines()]
+    assert {r[1] for r in rttm} == {"diar"} and {r[7] for r in rttm} == {"ana", "ben"}
+    provenance = json.loads(Path(record["outputs"]["provenance.json"]).read_text())
+    assert provenance["backends"]["diarise"] == "embedded"
     diarise = [s for s in record["stages"] if s["stage"] == "diarise"][0]
     ben_track, ana_track = (
         tmp_path / "work" / rel for rel in diarise["outputs"][:2]

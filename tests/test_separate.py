@@ -110,12 +110,33 @@ def test_auto_falls_back_to_dsp_and_says_why(tmp_path):
         resolve_separate_backend("spleeter", "htdemucs", None)
 
 
-def test_demucs_without_weights_names_file_place_and_extra(tmp_path):
+def test_demucs_without_weights_is_offline_and_names_the_file_and_place(tmp_path, monkeypatch, capfd):
+    """No network call is attempted, the hub cache folder is not created, nothing says 'Downloading'."""
+    import socket
+
+    import torch.hub
+
+    pytest.importorskip("demucs")
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     src = write_wav(tmp_path / "in.wav", music(1.0))
     with pytest.raises(MissingWeightsError) as err:
-        separate(src, tmp_path / "out", backend="demucs", model="htdemucs")
+        separate(src, tmp_path / "out", backend="demucs", model="htdemucs", models_dir=tmp_path / "models")
     message = str(err.value)
-    assert "955717e8-8726e21a.th" in message and "hub/checkpoints" in message and "[separate]" in message
+    assert "\n" not in message and "955717e8-8726e21a.th" in message
+    assert f"{tmp_path / 'torch' / 'hub' / 'checkpoints'}/" in message and str(tmp_path / "models") in message
+    assert attempts == [] and not (tmp_path / "torch").exists() and not (tmp_path / "hf").exists()
+    out, errors = capfd.readouterr()
+    assert "Downloading" not in out + errors
 
 
 def save_tiny_htdemucs(repo, name: str = "htdemucs", sig: str = "955717e8"):
@@ -161,3 +182,32 @@ def test_demucs_loads_tiny_model_from_the_torch_hub_cache(tmp_path):
     src = write_wav(tmp_path / "in.wav", np.stack([music(2.0, rate=44_100)] * 2), rate=44_100)
     result = separate(src, tmp_path / "out", backend="demucs")
     assert sf.info(result.vocals).channels == 2 and result.model == "htdemucs"
+
+
+@needs_espeak
+def test_dsp_passes_speech_through_where_no_music_plays(tmp_path):
+    """First half dialogue alone, second half under a bed: the first half is untouched and the M&E bed
+    holds no speech there; the second half is separated."""
+    speech, _ = conversation([("ana", 0), ("cal", 0), ("ana", 1), ("cal", 1)])
+    half = len(speech) // 2
+    mix = speech.copy()
+    mix[half:] = mix_at(speech[half:], music(len(speech[half:]) / RATE, seed=6), -12.0)
+    result = separate(write_wav(tmp_path / "mix.wav", mix), tmp_path / "out", backend="dsp")
+    vocals = sf.read(result.vocals, dtype="float32")[0]
+    bed = sf.read(result.instrumental, dtype="float32")[0]
+    clean = slice(0, half - 3 * RATE)  # the gate's context and ramp reach ~2.5 s before the cue
+    np.testing.assert_allclose(vocals[clean], mix[clean], atol=1e-6)
+    assert np.abs(bed[clean]).max() < 1e-6  # the goal: speech in the bed under -30 dB; here under -100
+    assert np.sum(bed[half + RATE :] ** 2) > 1e-3 * np.sum(mix[half + RATE :] ** 2)
+    assert si_sdr(speech, vocals) >= si_sdr(speech, mix)
+
+
+def test_dsp_leaves_a_clean_dialogue_exactly_as_it_is(tmp_path):
+    from tasks.separate import separate_dsp
+
+    rng = np.random.default_rng(3)
+    t = np.arange(RATE * 6) / RATE
+    syllables = (np.sin(2 * np.pi * 4 * t) > 0.3) * (np.sin(2 * np.pi * 0.5 * t) > -0.5)  # bursts and pauses
+    voice = 0.2 * np.sin(2 * np.pi * (140 + 30 * np.sin(2 * np.pi * 3 * t)) * t) * syllables
+    voice = (voice + 1e-4 * rng.standard_normal(len(t))).astype(np.float32)
+    np.testing.assert_array_equal(separate_dsp(voice[None], RATE)[0], voice)

@@ -4,7 +4,9 @@ inside their PyPI wheels (the `vad` extra)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -52,13 +54,31 @@ def _silero():
     return load_silero_vad()
 
 
+def silero_model():
+    """The shared silero-vad model; ImportError when the vad extra is missing (callers may fall back)."""
+    import silero_vad  # noqa: F401
+
+    return _silero()
+
+
 @lru_cache(maxsize=1)
 def _voice_encoder():
     try:
-        from resemblyzer import VoiceEncoder
+        with quiet_pkg_resources():
+            from resemblyzer import VoiceEncoder
     except ImportError as exc:
         raise EngineSetupError(f"resemblyzer is not installed; install it with {VAD_EXTRA}") from exc
     return VoiceEncoder("cpu", verbose=False)
+
+
+@contextmanager
+def quiet_pkg_resources() -> Iterator[None]:
+    """resemblyzer imports webrtcvad, which imports the deprecated pkg_resources: keep its warning off the
+    user's terminal (nothing they can act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="pkg_resources")
+        yield
 
 
 class EmbeddedDiariser:
@@ -67,22 +87,45 @@ class EmbeddedDiariser:
     def __init__(self, settings: EmbeddedSettings):
         self.settings = settings
         self.centroids: dict[str, np.ndarray] = {}
+        self.cluster_stats: dict[str, dict[str, float]] = {}  # per SPKn: windows, core share, similarity
+        self.guided = False  # the last run's clusters started from enrolment samples
 
     def run(
-        self, wav16: np.ndarray, *, num_speakers: int | None, progress: ProgressHook | None
+        self,
+        wav16: np.ndarray,
+        *,
+        num_speakers: int | None,
+        progress: ProgressHook | None,
+        anchors: np.ndarray | None = None,
     ) -> list[Turn]:
+        """`anchors` (k, 256): one enrolment d-vector per speaker; the clusters then start from them
+        (constrained to those k voices) instead of being found blind."""
         regions = self.speech_regions(wav16)
         _report(progress, 1, "vad")
         if not regions:
             return []
         spans, emb = self.window_embeddings(wav16, regions)
         _report(progress, 2, "embeddings")
-        labels = cluster_windows(emb, spans, num_speakers, self.settings)
+        self.guided = anchors is not None and len(anchors) > 0 and len(emb) >= 3
+        if self.guided:
+            labels = anchored_labels(emb, np.asarray(anchors), self.settings)
+            if len(np.unique(labels)) < len(anchors):
+                # a sample that won no voice: a silent speaker, or samples that cannot tell these voices
+                # apart (similar voices, other words). When blind clustering finds that many voices, it
+                # decides, and naming by the samples follows (speech-dev dev_three + a distractor: 8.1 %).
+                blind = cluster_windows(emb, spans, num_speakers, self.settings)
+                if len(np.unique(blind)) == len(anchors):
+                    labels, self.guided = blind, False
+        else:
+            labels = cluster_windows(emb, spans, num_speakers, self.settings)
         centroids = _centroids(emb, labels)
         frames = self.assign_frames(len(wav16), regions, spans, emb, centroids)
         turns = frames_to_turns(frames)
         order = _first_appearance(turns)
         self.centroids = {f"SPK{order.index(k)}": c for k, c in centroids.items() if k in order}
+        self.cluster_stats = {
+            f"SPK{order.index(k)}": v for k, v in _cluster_stats(emb, labels, centroids).items() if k in order
+        }
         _report(progress, 3, "clustering")
         return sorted((Turn(t.start, t.end, f"SPK{order.index(int(t.label))}") for t in turns), key=turn_key)
 
@@ -161,9 +204,11 @@ def _join_close(regions: list[tuple[float, float]], gap_s: float) -> list[tuple[
 def embed_segments(wav16: np.ndarray, spans: Sequence[tuple[float, float]]) -> np.ndarray:
     """L2-normalised resemblyzer d-vectors (n, 256) of the given (start, end) spans, batched by length."""
     import torch
-    from resemblyzer.audio import wav_to_mel_spectrogram
 
     encoder = _voice_encoder()
+    with quiet_pkg_resources():
+        from resemblyzer.audio import wav_to_mel_spectrogram
+
     mel = wav_to_mel_spectrogram(wav16)  # (frames at 10 ms, 40)
     out = np.zeros((len(spans), 256), dtype=np.float32)
     by_len: dict[int, list[int]] = {}
@@ -209,6 +254,28 @@ def cluster_windows(
         labels = np.asarray(keys)[np.argmax(emb @ np.stack([cent[k] for k in keys]).T, axis=1)]
     labels = _absorb_small_clusters(emb, labels, s)
     return _merge_same_voices(emb, labels, s.same_voice_similarity)
+
+
+def anchored_labels(
+    emb: np.ndarray,
+    anchors: np.ndarray,
+    s: EmbeddedSettings,
+    iterations: int = 10,
+    anchor_weight: float = 5.0,
+) -> np.ndarray:
+    """Enrolment-guided clustering: k-means on the windows whose centroids start at the enrolment
+    d-vectors and keep them as a prior (`anchor_weight` windows' worth), so a cluster cannot drift to
+    'the same voice under music'. Speakers that get no window are dropped; tiny clusters are absorbed."""
+    prior = anchors / (np.linalg.norm(anchors, axis=1, keepdims=True) + 1e-9)
+    labels = np.argmax(emb @ prior.T, axis=1)
+    for _ in range(iterations):
+        sums = np.stack([emb[labels == k].sum(axis=0) for k in range(len(prior))]) + anchor_weight * prior
+        cent = sums / (np.linalg.norm(sums, axis=1, keepdims=True) + 1e-9)
+        new_labels = np.argmax(emb @ cent.T, axis=1)
+        if np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+    return _absorb_small_clusters(emb, labels, s)
 
 
 def spectral_labels(
@@ -277,6 +344,28 @@ def _most_alike(emb: np.ndarray, labels: np.ndarray) -> tuple[float, int, int] |
 def _relabel(labels: np.ndarray) -> np.ndarray:
     _, inverse = np.unique(labels, return_inverse=True)
     return inverse
+
+
+def _cluster_stats(
+    emb: np.ndarray, labels: np.ndarray, centroids: dict[int, np.ndarray], margin: float = 0.1
+) -> dict[int, dict[str, float]]:
+    """Per cluster: its windows, their mean cosine to the centroid, and the core share: the fraction of
+    its windows closer to their own centroid than to any other by `margin` (a confidence figure)."""
+    keys = sorted(centroids)
+    sims = emb @ np.stack([centroids[k] for k in keys]).T
+    out = {}
+    for i, k in enumerate(keys):
+        rows = sims[labels == k]
+        if not len(rows):
+            continue
+        others = np.delete(rows, i, axis=1)
+        gap = rows[:, i] - (others.max(axis=1) if others.shape[1] else 0.0)
+        out[k] = {
+            "windows": int(len(rows)),
+            "mean_similarity": round(float(rows[:, i].mean()), 3),
+            "core_share": round(float(np.mean(gap > margin)) if others.shape[1] else 1.0, 3),
+        }
+    return out
 
 
 def _centroids(emb: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:

@@ -15,10 +15,10 @@ from prefect import task
 
 from engine.base import ProgressHook
 from engine.media import MediaError, read_channels, write_wav
-from tasks.diarise.embedded import EmbeddedDiariser, EmbeddedSettings
-from tasks.diarise.naming import name_clusters
+from tasks.diarise.embedded import EmbeddedDiariser, EmbeddedSettings, embed_clip
+from tasks.diarise.naming import cluster_centroids, name_clusters
 from tasks.diarise.pyannote_backend import PYANNOTE_PIPELINES, diarise_pyannote
-from tasks.diarise.turns import Turn, gate, merge_turns, to_16k, write_rttm, write_text_atomic
+from tasks.diarise.turns import RATE, Turn, gate, merge_turns, to_16k, write_rttm, write_text_atomic
 from tasks.separate import check_not_silent
 from tasks.workspace import Blob, Workspace, stage_cache
 
@@ -73,46 +73,150 @@ def diarise(
     models_dir: Path | None = None,
     settings: EmbeddedSettings | None = None,
     device: str = "cpu",
+    uri: str | None = None,
+    source_name: str | None = None,
 ) -> Diarisation:
-    """Diarise `vocals`, name the clusters after `speakers`, write RTTM, mapping.json and one track each."""
+    """Diarise `vocals`, name the clusters after `speakers`, write RTTM, mapping.json and one track each.
+
+    `uri` is the RTTM recording name (the episode id; default the file's stem); `source_name` is what
+    errors call the input (the user's dialogue file, not a blob in the workspace store)."""
+    shown = Path(source_name or vocals)
     speakers = check_speakers(speakers, order, pinned, num_speakers)
     chosen, why = resolve_diarise_backend(backend)
-    log.info("diarise %s: backend %s (%s)", vocals, chosen, why)
+    log.info("diarise %s: backend %s (%s)", shown, chosen, why)
     audio, rate = read_channels(Path(vocals))
-    check_not_silent(audio, Path(vocals))
+    check_not_silent(audio, shown)
     notes: list[str] = []
     if audio.shape[0] > 1:
-        notes.append(f"{Path(vocals).name}: {audio.shape[0]} channels downmixed to mono")
+        notes.append(f"{shown.name}: {audio.shape[0]} channels downmixed to mono")
     mono = audio.mean(axis=0)
     wav16 = to_16k(mono, rate)
+    samples = {s.id: embed_clip(Path(s.voice_sample)) for s in speakers if s.voice_sample is not None}
+    guided = not pinned and len(samples) == len(speakers)  # a partial set would force strangers onto them
     if chosen == "pyannote":
         turns = diarise_pyannote(wav16, num_speakers, pipeline=pipeline, models_dir=models_dir, device=device)
         voice = None
     else:
         voice = EmbeddedDiariser(settings or EmbeddedSettings())
-        turns = voice.run(wav16, num_speakers=num_speakers, progress=progress)
+        anchors = np.stack([samples[s.id] for s in speakers]) if guided else None
+        turns = voice.run(wav16, num_speakers=num_speakers, progress=progress, anchors=anchors)
     if not turns:
-        raise MediaError(f"{vocals}: no speech found; check that this is the dialogue track")
+        raise MediaError(f"{shown}: no speech found; check that this is the dialogue track")
     mapping, naming_notes = name_clusters(
         turns, speakers, order=order, pinned=pinned, centroids=voice.centroids if voice else None, wav16=wav16
     )
     notes += naming_notes
-    for note in notes:
-        log.warning("diarise: %s", note)
     named = sorted(
         (Turn(t.start, t.end, mapping[t.label]) for t in turns), key=lambda t: (t.start, t.end, t.label)
     )
+    confidence = speaker_confidence(named, mapping, voice, speakers, samples, wav16)
+    notes += reliability_warnings(named, confidence, speakers, None if voice and voice.guided else wav16)
+    for note in notes:
+        log.warning("diarise: %s", note)
     record = {
         "backend": chosen,
         "model": PYANNOTE_PIPELINES.get(pipeline, pipeline)
         if chosen == "pyannote"
         else embedded_model_name(),
-        "settings": asdict(voice.settings) if voice else {"pipeline": pipeline, "num_speakers": num_speakers},
+        "revision": PYANNOTE_PIPELINES.get(pipeline, pipeline) if chosen == "pyannote" else EMBEDDED_REVISION,
+        "settings": {
+            **(asdict(voice.settings) if voice else {"pipeline": pipeline}),
+            "num_speakers": num_speakers,
+            "order": order,
+            "pinned": dict(pinned or {}),
+            "enrolment_guided": voice is not None and voice.guided,
+        },
         "mapping": mapping,
         "speakers": [s.id for s in speakers],
+        "confidence": confidence,
         "warnings": notes,
     }
-    return write_outputs(named, mono, rate, Path(out_dir), Path(vocals).stem, record)
+    return write_outputs(named, mono, rate, Path(out_dir), uri or Path(vocals).stem, record)
+
+
+EMBEDDED_REVISION = "embedded/2: enrolment-guided k-means, music-boundary check"
+LOW_CONFIDENCE = 0.6  # cosine to the enrolment sample, or core share without one (speech-dev calibration)
+MIN_SPEECH_S = 2.0
+
+
+def speaker_confidence(
+    named: list[Turn],
+    mapping: dict[str, str],
+    voice: EmbeddedDiariser | None,
+    speakers: Sequence[SpeakerRef],
+    samples: dict[str, np.ndarray],
+    wav16: np.ndarray,
+) -> dict[str, dict[str, float]]:
+    """Per speaker: seconds of speech; cosine of the track's voice to its enrolment sample (when given);
+    the core share of its clusters' windows (embedded backend); `confidence`, the lower of the two."""
+    out: dict[str, dict[str, float]] = {}
+    centroids = cluster_centroids([t for t in named if t.label in samples], wav16) if samples else {}
+    for ref in speakers:
+        speech = sum(t.end - t.start for t in merge_turns([t for t in named if t.label == ref.id]))
+        entry: dict[str, float] = {"speech_s": round(speech, 2)}
+        figures = []
+        if ref.id in samples and ref.id in centroids:
+            entry["similarity"] = round(float(centroids[ref.id] @ samples[ref.id]), 3)
+            figures.append(entry["similarity"])
+        stats = [voice.cluster_stats[c] for c, s in mapping.items() if s == ref.id] if voice else []
+        stats = [st for st in stats if st]
+        if stats:
+            windows = sum(st["windows"] for st in stats)
+            entry["core_share"] = round(sum(st["core_share"] * st["windows"] for st in stats) / windows, 3)
+            figures.append(entry["core_share"])
+        entry["confidence"] = round(min(figures), 3) if figures else 0.0
+        out[ref.id] = entry
+    return out
+
+
+def reliability_warnings(
+    named: list[Turn],
+    confidence: dict[str, dict[str, float]],
+    speakers: Sequence[SpeakerRef],
+    wav16: np.ndarray,
+) -> list[str]:
+    """qc.json warnings: low confidence, under `MIN_SPEECH_S` of speech, a split that follows the music."""
+    notes = []
+    for ref in speakers:
+        c = confidence[ref.id]
+        if 0 < c["speech_s"] < MIN_SPEECH_S:
+            notes.append(f"speaker {ref.id}: only {c['speech_s']:.1f} s of speech; its track is unreliable")
+        elif c["speech_s"] and c["confidence"] < LOW_CONFIDENCE:
+            notes.append(
+                f"speaker {ref.id}: low diarisation confidence {c['confidence']:.2f} (< {LOW_CONFIDENCE}); "
+                "check its track or give a voice_sample"
+            )
+    if wav16 is not None:
+        notes += music_boundary_warnings(named, wav16)
+    return notes
+
+
+def music_boundary_warnings(named: list[Turn], wav16: np.ndarray, share: float = 0.7) -> list[str]:
+    """Two speakers of whom one talks (almost) only while music plays and the other only without it:
+    the clusters may have split one voice by the music rather than by who speaks."""
+    from tasks.separate import music_presence
+
+    music = music_presence(wav16, RATE)  # per 10 ms frame
+    inside = {}
+    for label in sorted({t.label for t in named}):
+        frames = np.concatenate(
+            [
+                np.arange(int(t.start / 0.01), min(len(music), int(t.end / 0.01)))
+                for t in named
+                if t.label == label
+            ]
+        )
+        if len(frames):
+            inside[label] = float(music[frames].mean())
+    notes = []
+    for a in sorted(inside):
+        for b in sorted(inside):
+            if inside[a] >= share and inside[b] <= 1 - share:
+                notes.append(
+                    f"speakers {a} and {b}: {a} speaks {inside[a]:.0%} of the time under music, {b} "
+                    f"{inside[b]:.0%}; the split may follow the music, not the voices; give voice samples"
+                )
+    return notes
 
 
 def embedded_model_name() -> str:
@@ -202,7 +306,9 @@ def write_outputs(
 class DiarisedTracks:
     tracks: dict[str, Blob]
     rttm: Blob
-    mapping: Blob  # mapping.json: cluster label -> speaker id (pin it with diarise.mapping in the manifest)
+    mapping: (
+        Blob  # mapping.json: cluster -> speaker id (pin it with diarise.mapping), scores, backend, settings
+    )
     backend: str
     warnings: tuple[str, ...]
 
@@ -221,8 +327,10 @@ def diarise_stage(
             num_speakers=len(refs),
             order=settings["order"],
             pinned=settings.get("mapping") or None,
+            uri=settings.get("episode"),
+            source_name=settings.get("source_name"),
         )
-        mapping = ws.put_json(result.mapping)
+        mapping = ws.put_file(tmp / "mapping.json")
         tracks = {sid: ws.put_file(path) for sid, path in result.tracks.items()}
         return DiarisedTracks(tracks, ws.put_file(result.rttm), mapping, result.backend, result.warnings)
 
