@@ -558,7 +558,9 @@ def _missing_weights(ws: Path, env: dict[str, str], ref: Reference):
 def _api_gone(ws: Path, env: dict[str, str], ref: Reference):
     from prefect.server.api.server import SubprocessASGIServer
 
-    second = SubprocessASGIServer(port=_free_port())
+    from tests.net import free_port
+
+    second = SubprocessASGIServer(port=free_port())
     second.start(timeout=180)
     cmd = [*CLI, "run", str(ref.manifest), "--workspace", str(ws)]
     proc = subprocess.Popen(cmd, env=env | {"PREFECT_API_URL": second.api_url}, stdout=subprocess.PIPE,
@@ -576,14 +578,6 @@ def _api_gone(ws: Path, env: dict[str, str], ref: Reference):
     code2, err2 = _run(["run", str(ref.manifest), "--workspace", str(ws)], env)
     ok = first and code2 == 0 and _delivered(ws) == ref.sha
     return ok, f"first exit {proc.returncode}: {err.strip()[-160:]!r}; rerun exit {code2}"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------- secrets

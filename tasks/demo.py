@@ -103,5 +103,5 @@ def demo_manifest_text(media_dir: str = "demo-media") -> str:
         f"speakers:\n{speakers}\nlines:\n{lines}\n"
         "separate: {backend: auto}\n"
         "render: {engine: auto, size: 480, seed: 7, max_segment_s: 4}   # short segments show the planner at work\n"
-        "mix: {spec: ebu-r128}\noutputs: [mp4, stems, srt, qc]\n"
+        "mix: {spec: ebu-r128}\noutputs: [mp4, stems, srt, vtt, qc]\n"
     )

@@ -5,43 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
-from PIL import Image
 
 from flows.cli import main
 from tasks.manifest import SCHEMA_PATH, ManifestError, load_manifest, schema_text
+from tests.hostile_corpus import GOOD, write_media
 
 
 @pytest.fixture()
 def media(tmp_path: Path) -> Path:
     """A folder (with a space and non-ASCII letters) holding a 640x360 picture and two short voices."""
-    folder = tmp_path / "épisode un"
-    folder.mkdir()
-    Image.new("RGB", (640, 360), "gray").save(folder / "scene.png")
-    t = np.arange(16000) / 16000
-    sf.write(folder / "ana.wav", 0.1 * np.sin(2 * np.pi * 220 * t), 16000)
-    sf.write(folder / "ben.wav", 0.1 * np.sin(2 * np.pi * 330 * t), 16000)
+    folder = write_media(tmp_path / "épisode un")
     (folder / "empty.wav").write_bytes(b"")
     (folder / "noise.wav").write_bytes(b"RIFF not really a wave file")
     return folder
-
-
-GOOD = """\
-episode: s01e03
-source: scene.png
-speakers:
-  - id: ana
-    box: [10, 10, 300, 350]
-    track: ana.wav
-  - id: ben
-    box: [330, 10, 630, 350]
-    track: ben.wav
-lines:
-  - {speaker: ana, start: 0.1, text: Hello}
-render: {engine: preview, size: 480}
-"""
 
 
 def write(folder: Path, text: str) -> Path:
@@ -167,6 +144,10 @@ def test_schema_json_is_up_to_date():
 def test_demo_manifest_is_valid_against_the_models():
     loaded = load_manifest(Path(__file__).parent.parent / "manifests" / "demo.yaml", check_media=False)
     assert loaded.manifest.speaker_ids() == ["ana", "ben"]
+    from tasks.demo import demo_manifest_text
+
+    # `dubflow demo` writes this text where the file is missing: both say the same
+    assert loaded.path.read_text() == demo_manifest_text()
 
 
 VIDEO = GOOD.replace("scene.png", "scene.mp4").replace("engine: preview", "engine: multitalk")

@@ -25,12 +25,7 @@ from flows.certs import make_certs
 from flows.cli import main
 from flows.cluster import security
 from flows.workers import start_workers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.net import free_port
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +38,7 @@ def certs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tls_scheduler(certs, tmp_path_factory):
     """A bare TLS scheduler (no workers: refusing a client needs none) on a free loopback port."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("sched") / "scheduler.log"
     args = ["--tls-ca-file", certs / "ca.pem", "--tls-cert", certs / "scheduler.pem", "--tls-key"]
     with open(log, "wb") as out:
@@ -168,7 +163,7 @@ def test_an_episode_renders_on_tls_workers(certs, demo_media, tmp_path, monkeypa
     monkeypatch.delenv("DUBFLOW_SCHEDULER", raising=False)
     monkeypatch.setenv("DUBFLOW_GPU_LOCK_DIR", str(tmp_path / "locks"))
     ws = tmp_path / "work"
-    state = start_workers(ws, cpu_workers=2, port=_free_port(), tls=certs)
+    state = start_workers(ws, cpu_workers=2, port=free_port(), tls=certs)
     try:
         assert state.address.startswith("tls://127.0.0.1:") and state.tls == str(certs.resolve())
         assert len(workers_status(ws)["workers"]) == 2
@@ -202,13 +197,13 @@ def _http_status(url: str, auth: str | None = None) -> int:
 def test_a_server_on_another_interface_requires_its_auth_string_and_a_postgres_password(tmp_path):
     """HOST=127.0.0.2 (not the default loopback address): the API listens there only, refuses requests without
     the auth string server.sh made, and Prefect reaches PostgreSQL as the `prefect` role with a password."""
-    port = _free_port()
+    port = free_port()
     pgdata = tempfile.mkdtemp(prefix="dubflow-test-pg-")  # under /tmp: the postgres user must reach it
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DUBFLOW_"))} | {
         "DUBFLOW_SERVER_DIR": str(tmp_path),
         "DUBFLOW_SERVER_HOST": "127.0.0.2",
         "DUBFLOW_SERVER_PORT": str(port),
-        "DUBFLOW_PGPORT": str(_free_port()),
+        "DUBFLOW_PGPORT": str(free_port()),
         "DUBFLOW_PGDATA": pgdata,
         "PYTHON": sys.executable,
     }

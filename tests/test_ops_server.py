@@ -8,7 +8,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from flows.rerun import rendered_segments
+from tests.net import free_port
 from tests.test_ops_rerun import write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,12 +30,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not HAS_POSTGRES, reason="PostgreSQL is not installed (.ci/run installs it)"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env() -> dict[str, str]:
@@ -57,12 +51,12 @@ class Hook(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    port = _free_port()
+    port = free_port()
     pgdata = tempfile.mkdtemp(prefix="dubflow-test-pg-")  # under /tmp: the postgres user must reach it
     env = _clean_env() | {
         "DUBFLOW_SERVER_DIR": str(root),
         "DUBFLOW_SERVER_PORT": str(port),
-        "DUBFLOW_PGPORT": str(_free_port()),
+        "DUBFLOW_PGPORT": str(free_port()),
         "DUBFLOW_PGDATA": pgdata,
         "PYTHON": sys.executable,
     }

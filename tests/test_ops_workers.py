@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from flows.cli import main
 from flows.rerun import rendered_segments, segment_stages
 from flows.workers import episode_flow, start_workers, stop_workers, workers_status
+from tests.net import free_port
 from tests.test_ops_rerun import last_run, write_manifest
 
 pytestmark = [
@@ -28,12 +28,6 @@ FAKE_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Two CPU render workers with the fake engine preloaded; stopped after the module."""
@@ -45,7 +39,7 @@ def cluster(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     ws = root / "work"
-    state = start_workers(ws, cpu_workers=2, port=_free_port())
+    state = start_workers(ws, cpu_workers=2, port=free_port())
     yield ws, root / "loads.txt", state
     stop_workers(ws)
     for key, value in saved.items():
