@@ -24,6 +24,9 @@ from prefect import task
 from tasks.workspace import Blob, Workspace, stage_cache
 
 SPEED_STEP = 0.01  # speed factors are rounded up to this: stable cache keys, and the line still fits
+REFINEMENTS = (
+    4  # re-syntheses at a refined speed: a backend with random timing (Piper) may still overrun after two
+)
 
 
 @dataclass(frozen=True)
@@ -184,14 +187,14 @@ def fit_script(
 ) -> tuple[list[FittedLine], dict[int, Any]]:
     """The whole fit: `speak(index, speed factor)` gives a line's audio (anything with `.seconds`); returns the
     fitted lines and the audio each one is spoken with. A line is spoken at its natural speed, then at the speed
-    its slot needs, then (the measured length may still overrun) at most twice more at a refined speed."""
+    its slot needs, then (the measured length may still overrun) at most REFINEMENTS times more at a refined speed."""
     fit = {"conversation": conversation, "episode_end": episode_end}
     natural = {ln.index: speak(ln.index, 1.0) for ln in lines}
     speeds = choose_speeds(lines, {i: a.seconds for i, a in natural.items()}, max_speed=max_speed, **fit)
     spoken = {i: natural[i] if speeds[i] == 1.0 else speak(i, speeds[i]) for i in natural}
     slots = slot_ends(lines, **fit)
     for line in lines:
-        for _ in range(2):
+        for _ in range(REFINEMENTS):
             i = line.index
             better = refined_speed(line, speeds[i], spoken[i].seconds, slots[i], max_speed)
             if better is None:
