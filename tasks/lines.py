@@ -136,6 +136,16 @@ def refined_speed(
     return better if better > speed else round(min(speed + SPEED_STEP, max_speed), 2)
 
 
+def best_take(tried: Sequence[tuple[float, Any]], room: float | None) -> tuple[float, Any]:
+    """Of the takes of one line (speed, audio), the slowest that fits its slot, else the shortest. A voice with
+    random timing (Piper) may come out longer at a higher speed than at a lower one: the last take is not
+    always the best."""
+    fitting = [t for t in tried if room is None or t[1].seconds <= room + 1e-3]
+    if fitting:
+        return min(fitting, key=lambda t: t[0])
+    return min(tried, key=lambda t: (t[1].seconds, t[0]))
+
+
 def place_lines(
     lines: Sequence[ScriptLine],
     seconds: dict[int, float],
@@ -194,12 +204,15 @@ def fit_script(
     spoken = {i: natural[i] if speeds[i] == 1.0 else speak(i, speeds[i]) for i in natural}
     slots = slot_ends(lines, **fit)
     for line in lines:
+        i = line.index
+        tried = [(speeds[i], spoken[i])]
         for _ in range(REFINEMENTS):
-            i = line.index
             better = refined_speed(line, speeds[i], spoken[i].seconds, slots[i], max_speed)
             if better is None:
                 break
             speeds[i], spoken[i] = better, speak(i, better)
+            tried.append((speeds[i], spoken[i]))
+        speeds[i], spoken[i] = best_take(tried, None if slots[i] is None else slots[i] - line.start)
     return place_lines(lines, {i: a.seconds for i, a in spoken.items()}, speeds, **fit), spoken
 
 
