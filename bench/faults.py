@@ -290,16 +290,11 @@ def reference_run(root: Path, env: dict[str, str]) -> Reference:
 
 
 def _episode(folder: Path) -> Path:
-    from tasks.demo import BOXES, LINES, make_demo_media
+    from tasks.demo import make_demo_media, short_manifest_text
 
     make_demo_media(folder)
-    speakers = "\n".join(f"  - {{id: {s}, box: {list(b)}, track: {s}.wav}}" for s, b in BOXES.items())
-    lines = "\n".join(f'  - {{speaker: {w}, start: {s}, text: "{t}"}}' for w, s, t, _ in LINES)
     path = folder / "k.yaml"
-    path.write_text(
-        f"episode: k\nsource: scene.png\naudio: {{dialogue: dialogue.wav}}\nspeakers:\n{speakers}\n"
-        f"lines:\n{lines}\nseparate: {{backend: dsp}}\nrender: {{engine: preview, size: 480, max_segment_s: 2}}\n"
-    )
+    path.write_text(short_manifest_text("k", render="{engine: preview, size: 480, max_segment_s: 2}"))
     return path
 
 

@@ -88,6 +88,31 @@ def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x)))) if len(x) else 0.0
 
 
+def short_manifest_text(
+    episode: str,
+    *,
+    render: str,
+    lines=None,
+    tracks: bool = True,
+    separate: str | None = "dsp",
+    extra: str = "",
+) -> str:
+    """A compact demo-like manifest for tests and benchmarks, with the media (scene.png, <speaker>.wav,
+    dialogue.wav) beside it. `tracks=False` leaves out the actors' tracks and the dialogue: lines mode, where the
+    voices are spoken from `lines` ((speaker, start, text), default the demo's). `extra` is appended as is."""
+    script = lines if lines is not None else [(who, start, text) for who, start, text, _ in LINES]
+    track = (lambda s: f", track: {s}.wav") if tracks else (lambda s: "")
+    speakers = "\n".join(f"  - {{id: {s}, box: {list(b)}{track(s)}}}" for s, b in BOXES.items())
+    said = "\n".join(f'  - {{speaker: {w}, start: {s}, text: "{t}"}}' for w, s, t in script)
+    return (
+        f"episode: {episode}\nsource: scene.png\n"
+        + ("audio: {dialogue: dialogue.wav}\n" if tracks else "")
+        + f"speakers:\n{speakers}\nlines:\n{said}\n"
+        + (f"separate: {{backend: {separate}}}\n" if separate and tracks else "")
+        + f"render: {render}\n{extra}"
+    )
+
+
 def demo_manifest_text(media_dir: str = "demo-media") -> str:
     speakers = "\n".join(
         f"  - id: {sid}\n    name: {sid.capitalize()}\n    box: {list(box)}\n    track: {media_dir}/{sid}.wav"

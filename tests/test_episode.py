@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from flows.cli import main
-from tasks.demo import BOXES, LINES
+from tasks.demo import BOXES, short_manifest_text
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,14 +25,8 @@ FRAME = 1 / 25
 def _manifest(folder: Path, media: dict[str, Path], episode: str) -> Path:
     for name in ("scene", "ana", "ben", "dialogue"):
         shutil.copy(media[name], folder / media[name].name)
-    speakers = "\n".join(f"  - {{id: {s}, box: {list(b)}, track: {s}.wav}}" for s, b in BOXES.items())
-    lines = "\n".join(f'  - {{speaker: {w}, start: {s}, text: "{t}"}}' for w, s, t, _ in LINES)
     path = folder / "episode.yaml"
-    path.write_text(
-        f"episode: {episode}\nsource: scene.png\naudio: {{dialogue: dialogue.wav}}\n"
-        f"speakers:\n{speakers}\nlines:\n{lines}\n"
-        "separate: {backend: dsp}\nrender: {engine: preview, size: 480, max_segment_s: 3}\n"
-    )
+    path.write_text(short_manifest_text(episode, render="{engine: preview, size: 480, max_segment_s: 3}"))
     return path
 
 

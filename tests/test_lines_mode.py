@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tasks.demo import BOXES
+from tasks.demo import short_manifest_text
 from tasks.tts import backend_problem
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -38,14 +38,10 @@ def fake_engine(monkeypatch):
 
 def write_manifest(folder: Path, scene: Path, lines, tts: str, episode: str) -> Path:
     shutil.copy(scene, folder / "scene.png")
-    speakers = "\n".join(f"  - {{id: {s}, box: {list(b)}}}" for s, b in BOXES.items())
-    script = "\n".join(f'  - {{speaker: {w}, start: {s}, text: "{t}"}}' for w, s, t in lines)
     path = folder / f"{episode}.yaml"
-    path.write_text(
-        f"episode: {episode}\nsource: scene.png\nspeakers:\n{speakers}\nlines:\n{script}\n"
-        f"tts: {tts}\nrender: {{engine: preview, size: 480, max_segment_s: 2}}\n"
-        "outputs: [mp4, srt, vtt, qc]\n"
-    )
+    render = "{engine: preview, size: 480, max_segment_s: 2}"
+    extra = f"tts: {tts}\noutputs: [mp4, srt, vtt, qc]\n"
+    path.write_text(short_manifest_text(episode, render=render, lines=lines, tracks=False, extra=extra))
     return path
 
 
