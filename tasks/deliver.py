@@ -14,6 +14,7 @@ from prefect import task
 
 from engine.base import FPS
 from engine.media import VideoFrames, count_video_frames, probe, read_audio, run_ffmpeg, stream_starts
+from tasks.manifest import MIX_STEMS
 from tasks.qc import LOUDNESS_TOLERANCE_LU, integrated_loudness, true_peak_dbtp
 from tasks.remix import Mix
 from tasks.speakers import MIX_RATE, Timeline
@@ -100,10 +101,13 @@ def mezzanine(picture, wav, out):
 
 
 def stems(mix: Mix) -> dict[str, Blob]:
-    named = {"stems/dialogue.wav": mix.dialogue, "stems/full_mix.wav": mix.mix}
+    """out/stems/: dialogue, full mix, M&E (when there is a bed) and one per speaker, `<speaker id>.wav`
+    (validation keeps speaker ids off the mix stems' names)."""
+    dialogue, me, full = MIX_STEMS
+    named = {f"stems/{dialogue}.wav": mix.dialogue, f"stems/{full}.wav": mix.mix}
     if mix.bed is not None:
-        named["stems/music_and_effects.wav"] = mix.bed
-    return named | {f"stems/speaker-{sid}.wav": blob for sid, blob in mix.speakers.items()}
+        named[f"stems/{me}.wav"] = mix.bed
+    return named | {f"stems/{sid}.wav": blob for sid, blob in mix.speakers.items()}
 
 
 def measure(mp4) -> dict:

@@ -33,6 +33,7 @@ from tasks.limits import Limits, LimitsError, env_name
 from tasks.yamlmarks import Mark, YamlProblem, load_marked
 
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MIX_STEMS = ("dialogue", "music_and_effects", "full_mix")  # out/stems/<name>.wav, beside one per speaker
 LENGTH_TOLERANCE_S = 0.04  # one frame at 25 fps: an export rounded up to its last frame is not "longer"
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "manifests" / "schema.json"
 
@@ -805,6 +806,12 @@ def _check_speakers(m: Manifest, add, source: MediaInfo, require_boxes: bool = T
                 f"speaker id {s.id!r} is already used by speakers[{seen[s.id]}]; ids must be unique",
             )
         seen.setdefault(s.id, i)
+        if s.id.casefold() in MIX_STEMS:
+            add(
+                ("speakers", i, "id"),
+                f"speaker id {s.id!r} would overwrite the {s.id.casefold()} stem in out/stems/ "
+                f"(each speaker's stem is out/stems/<id>.wav); rename the speaker",
+            )
         if isinstance(s.box, list) and s.box and isinstance(s.box[0], int):
             _check_box(s.box, ("speakers", i, "box"), add, source)
         elif isinstance(s.box, list):

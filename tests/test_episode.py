@@ -264,9 +264,7 @@ def test_deliverables_are_present_valid_and_hashed(first_run):
         data = outputs[name].read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"], name
     expected = {"e2e.mp4", "e2e.srt", "e2e.vtt", "qc.json", "provenance.json", "contact-sheet.png"}
-    stems = {
-        f"stems/{s}.wav" for s in ("dialogue", "music_and_effects", "full_mix", "speaker-ana", "speaker-ben")
-    }
+    stems = {f"stems/{s}.wav" for s in ("dialogue", "music_and_effects", "full_mix", "ana", "ben")}
     assert expected | stems <= set(listing["files"])
     assert _moov_before_mdat(outputs["e2e.mp4"])  # faststart
     length = None

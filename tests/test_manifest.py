@@ -56,6 +56,7 @@ BAD = [
     ("box too small for the token grid", GOOD.replace("[10, 10, 300, 350]", "[10, 10, 15, 15]"), 5, "token"),
     ("boxes on top of each other", GOOD.replace("[330, 10, 630, 350]", "[20, 20, 290, 340]"), 8, "overlap"),
     ("duplicate speaker id", GOOD.replace("id: ben", "id: ana"), 7, "already used"),
+    ("speaker id of a mix stem", GOOD.replace("id: ben", "id: Full_Mix"), 7, "overwrite the full_mix stem"),
     (
         "line of unknown speaker",
         GOOD.replace("{speaker: ana,", "{speaker: zoe,"),
