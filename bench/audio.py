@@ -8,9 +8,10 @@ field scores it, by pyannote.metrics: collar 0.25 s each side (pyannote's collar
 split into missed detection, false alarm and confusion. Three diarisation runs per mix: the count given
 and the count guessed (blind clustering, optimal label mapping), and the pipeline's path (dsp separation,
 then `diarise` with every enrolment clip plus the distractor `aew`, scored by identity: names must be
-right). SI-SDR improvement of the dsp vocals over the mix, on the whole file, inside the music cues and
-outside them, and the speech left in the M&E bed outside music (goal < -30 dB). Baselines are measured in
-the same run: the mix itself for SI-SDR. Speed is x real time on this machine's cores, in a fresh
+right). SI-SDR improvement over the mix of the dsp and dfn (DeepFilterNet3) vocals and of the oracle ideal
+ratio mask (upper bound of any mask on the dsp STFT, from the true stems), on the whole file, inside the
+music cues and outside them, and the speech left in the M&E bed outside music (goal < -30 dB). Baselines
+are measured in the same run: the mix itself for SI-SDR. Speed is x real time on this machine's cores, in a fresh
 process per backend (peak RSS includes the interpreter).
 """
 

@@ -10,7 +10,16 @@ import yaml
 from engine.base import MissingWeightsError
 from engine.media import MediaError
 from tasks.separate import Separation, blockwise, resolve_separate_backend, separate
-from tests.audio_fixtures import RATE, conversation, have_espeak, mix_at, music, si_sdr, write_wav
+from tests.audio_fixtures import (
+    RATE,
+    conversation,
+    harmonic_voice,
+    have_espeak,
+    mix_at,
+    music,
+    si_sdr,
+    write_wav,
+)
 
 needs_espeak = pytest.mark.skipif(
     not have_espeak(), reason="espeak-ng is not installed (apt-get install espeak-ng)"
@@ -226,3 +235,15 @@ def test_embedded_backends_leave_a_clean_dialogue_exactly_as_it_is(tmp_path, bac
     voice = 0.2 * np.sin(2 * np.pi * (140 + 30 * np.sin(2 * np.pi * 3 * t)) * t) * syllables
     voice = (voice + 1e-4 * rng.standard_normal(len(t))).astype(np.float32)
     np.testing.assert_array_equal(separate_in_memory(voice[None], RATE, backend=backend)[0], voice)
+
+
+def test_music_gate_holds_a_bed_up_to_a_gap_in_the_programme_and_stays_shut_after():
+    """Voice under a bed, 3 s of exact zeros (a scene cut), then the voice alone. Zeros that long are not a
+    quiet floor, so the gate stays open under the bed right up to the cut; it is shut past it."""
+    from tasks.separate import music_presence
+
+    scene = mix_at(harmonic_voice(10.0, seed=1), music(10.0, seed=4), -12.0)
+    audio = np.concatenate([scene, np.zeros(3 * RATE, np.float32), harmonic_voice(10.0, seed=2)])
+    gate = music_presence(audio, RATE)  # one value per 10 ms
+    assert gate[100:950].min() > 0.99  # 1-9.5 s: the bed, up to half a second before the cut
+    assert gate[1600:].max() == 0.0  # 3 s after the cut and on: the voice alone
