@@ -11,8 +11,8 @@ then `diarise` with every enrolment clip plus the distractor `aew`, scored by id
 right). SI-SDR improvement over the mix of the dsp and dfn (DeepFilterNet3) vocals and of the oracle ideal
 ratio mask (upper bound of any mask on the dsp STFT, from the true stems), on the whole file, inside the
 music cues and outside them, and the speech left in the M&E bed outside music (goal < -30 dB). Baselines
-are measured in the same run: the mix itself for SI-SDR. Speed is x real time on this machine's cores, in a fresh
-process per backend (peak RSS includes the interpreter).
+are measured in the same run: the mix itself for SI-SDR. Speed is x real time on this machine's cores, in a
+fresh process per backend (peak RSS includes the interpreter).
 """
 
 from __future__ import annotations

@@ -333,8 +333,9 @@ def music_gate(
 ) -> np.ndarray:
     """Music presence (frames,) in [0, 1]. Speech alone falls to its recording's noise floor between
     words, 35-55 dB under its peaks; a music bed holds the floor up. Over `GATE_WINDOW_S` around each
-    frame, the quietest 5 % of frames (energy above 100 Hz) against the loudest 5 %: closer than `MUSIC_GATE_DB` for at least `GATE_MIN_S` is music, and holes shorter than
-    `GATE_FILL_S` between music stretches (a quiet bar, a rest) are music too. Speech-dev: -38 to -58 dB
+    frame, the quietest 5 % of frames (energy above 100 Hz) against the loudest 5 %: closer than
+    `MUSIC_GATE_DB` for at least `GATE_MIN_S` is music, and holes shorter than `GATE_FILL_S` between
+    music stretches (a quiet bar, a rest) are music too. Speech-dev: -38 to -58 dB
     in clean dialogue, -26 over a 1.5 s overlap (too short), -16 to -34 under a -10/-12 LU bed; the
     demo's pad at -12 dB: -22 to -28. The gate then covers 84 / 82 / 87 % of the cues of dev_two /
     dev_three / dev_long (was 69 / 41 / 73 % at -30 dB, no fill) and opens nowhere outside them but the
