@@ -14,8 +14,9 @@ independent errors. Ungated, inside the cues: +5.7 / +6.3 / +5.6 dB on dev_two /
 (dsp: about +1); what `separate` gets is less where the music gate stays shut (bench/audio.py).
 Measured and not kept: a Wiener mask built from the model's estimate (+0.1 to +0.3 dB over its direct
 output, less than the mix-back), a second pass (-0.1 to -1.0 dB), the model's post-filter (-0.1 dB),
-its attenuation limit at 30 dB (no gain once the input is mixed back). On the generated fixtures the order flips (espeak dialogue under
-the repeating synthetic cue: dsp +5.6, dfn +2.9 dB): REPET-SIM was made for exact repetition.
+its attenuation limit at 30 dB (no gain once the input is mixed back). On the generated fixtures the
+order flips (espeak dialogue under the repeating synthetic cue: dsp +5.6, dfn +2.9 dB): REPET-SIM was
+made for exact repetition.
 """
 
 from __future__ import annotations
