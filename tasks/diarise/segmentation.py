@@ -124,7 +124,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+    except Exception as exc:  # any failure to read it is the same advice: replace the file
         raise MissingWeightsError(
             f"{path}: not a readable segmentation checkpoint ({type(exc).__name__}: {exc}); "
             f"replace it with pyannote/segmentation's {CHECKPOINT} or {INSTALL_HINT}"
@@ -336,6 +336,24 @@ def binarize(
     if active:
         regions.append((begin, start_s + len(values) * step_s))
     return [(round(max(0.0, a), 3), round(b, 3)) for a, b in regions]
+
+
+@lru_cache(maxsize=4)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_identity(models_dir: Path | None = None) -> str:
+    """What the diarise cache key and mapping.json record: `sha256:<hex>` of the checkpoint in use, or
+    `none` (silero-vad then decides speech)."""
+    path = find_checkpoint(models_dir)
+    if path is None:
+        return "none"
+    st = path.stat()
+    return "sha256:" + _sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
 @lru_cache(maxsize=2)
