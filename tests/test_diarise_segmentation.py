@@ -215,3 +215,28 @@ def test_dubflow_run_diarises_with_the_segmentation_model_from_the_models_folder
     assert mapping["model"].startswith("pyannote/segmentation + resemblyzer")
     rttm = [line.split() for line in Path(record["outputs"]["diarisation.rttm"]).read_text().splitlines()]
     assert rttm and {r[1] for r in rttm} == {"seg"} and {r[7] for r in rttm} <= set(BOXES)
+
+
+def test_without_a_checkpoint_silero_decides_speech_and_says_so(tmp_path, monkeypatch):
+    """No segmentation file anywhere: the diariser still works, with silero-vad, and mapping.json and
+    `dubflow doctor` say so (and how to get the file)."""
+    from tests.audio_fixtures import conversation, have_voices, write_wav
+
+    if not have_voices():
+        pytest.skip("needs apt espeak-ng for the test voices")
+    from flows.doctor import _diarise
+    from tasks.diarise import SpeakerRef, diarise
+
+    monkeypatch.setattr(seg, "find_checkpoint", lambda models_dir=None: None)
+    audio, _ = conversation([("ben", 0), ("ana", 0)])
+    src = write_wav(tmp_path / "two.wav", audio)
+    result = diarise(
+        src, [SpeakerRef("ana"), SpeakerRef("ben")], tmp_path / "o", backend="embedded", num_speakers=2
+    )
+    mapping = json.loads((tmp_path / "o" / "mapping.json").read_text())
+    assert (
+        result.model.startswith("silero-vad==")
+        and mapping["settings"]["segmentation"]["model"] == "silero-vad"
+    )
+    assert len({t.split()[7] for t in result.rttm.read_text().splitlines()}) == 2
+    assert _diarise(None)["speech"].startswith("silero-vad (no pyannote/segmentation: pip install --no-deps")
