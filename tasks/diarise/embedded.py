@@ -1,6 +1,8 @@
-"""The embedded diariser: silero-vad speech regions, resemblyzer d-vectors on 1.6 s sliding windows, spectral
-clustering of a pruned cosine affinity, frame-level re-assignment to the cluster centroids. Both models ship
-inside their PyPI wheels (the `vad` extra)."""
+"""The embedded diariser: speech regions from pyannote/segmentation (`segmentation.py`; silero-vad when its
+file is absent), resemblyzer d-vectors on 1.6 s sliding windows, enrolment-guided k-means or spectral
+clustering of a pruned cosine affinity (a voice split by music on/off merged back), frame-level re-assignment
+to the cluster centroids, pauses under 0.5 s bridged, and a second speaker wherever the segmentation model
+hears overlapped speech. The models ship inside PyPI wheels (the `vad` extra; whisperx's for segmentation)."""
 
 from __future__ import annotations
 
