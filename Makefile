@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0   # the CPU build on these machines (see README)
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	# pyannote/segmentation (MIT) for diarisation: the only file we use from whisperx's wheel; its own
+	# dependencies pin torch 2.8, so it goes in without them and is never imported (tasks/diarise/segmentation.py)
+	$(BIN)/pip install -q --no-deps whisperx==3.8.6
 	touch $@
 
 demo: setup

@@ -5,8 +5,9 @@
 Data: ../shared/data/speech-dev (real LibriSpeech / CMU ARCTIC voices, real music, exact stems, reference
 RTTMs, out-of-sample enrolment clips; its README says how they were built). DER is scored the way the
 field scores it, by pyannote.metrics: collar 0.25 s each side (pyannote's collar=0.5), overlaps scored,
-split into missed detection, false alarm and confusion. Three diarisation runs per mix: the count given
-and the count guessed (blind clustering, optimal label mapping), and the pipeline's path (dsp separation,
+split into missed detection, false alarm and confusion. Three diarisation runs per mix and per
+speech-activity model (silero-vad, the baseline, and pyannote/segmentation when its checkpoint is found):
+the count given and the count guessed (blind clustering, optimal label mapping), and the pipeline's path (dsp separation,
 then `diarise` with every enrolment clip plus the distractor `aew`, scored by identity: names must be
 right). SI-SDR improvement over the mix of the dsp and dfn (DeepFilterNet3) vocals and of the oracle ideal
 ratio mask (upper bound of any mask on the dsp STFT, from the true stems), on the whole file, inside the
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
+from engine.base import models_dir_from_env  # noqa: E402
 from engine.media import read_channels  # noqa: E402
 from tasks.diarise import EmbeddedDiariser, EmbeddedSettings, SpeakerRef, Turn, diarise, read_rttm  # noqa: E402
+from tasks.diarise.segmentation import find_checkpoint  # noqa: E402
 from tasks.separate import _stft_size, separate_dsp, separate_in_memory  # noqa: E402
 from tests.audio_fixtures import RATE, si_sdr, write_wav  # noqa: E402
 
@@ -89,38 +93,61 @@ def load(name: str, data: Path) -> dict:
 
 
 def der_table(data: Path, names: tuple[str, ...]) -> list[dict]:
+    """Per mix and per speech-activity model (silero-vad, the baseline; pyannote/segmentation when its
+    checkpoint is found): count given, count guessed, and the pipeline path with enrolment samples."""
     rows = []
     enrol = data / "mixes" / "enrol"
+    vads = ["silero"] + (["segmentation"] if find_checkpoint(models_dir_from_env()) else [])
+    if len(vads) == 1:
+        print(
+            "DER  pyannote/segmentation: not measured (no checkpoint; pip install --no-deps whisperx==3.8.6)"
+        )
     for name in names:
         case = load(name, data)
         ids = sorted({t.label for t in case["ref"]})
-        row: dict = {"mix": name, "speakers": ids, "goal": DER_GOAL[name]}
-        for label, count in (("count given", len(ids)), ("count guessed", None)):
-            t0 = time.perf_counter()
-            turns = EmbeddedDiariser(EmbeddedSettings()).run(case["mix"], num_speakers=count, progress=None)
-            row[label] = der_parts(case["ref"], turns) | {"seconds": time.perf_counter() - t0}
-        with tempfile.TemporaryDirectory() as tmp:
-            vocals = write_wav(Path(tmp) / f"{name}.wav", separate_dsp(case["mix"][None], RATE)[0])
-            refs = [SpeakerRef(s, enrol / f"{s}.wav") for s in [*ids, DISTRACTOR]]
-            result = diarise(vocals, refs, Path(tmp) / "out", backend="embedded", num_speakers=len(refs))
-            named = read_rttm(result.rttm)
-            record = json.loads((Path(tmp) / "out" / "mapping.json").read_text())
-        row["enrolment, after dsp"] = der_parts(case["ref"], named, named=True) | {
-            "aew_assigned": any(t.label == DISTRACTOR for t in named),
-            "warnings": record["warnings"],
-            "confidence": {s: record["confidence"][s]["confidence"] for s in ids},
-        }
-        rows.append(row)
-        for label in ("count given", "count guessed", "enrolment, after dsp"):
-            r = row[label]
-            extra = f"  aew assigned: {r['aew_assigned']}" if "aew_assigned" in r else ""
+        for vad in vads:
+            settings = replace(EmbeddedSettings(), segmentation="silero" if vad == "silero" else "auto")
+            row: dict = {"mix": name, "vad": vad, "speakers": ids, "goal": DER_GOAL[name]}
+            for label, count in (("count given", len(ids)), ("count guessed", None)):
+                t0 = time.perf_counter()
+                turns = EmbeddedDiariser(settings).run(case["mix"], num_speakers=count, progress=None)
+                row[label] = der_parts(case["ref"], turns) | {"seconds": time.perf_counter() - t0}
+            with tempfile.TemporaryDirectory() as tmp:
+                vocals = write_wav(Path(tmp) / f"{name}.wav", separate_dsp(case["mix"][None], RATE)[0])
+                refs = [SpeakerRef(s, enrol / f"{s}.wav") for s in [*ids, DISTRACTOR]]
+                result = diarise(
+                    vocals,
+                    refs,
+                    Path(tmp) / "out",
+                    backend="embedded",
+                    num_speakers=len(refs),
+                    settings=settings,
+                )
+                named = read_rttm(result.rttm)
+                record = json.loads((Path(tmp) / "out" / "mapping.json").read_text())
+            row["enrolment, after dsp"] = der_parts(case["ref"], named, named=True) | {
+                "aew_assigned": any(t.label == DISTRACTOR for t in named),
+                "warnings": record["warnings"],
+                "confidence": {s: record["confidence"][s]["confidence"] for s in ids},
+            }
+            rows.append(row)
+            base = next((r for r in rows if r["mix"] == name and r["vad"] == "silero"), row)
+            for label in ("count given", "count guessed", "enrolment, after dsp"):
+                r = row[label]
+                extra = f"  aew assigned: {r['aew_assigned']}" if "aew_assigned" in r else ""
+                vs = (
+                    f"  x{r['der'] / max(base[label]['der'], 1e-9):4.2f} of silero" if base is not row else ""
+                )
+                print(
+                    f"DER  {name:16s} {vad:12s} {label:21s} {r['der']:6.1%} (missed {r['missed']:5.1%}, false "
+                    f"alarm {r['false_alarm']:5.1%}, confusion {r['confusion']:5.1%})  goal <= {row['goal']:.0%}  "
+                    f"ratio to goal {r['der'] / row['goal']:5.2f}{vs}{extra}",
+                    flush=True,
+                )
             print(
-                f"DER  {name:16s} {label:21s} {r['der']:6.1%} (missed {r['missed']:5.1%}, false alarm "
-                f"{r['false_alarm']:5.1%}, confusion {r['confusion']:5.1%})  goal <= {row['goal']:.0%}  "
-                f"ratio to goal {r['der'] / row['goal']:5.2f}{extra}",
+                f"     {name:16s} {vad:12s} qc warnings: {row['enrolment, after dsp']['warnings']}",
                 flush=True,
             )
-        print(f"     {name:16s} qc warnings: {row['enrolment, after dsp']['warnings']}", flush=True)
     return rows
 
 
@@ -222,8 +249,10 @@ def run_backend(backend: str, path: Path, seconds: float) -> dict:
         separate(path, out / "sep", backend=backend.removeprefix("separate-"))
     elif backend == "demucs-htdemucs-random":
         separate(path, out / "sep", backend="demucs", model="htdemucs", models_dir=models)
-    elif backend == "diarise-embedded":
-        diarise(path, [SpeakerRef("a"), SpeakerRef("b")], out / "dia", backend="embedded", num_speakers=2)
+    elif backend in ("diarise-embedded", "diarise-embedded-silero"):
+        settings = EmbeddedSettings(segmentation="silero" if backend.endswith("silero") else "auto")
+        refs = [SpeakerRef("a"), SpeakerRef("b")]
+        diarise(path, refs, out / "dia", backend="embedded", num_speakers=2, settings=settings)
     elif backend == "transcribe-faster-whisper":
         transcribe(path, backend="faster-whisper")
     elapsed = time.perf_counter() - t0
@@ -272,6 +301,7 @@ def speed_table(data: Path, quick: bool) -> list[dict]:
     jobs = [
         ("separate-dsp", path, seconds),
         ("separate-dfn", path, seconds),
+        ("diarise-embedded-silero", path, seconds),
         ("diarise-embedded", path, seconds),
         ("transcribe-faster-whisper", path, seconds),
         ("demucs-htdemucs-random", demucs_path, 30.0),

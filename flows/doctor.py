@@ -18,7 +18,7 @@ def doctor_report() -> dict:
         "engine_speed": _engine_speed(),
         "stages": {
             "separate": _separate(models_dir),
-            "diarise": _diarise(),
+            "diarise": _diarise(models_dir),
             "tts": _tts(models_dir),
             "render": _render(models_dir),
         },
@@ -74,13 +74,25 @@ def _separate(models_dir) -> dict:
     return {"auto": chosen, "why": why, "backends": backends}
 
 
-def _diarise() -> dict:
+def _diarise(models_dir) -> dict:
     try:
         from tasks.diarise import resolve_diarise_backend
+        from tasks.diarise.segmentation import INSTALL_HINT, find_checkpoint
     except ImportError:
         return {"auto": "tracks", "why": "diarisation module not installed; give speakers[].track"}
     chosen, why = resolve_diarise_backend("auto")
-    return {"auto": chosen, "why": why, "backends": {"pyannote": _pkg("pyannote.audio", "diarize")}}
+    found = find_checkpoint(models_dir)
+    speech = (
+        f"pyannote/segmentation ({found})"
+        if found
+        else f"silero-vad (no pyannote/segmentation: {INSTALL_HINT})"
+    )
+    return {
+        "auto": chosen,
+        "why": why,
+        "speech": speech,
+        "backends": {"pyannote": _pkg("pyannote.audio", "diarize")},
+    }
 
 
 def _tts(models_dir) -> dict:

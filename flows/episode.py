@@ -413,11 +413,14 @@ def _raw_tracks(
 
 
 def _diarised(m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob) -> dict[str, Blob]:
+    from engine.base import models_dir_from_env
     from tasks.diarise import diarise_task, resolve_diarise_backend
+    from tasks.diarise.segmentation import checkpoint_identity
 
     backend, why = resolve_diarise_backend(m.diarise.backend)
     get_run_logger().info("diarise: %s (%s)", backend, why)
     settings = m.diarise.model_dump() | {"backend": backend, "episode": m.episode}
+    settings["segmentation"] = checkpoint_identity(models_dir_from_env())  # a new checkpoint re-runs it
     with _named_as(ws, vocals, m.audio.dialogue):
         result = runner.run(diarise_task, "diarise", vocals, _speaker_refs(m, ws), settings)
     runner.extra_outputs |= {"diarisation.rttm": result.rttm, "speaker-mapping.json": result.mapping}

@@ -24,6 +24,7 @@ from tasks.diarise import (
     resolve_diarise_backend,
     use_given_tracks,
 )
+from tasks.diarise.segmentation import find_checkpoint
 from tests.audio_fixtures import RATE, conversation, enrolment, have_voices, mix_at, music, write_wav
 
 pytestmark = pytest.mark.skipif(
@@ -77,7 +78,9 @@ def test_two_voices_named_by_enrolment_not_by_order(media, tmp_path):
     assert all(len(a) == sf.info(media["two"]).frames for a in audio.values())
     saved = json.loads((tmp_path / "mapping.json").read_text())
     assert saved["mapping"] == result.mapping and saved["backend"] == "embedded"
-    assert saved["model"] == result.model and result.model.startswith("silero-vad==")
+    speech = "pyannote/segmentation" if find_checkpoint() else "silero-vad=="
+    assert saved["model"] == result.model and result.model.startswith(speech)
+    assert saved["settings"]["segmentation"]["model"] == speech.rstrip("=")
     assert saved["settings"]["vad_threshold"] == 0.6
 
 

@@ -1,7 +1,9 @@
 """diarise: who speaks when, one gated track per manifest speaker, with deterministic naming.
 
 - ``stage``: choose the backend, diarise, name, write RTTM + mapping.json + tracks; the Prefect task;
-- ``embedded``: the default backend (silero-vad + resemblyzer + spectral clustering, models in their wheels);
+- ``embedded``: the default backend (pyannote/segmentation or silero-vad for speech and overlap, resemblyzer
+  d-vectors, enrolment-guided k-means or spectral clustering; models in their wheels);
+- ``segmentation``: pyannote's segmentation model run by our own PyanNet (speech + overlapped speech);
 - ``pyannote_backend``: pyannote.audio's pipeline (the `diarize` extra);
 - ``naming``: clusters -> manifest speakers (pinned, then enrolment clips, then the manifest order rule);
 - ``turns``: the Turn record, RTTM I/O and track gating; ``scoring``: DER.

@@ -1,6 +1,8 @@
-"""The embedded diariser: silero-vad speech regions, resemblyzer d-vectors on 1.6 s sliding windows, spectral
-clustering of a pruned cosine affinity, frame-level re-assignment to the cluster centroids. Both models ship
-inside their PyPI wheels (the `vad` extra)."""
+"""The embedded diariser: speech regions from pyannote/segmentation (`segmentation.py`; silero-vad when its
+file is absent), resemblyzer d-vectors on 1.6 s sliding windows, enrolment-guided k-means or spectral
+clustering of a pruned cosine affinity (a voice split by music on/off merged back), frame-level re-assignment
+to the cluster centroids, pauses under 0.5 s bridged, and a second speaker wherever the segmentation model
+hears overlapped speech. The models ship inside PyPI wheels (the `vad` extra; whisperx's for segmentation)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.base import EngineSetupError, ProgressHook
+from engine.base import EngineSetupError, ProgressHook, models_dir_from_env
 from engine.media import read_channels
-from tasks.diarise.turns import FRAME_S, RATE, Turn, to_16k, turn_key
+from tasks.diarise.segmentation import Activity, Segmenter, binarize, segmenter
+from tasks.diarise.turns import FRAME_S, RATE, Turn, merge_turns, to_16k, turn_key
 from tasks.separate import check_not_silent
 
 VAD_EXTRA = "pip install -e '.[vad]'"
@@ -43,6 +46,20 @@ class EmbeddedSettings:
     join_gap_s: float = (
         0.3  # speech regions closer than this are windowed as one (short speakers get more windows)
     )
+    segmentation: str = "auto"  # pyannote/segmentation when its file is found ("auto"), or "silero" always
+    # speech hysteresis for that model. pyannote's VAD uses 0.5 / 0.363; on speech-dev (after bridging) those
+    # add word tails and music as speech: false alarm outside collars 3.6 / 1.5 / 1.5 / 4.0 % -> 0 / 1.2 /
+    # 0.9 / 1.0 % at 0.8 / 0.6, with no speech missed (pyannote's sample.wav keeps the same regions)
+    seg_onset: float = 0.8
+    seg_offset: float = 0.6
+    seg_step_s: float = 1.0  # sliding-window hop of the 5 s segmentation windows
+    overlap_onset: float = 0.5  # second local speaker's activity that makes a frame overlapped speech
+    min_overlap_s: float = 0.1
+    overlap_context_s: float = 2.0  # the second voice must speak within this distance of the overlap
+    bridge_s: float = 0.5  # pauses shorter than this inside one speaker's speech stay in the turn
+    music_repair: bool = True  # merge a 'same voice with / without music' pair of blind clusters
+    music_share: float = 0.7
+    music_pair_similarity: float = 0.7  # one voice split by music: 0.80-0.82; two voices: 0.49-0.66
 
 
 @lru_cache(maxsize=1)
@@ -84,8 +101,10 @@ def quiet_pkg_resources() -> Iterator[None]:
 class EmbeddedDiariser:
     """VAD -> window d-vectors -> clustering -> frame re-assignment. Deterministic (no sampling)."""
 
-    def __init__(self, settings: EmbeddedSettings):
+    def __init__(self, settings: EmbeddedSettings, models_dir: Path | None = None):
         self.settings = settings
+        self.models_dir = models_dir
+        self.activity: Activity | None = None  # the segmentation model's output for the last input
         self.centroids: dict[str, np.ndarray] = {}
         self.cluster_stats: dict[str, dict[str, float]] = {}  # per SPKn: windows, core share, similarity
         self.guided = False  # the last run's clusters started from enrolment samples
@@ -108,19 +127,22 @@ class EmbeddedDiariser:
         _report(progress, 2, "embeddings")
         self.guided = anchors is not None and len(anchors) > 0 and len(emb) >= 3
         if self.guided:
+            # a sample that wins no window is a silent speaker (or a distractor): it stays silent. Handing the
+            # voices to blind clustering instead (as embedded/2 did) split them by music on speech-dev
+            # (enrolment + the aew distractor: dev_three_clean 21.0 % -> 0.8 %, dev_long 4.8 % -> 1.1 %)
             labels = anchored_labels(emb, np.asarray(anchors), self.settings)
-            if len(np.unique(labels)) < len(anchors):
-                # a sample that won no voice: a silent speaker, or samples that cannot tell these voices
-                # apart (similar voices, other words). When blind clustering finds that many voices, it
-                # decides, and naming by the samples follows (speech-dev dev_three + a distractor: 8.1 %).
-                blind = cluster_windows(emb, spans, num_speakers, self.settings)
-                if len(np.unique(blind)) == len(anchors):
-                    labels, self.guided = blind, False
         else:
             labels = cluster_windows(emb, spans, num_speakers, self.settings)
+            if self.settings.music_repair:
+                labels = repair_music_split(emb, spans, labels, wav16, self.settings)
         centroids = _centroids(emb, labels)
-        frames = self.assign_frames(len(wav16), regions, spans, emb, centroids)
+        frames, scores = self.assign_frames(len(wav16), regions, spans, emb, centroids)
+        frames = bridge_pauses(frames, self.settings.bridge_s)
         turns = frames_to_turns(frames)
+        if self.activity is not None:
+            turns = merge_turns(
+                turns + overlap_turns(frames, scores, sorted(centroids), self.activity, self.settings)
+            )
         order = _first_appearance(turns)
         self.centroids = {f"SPK{order.index(k)}": c for k, c in centroids.items() if k in order}
         self.cluster_stats = {
@@ -129,7 +151,26 @@ class EmbeddedDiariser:
         _report(progress, 3, "clustering")
         return sorted((Turn(t.start, t.end, f"SPK{order.index(int(t.label))}") for t in turns), key=turn_key)
 
+    def segmenter(self) -> Segmenter | None:
+        """The pyannote/segmentation model when its checkpoint is found and the settings allow it."""
+        if self.settings.segmentation == "silero":
+            return None
+        return segmenter(self.models_dir or models_dir_from_env(), self.settings.seg_step_s)
+
     def speech_regions(self, wav16: np.ndarray) -> list[tuple[float, float]]:
+        """Speech regions: the segmentation model's speech activity (robust to music and overlapped voices)
+        when its checkpoint is present, else silero-vad."""
+        seg = self.segmenter()
+        if seg is not None:
+            s = self.settings
+            self.activity = seg.activity(wav16)
+            regions = binarize(
+                self.activity.speech, self.activity.step_s, self.activity.start_s, s.seg_onset, s.seg_offset
+            )
+            return [(a, min(b, len(wav16) / RATE)) for a, b in regions if b - a >= 0.1]
+        return self.silero_regions(wav16)
+
+    def silero_regions(self, wav16: np.ndarray) -> list[tuple[float, float]]:
         import torch
         from silero_vad import get_speech_timestamps
 
@@ -162,8 +203,9 @@ class EmbeddedDiariser:
             spans = [regions[int(np.argmax([e - b for b, e in regions]))]]
         return np.asarray(spans), embed_segments(wav16, spans)
 
-    def assign_frames(self, n_samples, regions, spans, emb, centroids) -> np.ndarray:
-        """Per 10 ms frame: the centroid most similar to the mean of the windows covering it, -1 if silent."""
+    def assign_frames(self, n_samples, regions, spans, emb, centroids) -> tuple[np.ndarray, np.ndarray]:
+        """Per 10 ms frame: the centroid most similar to the mean of the windows covering it, -1 if silent;
+        and the (frames, clusters) similarity scores that decided it (0 outside speech)."""
         from scipy.ndimage import median_filter
 
         n_frames = int(np.ceil(n_samples / RATE / FRAME_S))
@@ -177,6 +219,7 @@ class EmbeddedDiariser:
             scores[lo:hi] += row
             counts[lo:hi] += 1
         labels = np.full(n_frames, -1)
+        frame_scores = np.zeros_like(scores)
         width = max(1, int(self.settings.smooth_s / FRAME_S) | 1)
         for a, b in regions:
             lo, hi = int(a / FRAME_S), min(n_frames, int(np.ceil(b / FRAME_S)))
@@ -186,9 +229,87 @@ class EmbeddedDiariser:
                 times = (lo + uncovered + 0.5) * FRAME_S
                 nearest = np.argmin(np.abs(spans.mean(axis=1)[None, :] - times[:, None]), axis=1)
                 region[uncovered] = window_scores[nearest]
+            frame_scores[lo:hi] = region
             best = np.asarray(keys)[np.argmax(region, axis=1)]
             labels[lo:hi] = median_filter(best, size=min(width, max(1, (hi - lo) | 1)), mode="nearest")
+        return labels, frame_scores
+
+
+def window_music_share(spans: np.ndarray, wav16: np.ndarray) -> np.ndarray:
+    """Per window: the share of its frames under music (tasks.separate's music gate)."""
+    from tasks.separate import music_presence
+
+    music = music_presence(wav16, RATE)
+    cum = np.r_[0.0, np.cumsum(music)]
+    lo = np.clip((spans[:, 0] / FRAME_S).astype(int), 0, len(music) - 1)
+    hi = np.clip(np.ceil(spans[:, 1] / FRAME_S).astype(int), lo + 1, len(music))
+    return (cum[hi] - cum[lo]) / (hi - lo)
+
+
+def repair_music_split(
+    emb: np.ndarray, spans: np.ndarray, labels: np.ndarray, wav16: np.ndarray, s
+) -> np.ndarray:
+    """Resemblyzer d-vectors move under music, so blind clustering may split one voice into 'with music' and
+    'without'. While such a pair exists (one cluster >= `music_share` of its windows under music, the other
+    <= 1 - that, centroids at least `music_pair_similarity` alike), merge it, even below the manifest's count:
+    a speaker the clusters then lack is reported as silent, not given half of another voice (speech-dev
+    dev_long, count given: 23.6 % -> see bench/audio.py)."""
+    share = window_music_share(spans, wav16)
+    if not (np.any(share > s.music_share) and np.any(share < 1 - s.music_share)):
         return labels
+    while len(np.unique(labels)) > 1 and (pair := _music_pair(emb, labels, share, s)):
+        labels = _relabel(np.where(labels == pair[1], pair[0], labels))
+    return labels
+
+
+def _music_pair(emb: np.ndarray, labels: np.ndarray, share: np.ndarray, s: EmbeddedSettings):
+    cent = _centroids(emb, labels)
+    inside = {k: float(share[labels == k].mean()) for k in cent}
+    pairs = [
+        (float(cent[a] @ cent[b]), a, b)
+        for a in cent
+        for b in cent
+        if inside[a] >= s.music_share and inside[b] <= 1 - s.music_share
+    ]
+    best = max(pairs, default=None)
+    return (best[1], best[2]) if best and best[0] >= s.music_pair_similarity else None
+
+
+def bridge_pauses(frames: np.ndarray, bridge_s: float) -> np.ndarray:
+    """Fill silent runs shorter than `bridge_s` between two frames of the same speaker (a breath inside a
+    turn is still the turn: pyannote's min_duration_off, and how reference RTTMs are usually cut)."""
+    out = frames.copy()
+    d = np.diff(np.r_[0, (frames < 0).astype(int), 0])
+    for lo, hi in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True):
+        if lo > 0 and hi < len(frames) and (hi - lo) * FRAME_S < bridge_s and frames[lo - 1] == frames[hi]:
+            out[lo:hi] = frames[hi]
+    return out
+
+
+def overlap_turns(
+    frames: np.ndarray, scores: np.ndarray, keys: list[int], activity: Activity, s: EmbeddedSettings
+) -> list[Turn]:
+    """Overlapped speech: where the segmentation model hears a second local speaker, the region gets two
+    speakers, the two clusters most similar to its audio among those that speak within `overlap_context_s`
+    (a voice that is not around cannot be the one cutting in). Labels are cluster indices, as in `frames`."""
+    out: list[Turn] = []
+    context = int(s.overlap_context_s / FRAME_S)
+    onset = s.overlap_onset
+    for a, b in binarize(
+        activity.overlap, activity.step_s, activity.start_s, onset, onset * s.seg_offset / s.seg_onset
+    ):
+        lo, hi = int(a / FRAME_S), min(len(frames), int(np.ceil(b / FRAME_S)))
+        if hi - lo < int(s.min_overlap_s / FRAME_S) or not np.any(frames[lo:hi] >= 0):
+            continue
+        near = frames[max(0, lo - context) : hi + context]
+        candidates = [i for i, k in enumerate(keys) if np.any(near == k)]
+        if len(candidates) < 2:
+            continue
+        speaking = frames[lo:hi] >= 0
+        mean = scores[lo:hi][speaking][:, candidates].mean(axis=0)
+        for i in np.argsort(-mean, kind="stable")[:2]:
+            out.append(Turn(round(lo * FRAME_S, 3), round(hi * FRAME_S, 3), str(keys[candidates[i]])))
+    return out
 
 
 def _join_close(regions: list[tuple[float, float]], gap_s: float) -> list[tuple[float, float]]:

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 
-from engine.base import ProgressHook
+from engine.base import ProgressHook, models_dir_from_env
 from engine.media import MediaError, read_channels, write_wav
 from tasks.diarise.embedded import EmbeddedDiariser, EmbeddedSettings, embed_clip
 from tasks.diarise.naming import cluster_centroids, name_clusters
 from tasks.diarise.pyannote_backend import PYANNOTE_PIPELINES, diarise_pyannote
+from tasks.diarise.segmentation import checkpoint_identity
 from tasks.diarise.turns import RATE, Turn, gate, merge_turns, to_16k, write_rttm, write_text_atomic
 from tasks.separate import check_not_silent
 from tasks.workspace import Blob, Workspace, stage_cache
@@ -97,7 +98,7 @@ def diarise(
         turns = diarise_pyannote(wav16, num_speakers, pipeline=pipeline, models_dir=models_dir, device=device)
         voice = None
     else:
-        voice = EmbeddedDiariser(settings or EmbeddedSettings())
+        voice = EmbeddedDiariser(settings or EmbeddedSettings(), models_dir=models_dir)
         anchors = np.stack([samples[s.id] for s in speakers]) if guided else None
         turns = voice.run(wav16, num_speakers=num_speakers, progress=progress, anchors=anchors)
     if not turns:
@@ -117,7 +118,7 @@ def diarise(
         "backend": chosen,
         "model": PYANNOTE_PIPELINES.get(pipeline, pipeline)
         if chosen == "pyannote"
-        else embedded_model_name(),
+        else embedded_model_name(voice),
         "revision": PYANNOTE_PIPELINES.get(pipeline, pipeline) if chosen == "pyannote" else EMBEDDED_REVISION,
         "settings": {
             **(asdict(voice.settings) if voice else {"pipeline": pipeline}),
@@ -125,6 +126,7 @@ def diarise(
             "order": order,
             "pinned": dict(pinned or {}),
             "enrolment_guided": voice is not None and voice.guided,
+            "segmentation": segmentation_record(voice),
         },
         "mapping": mapping,
         "speakers": [s.id for s in speakers],
@@ -134,7 +136,10 @@ def diarise(
     return write_outputs(named, mono, rate, Path(out_dir), uri or Path(vocals).stem, record)
 
 
-EMBEDDED_REVISION = "embedded/2: enrolment-guided k-means, music-boundary check"
+EMBEDDED_REVISION = (
+    "embedded/3: pyannote/segmentation speech + overlapped speech (silero-vad without it), "
+    "enrolment-guided k-means, music-boundary check"
+)
 LOW_CONFIDENCE = 0.6  # cosine to the enrolment sample, or core share without one (speech-dev calibration)
 MIN_SPEECH_S = 2.0
 
@@ -219,7 +224,26 @@ def music_boundary_warnings(named: list[Turn], wav16: np.ndarray, share: float =
     return notes
 
 
-def embedded_model_name() -> str:
+def segmentation_record(voice: EmbeddedDiariser | None) -> dict | None:
+    """Which speech-activity model decided: the segmentation checkpoint (path, sha256) or silero-vad."""
+    if voice is None:
+        return None
+    seg = voice.segmenter()
+    if seg is None:
+        return {
+            "model": "silero-vad",
+            "why": "no pyannote/segmentation checkpoint found"
+            if voice.settings.segmentation == "auto"
+            else "settings",
+        }
+    return {
+        "model": "pyannote/segmentation",
+        "checkpoint": str(seg.ckpt.path),
+        "identity": checkpoint_identity(voice.models_dir or models_dir_from_env()),
+    }
+
+
+def embedded_model_name(voice: EmbeddedDiariser | None = None) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     def pinned(package: str) -> str:
@@ -228,7 +252,12 @@ def embedded_model_name() -> str:
         except PackageNotFoundError:
             return package
 
-    return f"{pinned('silero-vad')} + {pinned('resemblyzer')}"
+    speech = (
+        "pyannote/segmentation"
+        if voice is not None and voice.segmenter() is not None
+        else pinned("silero-vad")
+    )
+    return f"{speech} + {pinned('resemblyzer')}"
 
 
 def use_given_tracks(tracks: dict[str, Path], out_dir: Path) -> Diarisation:
