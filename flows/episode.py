@@ -30,7 +30,7 @@ from flows.progress import EpisodeProgress
 from flows.resolve import detect_machine, resolve_run
 from tasks.bind import bind_task
 from tasks.deliver import Expected, deliver_task, deliverables_listing
-from tasks.enhance import EnhanceOptions, enhance_task, expected_frames
+from tasks.enhance import EnhanceOptions, PasteRegions, enhance_task, expected_frames
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
 from tasks.pasteback import outside_psnr_task, pasteback_task
 from tasks.remix import Ducking, MixTarget, remix_task
@@ -255,11 +255,21 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         runner.progress.add_steps(2)
         args = (source, picture, clips, _persons(m), m.render.composite, m.render.feather_px, m.render.mask)
         picture = runner.run(pasteback_task, "paste-back", *args)
-        if m.render.composite == "paste_back":
-            psnr_args = (source, picture, clips, _persons(m), m.render.feather_px, m.render.mask)
-            paste_qc = runner.run(outside_psnr_task, "paste-back-psnr", *psnr_args)
+    # 8. enhance: the spandrel backend works on the pasted regions only, and the outside PSNR is measured
+    # after it; ffmpeg's filters cover the whole frame, so there it is measured on the paste-back itself
     enhance = enhance_options(m, loaded)
-    picture = runner.run(enhance_task, "enhance", picture, enhance)
+    pasted_back = pasted and m.render.composite == "paste_back"
+    regions = (
+        PasteRegions(source, tuple(clips), _persons(m), m.render.feather_px, m.render.mask)
+        if pasted_back
+        else None
+    )
+    enhanced = runner.run(enhance_task, "enhance", picture, enhance, regions)
+    if pasted_back:
+        measured = enhanced if enhance.backend == "spandrel" else picture
+        psnr_args = (source, measured, clips, _persons(m), m.render.feather_px, m.render.mask)
+        paste_qc = runner.run(outside_psnr_task, "paste-back-psnr", *psnr_args)
+    picture = enhanced
     # 9. remix, 10. deliver. Diarised tracks share overlapped speech, so their sum would double it:
     # the dialogue stem is then the separated vocals themselves.
     diarised = vocals is not None and len(m.speakers) > 1 and not all(s.track for s in m.speakers)
@@ -317,7 +327,9 @@ def enhance_options(m: Manifest, loaded: LoadedManifest) -> EnhanceOptions:
     """The manifest's enhance block, with the source's size to scale to when asked."""
     e, info = m.enhance, loaded.source_info
     size = (info.width, info.height) if e.scale_to_source and info.width else None
-    return EnhanceOptions(e.backend, e.denoise, e.sharpen, e.deflicker, e.fps, size)
+    model = str(e.model) if e.backend == "spandrel" and e.model else None
+    digest = file_sha256(Path(model)) if model else None
+    return EnhanceOptions(e.backend, e.denoise, e.sharpen, e.deflicker, e.fps, size, model, digest)
 
 
 def mix_target(m: Manifest) -> MixTarget:
@@ -672,6 +684,7 @@ def _provenance(m: Manifest, loaded: LoadedManifest, run, inputs: dict, backends
         },
         "models": {
             "models_dir": str(models) if models else None,
+            "enhance": _enhance_model(m),
             "render": engine_weights(run.engine, models),
             "separate": weights_revision(backends["separate"], m.separate.model, models)
             if backends["separate"] != "none"
@@ -692,6 +705,15 @@ def _provenance(m: Manifest, loaded: LoadedManifest, run, inputs: dict, backends
         },
         "software": software_versions(),
     }
+
+
+def _enhance_model(m: Manifest) -> dict | None:
+    """The spandrel backend's weights: file, content hash, architecture, purpose and scale."""
+    if m.enhance.backend != "spandrel" or m.enhance.model is None:
+        return None
+    from tasks.enhance_model import check_model
+
+    return dataclasses.asdict(check_model(m.enhance.model))
 
 
 def engine_weights(engine: str, models: Path | None) -> dict | str:

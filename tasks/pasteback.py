@@ -137,19 +137,22 @@ class Regions:
 
     def outside(self, frame25: int) -> np.ndarray:
         """(H, W) bool: the pixels no animated person's feathered region touches at `frame25`."""
-        clip = self.clip_at(frame25)
-        boxes = tuple(b for p in clip.persons if (b := self.box_at(p, frame25)) is not None)
-        mask, (x0, y0, x1, y1) = _mask(boxes, clip.crop or (0, 0, *self.size), self.size, self.feather)
+        mask, (x0, y0, x1, y1) = self.mask_at(frame25, "box")
         out = np.ones((self.size[1], self.size[0]), bool)
         if mask is not None:
             out[y0:y1, x0:x1] = mask == 0
         return out
 
-    def blend(self, original: np.ndarray, rendered: np.ndarray, frame25: int) -> np.ndarray:
+    def mask_at(self, frame25: int, shape: str | None = None) -> tuple[np.ndarray | None, tuple]:
+        """The blend weights (h, w) of the animated persons at `frame25` over the rectangle (x0, y0, x1, y1)
+        that holds them (None: nobody animated in view); `shape` defaults to the paste-back's own."""
         clip = self.clip_at(frame25)
-        crop = clip.crop or (0, 0, *self.size)
         boxes = tuple(b for p in clip.persons if (b := self.box_at(p, frame25)) is not None)
-        mask, (x0, y0, x1, y1) = _mask(boxes, crop, self.size, self.feather, self.shape)
+        return _mask(boxes, clip.crop or (0, 0, *self.size), self.size, self.feather, shape or self.shape)
+
+    def blend(self, original: np.ndarray, rendered: np.ndarray, frame25: int) -> np.ndarray:
+        crop = self.clip_at(frame25).crop or (0, 0, *self.size)
+        mask, (x0, y0, x1, y1) = self.mask_at(frame25)
         if mask is None:
             return original
         scaled = _resize(rendered, (crop[2] - crop[0], crop[3] - crop[1]))

@@ -162,6 +162,14 @@ def render_progress(clock=time.monotonic) -> ProgressHook | None:
     """A Prefect progress artifact for this segment's render (minutes on a GPU for a long segment), keyed
     after the task run (render[ep#03] -> render-ep-03) and updated at most twice a second from the engine's
     progress hook. None outside a task run: the engine then reports to nobody."""
+    return task_progress("rendering", PROGRESS_STAGES, clock)
+
+
+def task_progress(
+    doing: str, stages: tuple[str, ...] = ("enhance",), clock=time.monotonic
+) -> ProgressHook | None:
+    """A progress hook for the running task's progress artifact, fed by `progress(stage, completed, total)`
+    for the long `stages`; None outside a task run."""
     try:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
         from prefect.runtime import task_run
@@ -172,14 +180,14 @@ def render_progress(clock=time.monotonic) -> ProgressHook | None:
         artifact = create_progress_artifact(
             progress=0.0,
             key=artifact_key(name),
-            description=f"{name}: rendering",
+            description=f"{name}: {doing}",
         )
     except Exception:  # noqa: BLE001 - progress is a convenience; the render is the product
         return None
     last = [float("-inf")]  # the first update goes out at once
 
     def hook(stage: str, completed: int, total: int, **info: object) -> None:
-        if stage not in PROGRESS_STAGES or total <= 0:
+        if stage not in stages or total <= 0:
             return
         now = clock()
         if completed < total and now - last[0] < PROGRESS_INTERVAL_S:

@@ -13,6 +13,7 @@ import soundfile as sf
 
 from engine.media import VideoFrames
 from flows.cli import main
+from tasks.workspace import file_sha256
 from tests.footage_fixtures import cover_crop, psnr, write_moving_video
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]  # dubflow runs end to end
@@ -110,6 +111,31 @@ def test_the_person_mask_keeps_the_source_outside_the_silhouette(tmp_path, capsy
     for (_, a), (_, b) in zip(VideoFrames(source).iter_frames(), got.iter_frames(), strict=True):
         assert psnr(a[corner], b[corner]) >= 35  # the source
         assert psnr(255 - a[centre], b[centre]) >= 20 > psnr(a[centre], b[centre])  # the render
+
+
+def test_spandrel_upscaler_works_on_the_pasted_regions_only_through_dubflow_run(
+    tmp_path, capsys, monkeypatch
+):
+    """enhance.backend: spandrel with tiny random Real-ESRGAN weights: the speaker's region is the model's
+    picture, everything outside stays the source (QC's PSNR measured after enhancing), and provenance names
+    the weights' architecture, scale and hash."""
+    from tests.enhance_fixtures import write_tiny_realesrgan
+
+    monkeypatch.setenv("DUBFLOW_ENGINE_OVERRIDES", "infinitetalk=tests.footage_fixtures:stand_in_v2v")
+    weights = write_tiny_realesrgan(tmp_path / "weights" / "RealESRGAN_x4plus.pth")
+    source = write_moving_video(tmp_path / "clip.mp4", [i / 30 for i in range(36)])
+    render = f"engine: infinitetalk, steps: 1, feather_px: {FEATHER}"
+    post = "stitch: {colour_match: false}\nenhance: {backend: spandrel, model: weights/RealESRGAN_x4plus.pth, scale: 4}\n"
+    record = _run(_manifest(tmp_path, "clip.mp4", BOX, render, 1.2, post), tmp_path / "work", capsys)
+    got, qc = _check_pasted_back(record, source, BOX, FEATHER)
+    assert qc["paste_back"]["psnr_outside_db"] >= 40
+    inner = (slice(BOX[1] + 3, BOX[3] - 3), slice(BOX[0] + 3, BOX[2] - 3))
+    for (_, a), (_, b) in zip(VideoFrames(source).iter_frames(), got.iter_frames(), strict=True):
+        assert psnr(255 - a[inner], b[inner]) < 20  # not the render as pasted: the model's picture
+    prov = json.loads(Path(record["outputs"]["provenance.json"]).read_text())
+    card = prov["models"]["enhance"]
+    assert (card["architecture"], card["scale"], card["purpose"]) == ("ESRGAN", 4, "SR")
+    assert card["sha256"] == file_sha256(weights) and prov["backends"]["enhance"] == "spandrel"
 
 
 def test_full_frame_delivers_the_render_scaled_to_the_source(tmp_path, capsys, monkeypatch):
