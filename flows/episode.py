@@ -558,7 +558,7 @@ def _render_all(
     while jobs:
         out_of_memory = _render_round(m, ws, runner, plan, jobs, source, base, clips, failed, links)
         if out_of_memory and splitter is None:
-            splitter = SplitPlanner(ws, plan.plan, tracks)
+            splitter = SplitPlanner(ws, plan.plan, tracks, m.render.overlap_frames)
         jobs = _split_round(runner, splitter, out_of_memory, tracks, failed) if out_of_memory else []
         links = {}
     publish_segment_table(m.episode, runner.stages)
@@ -586,7 +586,7 @@ def _render_round(
         tsk = runner.bind(render_task, label).with_options(retry_condition_fn=_retry_if_transient)
         if seg.index in runner.force_segments:
             tsk = tsk.with_options(refresh_cache=True)
-        with render_slot(seg.num_frames):
+        with render_slot(seg.rendered_frames):
             future = tsk.submit(ws, *args)
         calls[id(future)] = (future, label, args)
 

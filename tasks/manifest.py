@@ -185,6 +185,13 @@ class RenderSettings(Strict):
         description="carry the engine's motion frames across consecutive segments of one shot (seamless joins);"
         " the segments of a shot then render one after another instead of side by side",
     )
+    overlap_frames: int = Field(
+        0,
+        ge=0,
+        le=50,
+        description="each segment but the last also renders this many frames past its end (driven by the next"
+        " segment's audio), crossfaded with the next segment's first frames at the stitch; 0: hard cuts",
+    )
     size: Literal[480, 720] = 480
     steps: int = Field(8, ge=1, le=200)
     seed: Seed = 7
@@ -876,6 +883,12 @@ def _check_render_speed(m: Manifest, add) -> None:
         add(
             ("render", "attention"),
             f"{r.attention} is not installed here ({ATTENTION_INSTALL[r.attention]}); use auto",
+        )
+    if r.overlap_frames and r.chain:
+        add(
+            ("render", "overlap_frames"),
+            "chain already continues each segment from the last (seamless joins); use one: overlap_frames: 0"
+            " or chain: false",
         )
     if r.resident_blocks not in ("auto", 0) and r.offload == "none":
         add(("render", "resident_blocks"), "resident_blocks needs offload: blocks; set offload or remove it")

@@ -72,7 +72,7 @@ def _composited(
         while at < grid[i]:  # grid25 never goes back: frames are in presentation order
             at, current = next(frames25)
         if full_frame:
-            picture = _resize(current, (video.width, video.height))
+            picture = resize_frame(current, (video.width, video.height))
         else:
             picture = regions.blend(original, current, int(grid[i]))
         yield int(video.pts[i] - video.pts[0]), picture
@@ -155,7 +155,7 @@ class Regions:
         mask, (x0, y0, x1, y1) = self.mask_at(frame25)
         if mask is None:
             return original
-        scaled = _resize(rendered, (crop[2] - crop[0], crop[3] - crop[1]))
+        scaled = resize_frame(rendered, (crop[2] - crop[0], crop[3] - crop[1]))
         ours = scaled[y0 - crop[1] : y1 - crop[1], x0 - crop[0] : x1 - crop[0]].astype(np.float32)
         theirs = original[y0:y1, x0:x1].astype(np.float32)
         out = original.copy()
@@ -212,7 +212,7 @@ def _ramp(coords: np.ndarray, lo: int, hi: int, feather: int) -> np.ndarray:
     return np.clip(1.0 - outside / (feather + 1), 0.0, 1.0) if feather else (outside == 0).astype(np.float32)
 
 
-def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 -> (size[1], size[0], 3): bilinear, as the engine scaled the source down."""
     if (frame.shape[1], frame.shape[0]) == size:
         return frame
