@@ -29,6 +29,7 @@ from flows.placement import render_slot
 from flows.progress import EpisodeProgress
 from flows.resolve import detect_machine, resolve_run
 from tasks.bind import bind_task
+from tasks.conform import conform_picture_task
 from tasks.deliver import Expected, deliver_task, deliverables_listing
 from tasks.enhance import EnhanceOptions, PasteRegions, enhance_task, expected_frames
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
@@ -195,7 +196,9 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     # 0. the manifest's choices on this machine, for every stage (refused here when they cannot run)
     run = resolve_run(m, loaded.source_info.kind, detect_machine(ws.root), models_dir_from_env())
     # 1. inputs into the store (content-addressed: a moved or touched file stays cached)
-    source = ws.put_file(m.source, move=False)
+    original = source = ws.put_file(m.source, move=False)
+    if loaded.source_info.kind == "video" and m.stitch.timestamps == "constant":
+        source = runner.run(conform_picture_task, "conform-picture", source)  # VFR -> CFR; else itself
     dialogue = ws.put_file(m.audio.dialogue, move=False) if m.audio.dialogue else None
     # 2. separate: clean the dialogue, and get the music-and-effects bed
     backend, why = (
@@ -280,7 +283,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     mix = runner.run(remix_task, "remix", dialogue_stems, bed, timeline, target, tracks)
     transcript = _transcript(m, runner, mix.dialogue, log)
     captions = plan.captions or (transcript.captions if transcript else ())
-    inputs = {"source": source, "dialogue": dialogue, "music_and_effects": bed, **raw}
+    inputs = {"source": original, "dialogue": dialogue, "music_and_effects": bed, **raw}
     provenance = _provenance(
         m, loaded, run, inputs, {"separate": backend, "render": engine, "tts": runner.tts_backend}, plan
     )
@@ -292,6 +295,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         target.true_peak_dbtp,
         _line_specs(m, runner),
         max(probe(ws.path(b)).duration for b in [*raw.values(), *([dialogue] if dialogue else [])]),
+        constant_rate=m.stitch.timestamps == "constant" or loaded.source_info.kind != "video",
     )
     qc_extra = {
         "segments": len(plan.segments),

@@ -247,6 +247,12 @@ class StitchSettings(Strict):
         description="match every segment's colour to the source plate (a video) or the first segment (a still);"
         " the seam CIEDE2000 before and after goes to qc.json",
     )
+    timestamps: Literal["constant", "keep"] = Field(
+        "constant",
+        description="constant: a variable-frame-rate video source is conformed to constant frame rate at its"
+        " nominal rate first, and QC checks the delivered timestamps are constant; keep: the picture keeps"
+        " the source's own frames and timestamps, VFR included",
+    )
 
 
 class EnhanceSettings(Strict):
