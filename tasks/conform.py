@@ -22,7 +22,9 @@ from prefect import task
 from engine.media import MediaError, VideoFrames, write_timed_video
 from tasks.workspace import Blob, Workspace, stage_cache
 
-CRF = 0  # lossless: paste-back encodes the picture once more, and outside the speakers it must stay the source
+CRF = (
+    0  # lossless: paste-back encodes the picture once more, and outside the speakers it must stay the source
+)
 
 
 def conform_picture(ws: Workspace, source: Blob) -> Blob:
