@@ -123,7 +123,7 @@ def check_model(path: Path, scale: int | None = None) -> ModelCard:
     card = model_card(path, file_sha256(path))
     if scale is not None and card.scale != scale:
         raise ModelProblem(
-            f"{path.name} is a {card.architecture} model of scale {card.scale}, not {scale};"
+            f"{path.name} upscales {card.scale}x ({card.architecture}), not {scale}x;"
             f" set scale: {card.scale} or give {scale}x weights"
         )
     return card

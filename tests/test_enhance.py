@@ -176,7 +176,7 @@ def test_manifest_refuses_missing_unknown_and_wrong_scale_weights_at_their_lines
         ),
         "enhance:\n  backend: spandrel\n  model: x4.pth\n  scale: 2\n": (
             "enhance.scale",
-            "x4.pth is a ESRGAN model of scale 4, not 2; set scale: 4 or give 2x weights",
+            "x4.pth upscales 4x (ESRGAN), not 2x; set scale: 4 or give 2x weights",
         ),
         "enhance:\n  backend: spandrel\n": ("enhance.backend", "spandrel needs model"),
         "enhance:\n  backend: ffmpeg\n  model: x4.pth\n": ("enhance.model", "used by backend: spandrel only"),
@@ -193,3 +193,28 @@ def test_manifest_refuses_missing_unknown_and_wrong_scale_weights_at_their_lines
         assert message in str(err.value), (block, str(err.value))
     manifest.write_text(GOOD + "enhance:\n  backend: spandrel\n  model: x4.pth\n  scale: 4\n")
     assert load_manifest(manifest, check_media=False).manifest.enhance.model == tmp_path / "x4.pth"
+
+
+def test_a_torchvision_that_fails_to_import_is_replaced_by_the_stand_in_and_dropped(tmp_path, esrgan):
+    """The CUDA-only torchvision wheel on a CPU torch raises RuntimeError on import: spandrel still loads
+    (through the stand-in), the model still runs, and no torchvision module is left behind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    broken = tmp_path / "site" / "torchvision"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    script = (
+        "import sys, numpy as np\n"
+        "from tasks.enhance_model import check_model, load_model, restore\n"
+        f"card = check_model({str(esrgan)!r})\n"
+        f"model = load_model(__import__('pathlib').Path({str(esrgan)!r}), card.sha256)\n"
+        "print(card.architecture, restore(model, np.zeros((8, 8, 3), np.uint8)).shape,"
+        " [m for m in sys.modules if m.startswith('torchvision')])\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": f"{tmp_path / 'site'}:{root}", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ESRGAN", "(32,", "32,", "3)", "[]"]
