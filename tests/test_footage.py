@@ -221,7 +221,8 @@ def test_real_variable_rate_footage_is_conformed_or_keeps_its_timestamps(
 
 
 def test_tiny_multitalk_dubs_a_still_through_dubflow_run(tmp_path, capsys, monkeypatch, demo_media):
-    """The tiny random-weight MultiTalk engine, several segments rendered on the flow's threads."""
+    """The tiny random-weight MultiTalk engine, several segments rendered on the flow's threads, each but
+    the last 3 frames longer (render.overlap_frames), crossfaded at the stitch: still the planned frames."""
     import shutil
 
     from tasks.demo import BOXES
@@ -233,7 +234,7 @@ def test_tiny_multitalk_dubs_a_still_through_dubflow_run(tmp_path, capsys, monke
     manifest = tmp_path / "still.yaml"
     manifest.write_text(
         f"episode: still\nsource: scene.png\nspeakers:\n{speakers}\n"
-        "render: {engine: multitalk, steps: 1, max_segment_s: 3.5}\noutputs: [mp4, qc]\n"
+        "render: {engine: multitalk, steps: 1, max_segment_s: 3.5, overlap_frames: 3}\noutputs: [mp4, qc]\n"
     )
     record = _run(manifest, tmp_path / "work", capsys)
     renders = [s for s in record["stages"] if s["stage"].startswith("render[")]
