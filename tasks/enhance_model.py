@@ -60,7 +60,7 @@ def import_spandrel():
         return sys.modules["spandrel"]
     if importlib.util.find_spec("spandrel") is None:
         raise ModelProblem(f"the spandrel backend needs the spandrel package: {INSTALL}")
-    if _torchvision_works():
+    if torchvision_works():
         import spandrel
     else:
         with _torchvision_stand_in():
@@ -68,7 +68,7 @@ def import_spandrel():
     return spandrel
 
 
-def _torchvision_works() -> bool:
+def torchvision_works() -> bool:
     try:
         import torchvision.transforms.functional  # noqa: F401
     except Exception:  # noqa: BLE001 - a CUDA-only wheel fails with RuntimeError, not ImportError
