@@ -112,31 +112,3 @@ class RecordingRenderer:
 
 def recording_tiny_infinitetalk(**settings: object) -> RecordingRenderer:
     return RecordingRenderer(tiny_infinitetalk(**settings))
-
-
-class ColourPerSegment:
-    """A stand-in renderer drawing each job in one flat colour chosen by its first frame (so neighbouring
-    segments differ), and logging (start, frames, audio seconds) to $DUBFLOW_TEST_JOB_LOG: the overlap's
-    frames and the audio that drives them are visible to a test."""
-
-    name = "preview"
-
-    def render(self, job: RenderJob, *, progress=None) -> RenderResult:
-        import json
-        import os
-
-        n = job.resolved_num_frames()
-        rng = np.random.default_rng(job.source_start_frame)
-        colour = rng.integers(30, 226, 3).astype(np.uint8)
-        frame = np.broadcast_to(colour, (BUCKET[0], BUCKET[1], 3))
-        with Mp4Writer(Path(job.output), ffmpeg_exe(), crf=4, preset="veryfast") as out:
-            for _ in range(n):
-                out.write(frame)
-        audio_s = max(len(p.audio) for p in job.persons) / 16000
-        with open(os.environ["DUBFLOW_TEST_JOB_LOG"], "a") as log:
-            log.write(json.dumps({"start": job.source_start_frame, "frames": n, "audio_s": audio_s}) + "\n")
-        return RenderResult(Path(job.output), n, FPS, BUCKET[0], BUCKET[1], job.seed)
-
-
-def colour_per_segment(**_: object) -> ColourPerSegment:
-    return ColourPerSegment()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from engine.media import VideoFrames, count_video_frames
+from engine.media import VideoFrames
 from flows.cli import main
 from tasks.workspace import file_sha256
 from tests.footage_fixtures import cover_crop, psnr, write_moving_video
@@ -158,32 +158,6 @@ def test_spandrel_upscaler_works_on_the_pasted_regions_only_through_dubflow_run(
     card = prov["models"]["enhance"]
     assert (card["architecture"], card["scale"], card["purpose"]) == ("ESRGAN", 4, "SR")
     assert card["sha256"] == file_sha256(weights) and prov["backends"]["enhance"] == "spandrel"
-
-
-def test_overlap_frames_are_rendered_and_crossfaded_through_dubflow_run(tmp_path, capsys, monkeypatch):
-    """render.overlap_frames: 3: every segment but the last renders 3 frames (and 0.12 s of audio) more, the
-    delivered picture blends them into the next segment, and it still has exactly the planned frames."""
-    monkeypatch.setenv("DUBFLOW_ENGINE_OVERRIDES", "preview=tests.footage_fixtures:colour_per_segment")
-    monkeypatch.setenv("DUBFLOW_TEST_JOB_LOG", str(tmp_path / "jobs.jsonl"))
-    write_moving_video(tmp_path / "clip.mp4", [i / 25 for i in range(75)])
-    render = "engine: preview, max_segment_s: 1, overlap_frames: 3"
-    record = _run(_manifest(tmp_path, "clip.mp4", BOX, render, 3.0), tmp_path / "work", capsys)
-    jobs = [json.loads(line) for line in (tmp_path / "jobs.jsonl").read_text().splitlines()]
-    jobs = sorted({j["start"]: j for j in jobs}.values(), key=lambda j: j["start"])  # a retry logs twice
-    starts = [j["start"] for j in jobs] + [75]
-    assert len(jobs) >= 3
-    for job, end, last in zip(jobs, starts[1:], [False] * (len(jobs) - 1) + [True], strict=True):
-        own = end - job["start"]
-        assert job["frames"] == own + (0 if last else 3) and abs(job["audio_s"] - job["frames"] / 25) < 1e-3
-    out = Path(record["outputs"][f"{record['episode']}.mp4"])
-    assert count_video_frames(out) == 75  # ffprobe's count: the overlaps add none
-    means = np.array([f.reshape(-1, 3).mean(0) for _, f in VideoFrames(out).iter_frames()])
-    for boundary in starts[1:-1]:
-        before, after = means[boundary - 1], means[boundary + 3]
-        assert np.abs(after - before).max() > 20  # distinct colours either side
-        for j in range(3):
-            weight = (j + 1) / 4
-            np.testing.assert_allclose(means[boundary + j], (1 - weight) * before + weight * after, atol=3)
 
 
 def test_full_frame_delivers_the_render_scaled_to_the_source(tmp_path, capsys, monkeypatch):
