@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	# pyannote/segmentation (MIT) for diarisation: the only file we use from whisperx's wheel; its own
 	# dependencies pin torch 2.8, so it goes in without them and is never imported (tasks/diarise/segmentation.py)
 	$(BIN)/pip install -q --no-deps whisperx==3.8.6
+	$(BIN)/pip install -q --no-deps spandrel==0.4.2   # its torchvision has no CPU build here (README: Enhancement)
 	touch $@
 
 demo: setup

@@ -12,9 +12,12 @@ deliver.py, called directly, without Prefect):
 - A/V offset of the delivered mp4 (first sound against first picture, in frames) and its length difference;
 - time: stitch (colour-matched) + remix (EBU R128, ducked bed) + deliver (mp4, stems, SRT/VTT, QC) as a
   multiple of real time on this machine, against the baseline of the same stages with the frame-exact
-  concat only (no colour matching), measured side by side in the same run.
+  concat only (no colour matching), measured side by side in the same run;
+- crossfades (render.overlap_frames): the same clips rendered K frames past each segment's end; the
+  stitch time against the plain concat's, and the largest frame-to-frame CIEDE2000 step at a seam, hard
+  cut against crossfaded.
 
-    python bench/post.py [--minutes 5] [--segment-s 5] [--width 854] [--out post.json]
+    python bench/post.py [--minutes 5] [--segment-s 5] [--width 854] [--overlap-frames 4] [--out post.json]
 """
 
 from __future__ import annotations
@@ -59,9 +62,11 @@ def demo_audio(folder: Path, seconds: float | None) -> dict[str, np.ndarray]:
     return voices | {"bed": bed, "scene": media["scene"]}
 
 
-def write_clips(ws, folder: Path, scene: Path, total: int, segment: int, width: int, seed: int = 0):
+def write_clips(
+    ws, folder: Path, scene: Path, total: int, segment: int, width: int, seed: int = 0, overlap: int = 0
+):
     """Segment clips of the scene at `width` (even height) with a mouth patch that moves, each with its own
-    planted colour drift (per-channel gains ~ N(1, 0.04))."""
+    planted colour drift (per-channel gains ~ N(1, 0.04)); each but the last `overlap` frames longer."""
     from PIL import Image
 
     from engine.media import write_timed_video
@@ -74,11 +79,16 @@ def write_clips(ws, folder: Path, scene: Path, total: int, segment: int, width: 
     clips, start = [], 0
     while start < total:
         n = min(segment, total - start)
+        extra = min(overlap, total - start - n)
         gains = rng.normal(1.0, 0.04, 3).astype(np.float32)
-        frames = ((i, np.clip(_mouth(base, start + i) * gains, 0, 255).astype(np.uint8)) for i in range(n))
+        frames = (
+            (i, np.clip(_mouth(base, start + i) * gains, 0, 255).astype(np.uint8)) for i in range(n + extra)
+        )
         path = folder / f"clip{len(clips):03d}.mp4"
         write_timed_video(path, frames, Fraction(1, FPS), crf=18, preset="veryfast")
-        clips.append(Clip(len(clips), ws.put_file(path), n, "multitalk", start_frame=start))
+        clips.append(
+            Clip(len(clips), ws.put_file(path), n + extra, "multitalk", start_frame=start, overlap=extra)
+        )
         start += n
     return clips
 
@@ -148,7 +158,48 @@ def run_episode(name: str, seconds: float | None, args) -> dict:
                 "cpu": _cpu_seconds() - cpu,
             }
             results[label] = (stitched, ws.read_json(delivery.qc), mix)
-    return _report(name, timeline.seconds, loudness, times, results)
+        (folder / "overlap").mkdir()
+        overlapped = write_clips(
+            ws, folder / "overlap", audio["scene"], timeline.total_frames, int(args.segment_s * FPS),
+            args.width, overlap=args.overlap_frames,
+        )  # fmt: skip
+        started = time.perf_counter()
+        faded = stitch_clips(ws, overlapped, timeline.total_frames, None, False)
+        crossfade = {
+            "overlap_frames": args.overlap_frames,
+            "stitch_s": time.perf_counter() - started,
+            "concat_s": times["baseline (concat only)"]["stitch"],
+            "largest_seam_step_delta_e": {
+                "hard_cut": _largest_step(ws, results["baseline (concat only)"][0].picture, clips, 0),
+                "crossfaded": _largest_step(ws, faded.picture, clips, args.overlap_frames),
+            },
+        }
+    return _report(name, timeline.seconds, loudness, times, results) | {"crossfade": _crossfade(crossfade)}
+
+
+def _largest_step(ws, picture, clips, overlap: int) -> float:
+    """The largest CIEDE2000 between the mean colours of consecutive frames from the frame before each seam
+    to the end of its crossfade (one step for a hard cut, K + 1 for a crossfade over K frames)."""
+    from engine.media import VideoFrames
+    from tasks.seams import delta_e2000, mean_lab
+
+    video, steps = VideoFrames(ws.path(picture)), []
+    for clip in clips[1:]:
+        frames = video.frames25(np.arange(clip.start_frame - 1, clip.start_frame + overlap + 1))
+        labs = [mean_lab(f[::4, ::4]) for f in frames]
+        steps += [float(delta_e2000(a, b)) for a, b in zip(labs, labs[1:], strict=False)]
+    return round(max(steps), 2)
+
+
+def _crossfade(figures: dict) -> dict:
+    ratio = figures["stitch_s"] / figures["concat_s"]
+    step = figures["largest_seam_step_delta_e"]
+    print(
+        f"  crossfade over {figures['overlap_frames']} overlap frames: stitch {figures['stitch_s']:.1f} s against"
+        f" {figures['concat_s']:.1f} s for the plain concat ({ratio:.1f}x); largest frame-to-frame ΔE2000 at a"
+        f" seam: hard cut {step['hard_cut']}, crossfaded {step['crossfaded']}"
+    )
+    return figures | {"stitch_vs_concat": round(ratio, 2)}
 
 
 def _cpu_seconds() -> float:
@@ -232,6 +283,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=5.0, help="the generated episode's length")
     parser.add_argument("--segment-s", type=float, default=5.0, help="segment length of the picture")
     parser.add_argument("--width", type=int, default=854, help="picture width (480p: 854)")
+    parser.add_argument("--overlap-frames", type=int, default=4, help="frames crossfaded at each seam")
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
     args = parser.parse_args()
     print(f"post-production bench on {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -382,6 +383,13 @@ def read_frames(path: Path, width: int, *, colour: bool = False) -> Iterator[np.
         process.wait()
 
 
+# the broadcast and cinema frame rates a variable-rate video is conformed to (VideoFrames.nominal_rate)
+STANDARD_RATES = tuple(
+    Fraction(n, d)
+    for n, d in ((24000, 1001), (24, 1), (25, 1), (30000, 1001), (30, 1), (50, 1), (60000, 1001), (60, 1))
+)
+
+
 class VideoFrames:
     """A video's own frames with their exact timestamps, and the map between them and the 25 fps grid.
 
@@ -398,6 +406,7 @@ class VideoFrames:
                 stream = container.streams.video[0]
                 self.width, self.height = stream.codec_context.width, stream.codec_context.height
                 self.time_base = stream.time_base
+                self.declared_rate = stream.base_rate  # the header's rate (r_frame_rate); None when absent
                 declared = stream.frames  # the container's index (mp4: the moov atom); 0 where it has none
                 pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)
         except (av.error.FFmpegError, IndexError) as exc:  # type: ignore[attr-defined]
@@ -426,9 +435,35 @@ class VideoFrames:
     def num_frames25(self) -> int:
         return max(1, int(round(self.duration * FPS)))
 
+    @property
+    def is_constant_rate(self) -> bool:
+        """Every frame the same time after the one before, within the rounding of a millisecond clock (a
+        30 fps WebM alternates 33 and 34 ms) and one tick of the time base."""
+        gaps = np.diff(self.pts)
+        return len(gaps) == 0 or float((gaps.max() - gaps.min()) * self.time_base) <= 0.001 + float(
+            self.time_base
+        )
+
+    @property
+    def nominal_rate(self) -> Fraction:
+        """The rate a variable-rate video is meant to play at: its header's, when that is a standard rate not
+        far above the average (a rate read off the shortest gap is not), else the standard rate nearest the
+        average. A constant-rate video's own rate."""
+        average = (self.count - 1) / float(self.times[-1]) if self.count > 1 else float(FPS)
+        declared = Fraction(self.declared_rate) if self.declared_rate else None
+        if declared in STANDARD_RATES and declared <= 1.5 * average:
+            return declared
+        if self.is_constant_rate and self.count > 1:
+            return Fraction(average).limit_denominator(1001)
+        return min(STANDARD_RATES, key=lambda rate: abs(float(rate) - average))
+
     def source_index(self, frame25: int | np.ndarray) -> np.ndarray | int:
         """The source frame nearest in time to 25 fps frame(s) `frame25` (clamped to the video)."""
-        t = np.asarray(frame25, dtype=np.float64) / FPS
+        return self.nearest_index(np.asarray(frame25, dtype=np.float64) / FPS)
+
+    def nearest_index(self, seconds: float | np.ndarray) -> np.ndarray | int:
+        """The source frame nearest in time to `seconds` after the first frame (clamped to the video)."""
+        t = np.asarray(seconds, dtype=np.float64)
         if self.count == 1:
             return 0 if np.ndim(t) == 0 else np.zeros(np.shape(t), np.int64)
         right = np.clip(np.searchsorted(self.times, t), 1, self.count - 1)
@@ -443,6 +478,12 @@ class VideoFrames:
 
     def iter_frames(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(source index, (H, W, 3) uint8) for source frames start..stop-1, in presentation order."""
+        for i, frame in self.iter_decoded(start, stop):
+            yield i, frame.to_ndarray(format="rgb24")
+
+    def iter_decoded(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Any]]:
+        """(source index, PyAV frame in the file's own pixel format): for a re-timing that must not pass
+        through RGB (each RGB round trip resamples the chroma)."""
         stop = self.count if stop is None else min(stop, self.count)
         if start >= stop:
             return
@@ -458,7 +499,7 @@ class VideoFrames:
                     continue
                 if i >= stop:
                     break
-                yield i, frame.to_ndarray(format="rgb24")
+                yield i, frame
 
     def frames25(self, frames25: list[int] | np.ndarray) -> np.ndarray:
         """(n, H, W, 3) uint8: the source frames shown at 25 fps frames `frames25` (repeats allowed)."""
@@ -495,18 +536,29 @@ def write_timed_video(
     crf: int = 17,
     preset: str = "medium",
 ) -> int:
-    """(pts, (H, W, 3) uint8 RGB) pairs -> H.264 mp4 in which every frame keeps its own timestamp (pts in
-    `time_base`), so a variable-rate source stays variable-rate. Streamed: one frame in memory at a time,
-    encoded into a temp file beside `path` and renamed into place only on success. `rate` is the average
-    frame rate, a hint for the encoder's rate control. Returns the number of frames written."""
+    """(pts, (H, W, 3) uint8 RGB, or a decoded PyAV frame) pairs -> H.264 mp4 in which every frame keeps its
+    own timestamp (pts in `time_base`), so a variable-rate source stays variable-rate. Streamed: one frame in
+    memory at a time, encoded into a temp file beside `path` and renamed into place only on success. `rate`
+    is the average frame rate, a hint for the encoder's rate control. Returns the number of frames written."""
     av = _import_av()
     count = 0
     with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
         stream = None
         for pts, picture in frames:
+            decoded = not isinstance(picture, np.ndarray)
+            width, height = (
+                (picture.width, picture.height) if decoded else (picture.shape[1], picture.shape[0])
+            )
             if stream is None:
-                stream = _h264_stream(out, picture.shape[1], picture.shape[0], time_base, rate, crf, preset)
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture, np.uint8), format="rgb24")
+                stream = _h264_stream(out, width, height, time_base, rate, crf, preset)
+            if decoded:  # kept in its pixel format when the encoder's is the same: no chroma resampling
+                frame = (
+                    picture
+                    if picture.format.name == stream.pix_fmt
+                    else picture.reformat(format=stream.pix_fmt)
+                )
+            else:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture, np.uint8), format="rgb24")
             frame.pts, frame.time_base = int(pts), time_base
             out.mux(stream.encode(frame))
             count += 1

@@ -21,6 +21,7 @@ def doctor_report() -> dict:
             "diarise": _diarise(models_dir),
             "tts": _tts(models_dir),
             "render": _render(models_dir),
+            "enhance": _enhance(),
         },
     }
 
@@ -126,6 +127,24 @@ def _render(models_dir) -> dict:
         by_source[kind] = {"auto": chosen, "why": why}
     still = by_source["image"]
     return {"auto": still["auto"], "why": f"stills: {still['why']}", "by_source": by_source}
+
+
+def _enhance() -> dict:
+    """enhance is never automatic (the manifest names a backend); spandrel: installed, and which torchvision."""
+    spandrel = "not installed (pip install --no-deps 'spandrel==0.4.2'; README: Enhancement)"
+    if _installed("spandrel"):
+        from tasks.enhance_model import torchvision_works
+
+        torchvision = (
+            "torchvision" if torchvision_works() else "the torchvision stand-in (no CPU torchvision)"
+        )
+        spandrel = f"installed, imports with {torchvision}"
+    backends = {"ffmpeg": "built in", "spandrel": spandrel}
+    return {
+        "auto": "none",
+        "why": "enhance.backend names one: none | ffmpeg | spandrel",
+        "backends": backends,
+    }
 
 
 def _engine_speed() -> dict:

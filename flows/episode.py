@@ -29,8 +29,9 @@ from flows.placement import render_slot
 from flows.progress import EpisodeProgress
 from flows.resolve import detect_machine, resolve_run
 from tasks.bind import bind_task
+from tasks.conform import conform_picture_task
 from tasks.deliver import Expected, deliver_task, deliverables_listing
-from tasks.enhance import EnhanceOptions, enhance_task, expected_frames
+from tasks.enhance import EnhanceOptions, PasteRegions, enhance_task, expected_frames
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
 from tasks.pasteback import outside_psnr_task, pasteback_task
 from tasks.remix import Ducking, MixTarget, remix_task
@@ -195,7 +196,9 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     # 0. the manifest's choices on this machine, for every stage (refused here when they cannot run)
     run = resolve_run(m, loaded.source_info.kind, detect_machine(ws.root), models_dir_from_env())
     # 1. inputs into the store (content-addressed: a moved or touched file stays cached)
-    source = ws.put_file(m.source, move=False)
+    original = source = ws.put_file(m.source, move=False)
+    if loaded.source_info.kind == "video" and m.stitch.timestamps == "constant":
+        source = runner.run(conform_picture_task, "conform-picture", source)  # VFR -> CFR; else itself
     dialogue = ws.put_file(m.audio.dialogue, move=False) if m.audio.dialogue else None
     # 2. separate: clean the dialogue, and get the music-and-effects bed
     backend, why = (
@@ -255,11 +258,21 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         runner.progress.add_steps(2)
         args = (source, picture, clips, _persons(m), m.render.composite, m.render.feather_px, m.render.mask)
         picture = runner.run(pasteback_task, "paste-back", *args)
-        if m.render.composite == "paste_back":
-            psnr_args = (source, picture, clips, _persons(m), m.render.feather_px, m.render.mask)
-            paste_qc = runner.run(outside_psnr_task, "paste-back-psnr", *psnr_args)
+    # 8. enhance: the spandrel backend works on the pasted regions only, and the outside PSNR is measured
+    # after it; ffmpeg's filters cover the whole frame, so there it is measured on the paste-back itself
     enhance = enhance_options(m, loaded)
-    picture = runner.run(enhance_task, "enhance", picture, enhance)
+    pasted_back = pasted and m.render.composite == "paste_back"
+    regions = (
+        PasteRegions(source, tuple(clips), _persons(m), m.render.feather_px, m.render.mask)
+        if pasted_back
+        else None
+    )
+    enhanced = runner.run(enhance_task, "enhance", picture, enhance, regions)
+    if pasted_back:
+        measured = enhanced if enhance.backend == "spandrel" else picture
+        psnr_args = (source, measured, clips, _persons(m), m.render.feather_px, m.render.mask)
+        paste_qc = runner.run(outside_psnr_task, "paste-back-psnr", *psnr_args)
+    picture = enhanced
     # 9. remix, 10. deliver. Diarised tracks share overlapped speech, so their sum would double it:
     # the dialogue stem is then the separated vocals themselves.
     diarised = vocals is not None and len(m.speakers) > 1 and not all(s.track for s in m.speakers)
@@ -270,7 +283,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
     mix = runner.run(remix_task, "remix", dialogue_stems, bed, timeline, target, tracks)
     transcript = _transcript(m, runner, mix.dialogue, log)
     captions = plan.captions or (transcript.captions if transcript else ())
-    inputs = {"source": source, "dialogue": dialogue, "music_and_effects": bed, **raw}
+    inputs = {"source": original, "dialogue": dialogue, "music_and_effects": bed, **raw}
     provenance = _provenance(
         m, loaded, run, inputs, {"separate": backend, "render": engine, "tts": runner.tts_backend}, plan
     )
@@ -282,6 +295,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         target.true_peak_dbtp,
         _line_specs(m, runner),
         max(probe(ws.path(b)).duration for b in [*raw.values(), *([dialogue] if dialogue else [])]),
+        constant_rate=m.stitch.timestamps == "constant" or loaded.source_info.kind != "video",
     )
     qc_extra = {
         "segments": len(plan.segments),
@@ -317,7 +331,9 @@ def enhance_options(m: Manifest, loaded: LoadedManifest) -> EnhanceOptions:
     """The manifest's enhance block, with the source's size to scale to when asked."""
     e, info = m.enhance, loaded.source_info
     size = (info.width, info.height) if e.scale_to_source and info.width else None
-    return EnhanceOptions(e.backend, e.denoise, e.sharpen, e.deflicker, e.fps, size)
+    model = str(e.model) if e.backend == "spandrel" and e.model else None
+    digest = file_sha256(Path(model)) if model else None
+    return EnhanceOptions(e.backend, e.denoise, e.sharpen, e.deflicker, e.fps, size, model, digest)
 
 
 def mix_target(m: Manifest) -> MixTarget:
@@ -549,7 +565,7 @@ def _render_all(
     while jobs:
         out_of_memory = _render_round(m, ws, runner, plan, jobs, source, base, clips, failed, links)
         if out_of_memory and splitter is None:
-            splitter = SplitPlanner(ws, plan.plan, tracks)
+            splitter = SplitPlanner(ws, plan.plan, tracks, m.render.overlap_frames)
         jobs = _split_round(runner, splitter, out_of_memory, tracks, failed) if out_of_memory else []
         links = {}
     publish_segment_table(m.episode, runner.stages)
@@ -577,7 +593,7 @@ def _render_round(
         tsk = runner.bind(render_task, label).with_options(retry_condition_fn=_retry_if_transient)
         if seg.index in runner.force_segments:
             tsk = tsk.with_options(refresh_cache=True)
-        with render_slot(seg.num_frames):
+        with render_slot(seg.rendered_frames):
             future = tsk.submit(ws, *args)
         calls[id(future)] = (future, label, args)
 
@@ -675,6 +691,7 @@ def _provenance(m: Manifest, loaded: LoadedManifest, run, inputs: dict, backends
         },
         "models": {
             "models_dir": str(models) if models else None,
+            "enhance": _enhance_model(m),
             "render": engine_weights(run.engine, models),
             "separate": weights_revision(backends["separate"], m.separate.model, models)
             if backends["separate"] != "none"
@@ -695,6 +712,15 @@ def _provenance(m: Manifest, loaded: LoadedManifest, run, inputs: dict, backends
         },
         "software": software_versions(),
     }
+
+
+def _enhance_model(m: Manifest) -> dict | None:
+    """The spandrel backend's weights: file, content hash, architecture, purpose and scale."""
+    if m.enhance.backend != "spandrel" or m.enhance.model is None:
+        return None
+    from tasks.enhance_model import check_model
+
+    return dataclasses.asdict(check_model(m.enhance.model))
 
 
 def engine_weights(engine: str, models: Path | None) -> dict | str:

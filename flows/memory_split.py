@@ -10,7 +10,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from tasks.segment import EpisodePlan, SegmentPlan, SegmentSpec, frame_rms, speech_activity, split_segment
+from tasks.segment import (
+    EpisodePlan,
+    SegmentPlan,
+    SegmentSpec,
+    frame_rms,
+    segment_specs,
+    speech_activity,
+    split_segment,
+)
 from tasks.workspace import Blob, Workspace
 
 
@@ -22,8 +30,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 class SplitPlanner:
     """Splits segments of one episode's plan; speech activity is computed on the first split only."""
 
-    def __init__(self, ws: Workspace, plan_blob: Blob, tracks: dict[str, Blob]):
-        self.ws, self.tracks = ws, tracks
+    def __init__(self, ws: Workspace, plan_blob: Blob, tracks: dict[str, Blob], overlap_frames: int = 0):
+        self.ws, self.tracks, self.overlap_frames = ws, tracks, overlap_frames
         self.plan = SegmentPlan.from_json(ws.path(plan_blob).read_text())
         self._activity: tuple[dict[str, Any], dict[str, Any]] | None = None
 
@@ -31,16 +39,14 @@ class SplitPlanner:
         """The two halves of segment `index`; ValueError when it cannot be split."""
         activity, energy = self._signals()
         self.plan = split_segment(self.plan, index, activity, energy=energy)
-        halves = [s for s in self.plan.segments if s.split_from == index]
-        return tuple(SegmentSpec(s.index, s.start_frame, s.end_frame, s.speakers) for s in halves)  # type: ignore[return-value]
+        halves = {s.index for s in self.plan.segments if s.split_from == index}
+        return tuple(s for s in segment_specs(self.plan, self.overlap_frames) if s.index in halves)  # type: ignore[return-value]
 
     def rendered(self, planned: EpisodePlan) -> EpisodePlan:
         """`planned` with the splits recorded: its plan.json rewritten with the halves in place of the
         segments they replaced, so the published plan says what was rendered."""
         blob = self.ws.put_bytes(self.plan.to_json().encode(), ".json")
-        segments = tuple(
-            SegmentSpec(s.index, s.start_frame, s.end_frame, s.speakers) for s in self.plan.segments
-        )
+        segments = segment_specs(self.plan, self.overlap_frames)
         return replace(planned, plan=blob, segments=segments)
 
     def _signals(self) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -92,6 +92,7 @@ def resolve_run(m: Manifest, source_kind: str, machine: Machine, models_dir: Pat
         host_bytes=machine.host_bytes,
         cost_model="preview" if override else engine,
         chain=m.render.chain,
+        overlap_frames=m.render.overlap_frames,
         quantize=m.render.quantize,
         offload=m.render.offload,
         resident_blocks=0 if m.render.resident_blocks == "auto" else m.render.resident_blocks,

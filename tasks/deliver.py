@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from prefect import task
 
 from engine.base import FPS
@@ -41,6 +42,9 @@ class Expected:
     true_peak_dbtp: float
     lines: tuple = ()  # (start_s, end_s, text, speaker index) of the script
     input_audio_s: float = 0.0  # the longest dubbed input: none of it may fall past the episode's end
+    constant_rate: bool = (
+        True  # the picture's timestamps must be constant (stitch.timestamps: keep: a VFR may stay)
+    )
 
 
 def deliver(
@@ -115,11 +119,20 @@ def measure(mp4) -> dict:
     timestamps, at any frame rate), loudness of its decoded AAC audio."""
     info = probe(mp4)
     audio = read_audio(mp4, MIX_RATE)
-    video_seconds = VideoFrames(mp4).duration
+    video = VideoFrames(mp4)
+    video_seconds = video.duration
     starts = stream_starts(mp4)
+    gaps = np.diff(video.times)
     return {
         "frames": count_video_frames(mp4),
         "video_seconds": round(video_seconds, 4),
+        "frame_rate": {
+            "constant": video.is_constant_rate,
+            "average": round((video.count - 1) / video.times[-1], 3) if video.count > 1 else None,
+            "gap_ms": [round(float(gaps.min()) * 1000, 3), round(float(gaps.max()) * 1000, 3)]
+            if len(gaps)
+            else None,
+        },
         "audio_seconds": len(audio) / MIX_RATE,
         # the decoded sound ends within one AAC frame (1024 samples) after the picture: codec padding
         "av_difference_seconds": round(len(audio) / MIX_RATE - video_seconds, 4),
@@ -164,19 +177,24 @@ def run_checks(qc: dict, expected: Expected, speakers: dict, timeline: Timeline)
         "silent_speakers": _check(not silent, silent, "none"),
         "lines_dropped": _check(not dropped, [c[2] for c in dropped], "none"),
         "audio_cut_seconds": _check(cut <= 1 / FPS, round(cut, 3), "<= 1 frame"),
-    } | _picture_checks(qc)
+    } | _picture_checks(qc, expected)
 
 
-def _picture_checks(qc: dict) -> dict[str, dict]:
-    """Paste-back: outside the speakers' regions the picture is the source, within encoding noise."""
+def _picture_checks(qc: dict, expected: Expected) -> dict[str, dict]:
+    """Constant timestamps (unless the manifest keeps a VFR source's own); paste-back: outside the speakers'
+    regions the picture is the source, within encoding noise."""
+    checks = {}
+    if expected.constant_rate:
+        rate = qc["frame_rate"]
+        checks["constant_timestamps"] = _check(
+            rate["constant"], rate["gap_ms"], "every frame gap equal (± 1 ms)"
+        )
     psnr = (qc.get("paste_back") or {}).get("psnr_outside_db", "absent")
-    if psnr == "absent":
-        return {}
-    return {
-        "outside_psnr": _check(
+    if psnr != "absent":
+        checks["outside_psnr"] = _check(
             psnr is None or psnr >= MIN_OUTSIDE_PSNR_DB, psnr, f">= {MIN_OUTSIDE_PSNR_DB} dB"
         )
-    }
+    return checks
 
 
 def _check(ok: bool, value, limit: str) -> dict:

@@ -5,18 +5,23 @@ manifest's enhance block: temporal deflicker, denoise (hqdn3d), sharpen (unsharp
 resolution (a still rendered at the engine's 480p or 720p goes out at the still's own size), and an
 optional interpolation to 50 fps (frame blending). Without interpolation every frame keeps its own
 time, so a variable-rate picture stays so; with it the picture is constant 50 fps over the same span.
+`spandrel` runs the user's upscaler / restorer weights (tasks/enhance_model.py): over the speakers'
+regions only when the picture was pasted back (`regions`), else over the whole frame.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefect import task
 
-from engine.media import MediaError, VideoFrames, count_video_frames, probe, run_ffmpeg
-from tasks.workspace import Blob, Workspace, stage_cache
+from engine.media import MediaError, VideoFrames, count_video_frames, probe, run_ffmpeg, write_timed_video
+from tasks.pasteback import CRF, Regions
+from tasks.render import Clip, PersonSpec
+from tasks.workspace import Blob, Workspace, file_sha256, stage_cache
 
-BACKENDS = ("none", "ffmpeg")
+BACKENDS = ("none", "ffmpeg", "spandrel")
 DENOISE = "hqdn3d=1.5:1.5:6:6"
 SHARPEN = "unsharp=5:5:0.6:5:5:0.0"
 DEFLICKER = "deflicker=size=5:mode=am"
@@ -31,6 +36,19 @@ class EnhanceOptions:
     deflicker: bool = False
     fps: int = 25  # 25: the picture's own frames and times; 50: interpolated
     size: tuple[int, int] | None = None  # scale to (width, height); None: keep the picture's size
+    model: str | None = None  # spandrel: the weights file
+    model_sha256: str | None = None  # ... and its content hash (part of the cache key)
+
+
+@dataclass(frozen=True)
+class PasteRegions:
+    """Where paste-back composited the speakers (its own arguments): the spandrel backend works there only."""
+
+    source: Blob  # the video paste-back started from: outside the regions the picture is its frames
+    clips: tuple[Clip, ...]
+    persons: tuple[PersonSpec, ...]
+    feather_px: int = 16
+    mask: str = "box"
 
 
 def filter_chain(options: EnhanceOptions, picture_size: tuple[int, int]) -> str:
@@ -44,20 +62,24 @@ def filter_chain(options: EnhanceOptions, picture_size: tuple[int, int]) -> str:
 
 
 def expected_frames(options: EnhanceOptions, frames: int, seconds: float) -> int:
-    """Frames after enhancing a picture of `frames` frames lasting `seconds`: interpolation makes it
+    """Frames after enhancing a picture of `frames` frames lasting `seconds`: interpolation (ffmpeg) makes it
     constant 50 fps over the same span."""
-    if options.backend == "none" or options.fps != INTERPOLATED_FPS:
+    if options.backend != "ffmpeg" or options.fps != INTERPOLATED_FPS:
         return frames
     return round(seconds * INTERPOLATED_FPS)
 
 
-def enhance_picture(ws: Workspace, picture: Blob, options: EnhanceOptions | str) -> Blob:
+def enhance_picture(
+    ws: Workspace, picture: Blob, options: EnhanceOptions | str, regions: PasteRegions | None = None
+) -> Blob:
     if isinstance(options, str):
         options = EnhanceOptions(options)
     if options.backend not in BACKENDS:
         raise ValueError(f"enhance backend {options.backend!r} is unknown; use one of: {', '.join(BACKENDS)}")
     if options.backend == "none":
         return picture
+    if options.backend == "spandrel":
+        return _enhance_with_model(ws, picture, options, regions)
     path = ws.path(picture)
     info, frames, video = probe(path), count_video_frames(path), VideoFrames(path)
     chain = filter_chain(options, (info.width, info.height))
@@ -78,6 +100,55 @@ def enhance_picture(ws: Workspace, picture: Blob, options: EnhanceOptions | str)
         if count_video_frames(out) != wanted:
             raise MediaError(f"enhance wrote {count_video_frames(out)} frames, expected {wanted}")
         return ws.put_file(out)
+
+
+def _enhance_with_model(
+    ws: Workspace, picture: Blob, options: EnhanceOptions, regions: PasteRegions | None
+) -> Blob:
+    """The spandrel backend: every frame keeps its time; the regions only, or the whole frame at `size`."""
+    import torch
+
+    from tasks.enhance_model import enhanced_frames, load_model
+
+    path = Path(options.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(path, options.model_sha256 or file_sha256(path), device)
+    video = VideoFrames(ws.path(picture))
+    size = options.size or (video.width * int(model.scale), video.height * int(model.scale))
+    region_at, bases = None, None
+    if regions is not None:
+        paste = Regions(list(regions.clips), regions.persons, (video.width, video.height), regions.feather_px)
+        shape, source = regions.mask, VideoFrames(ws.path(regions.source))
+        if source.count != video.count:
+            raise MediaError(f"the pasted picture has {video.count} frames, its source {source.count}")
+        region_at = lambda i: paste.mask_at(int(video.grid25(i)), shape)  # noqa: E731
+        bases = source.iter_frames()
+    progress = _progress(video.count)
+    frames = enhanced_frames(model, video.iter_frames(), size, region_at, bases, progress)
+    timed = ((int(video.pts[i] - video.pts[0]), frame) for i, frame in frames)
+    with ws.scratch() as tmp:
+        out = tmp / "enhanced.mp4"
+        written = write_timed_video(out, timed, video.time_base, rate=video.count / video.duration, crf=CRF)
+        if written != video.count:
+            raise MediaError(f"enhance wrote {written} frames, the picture has {video.count}")
+        return ws.put_file(out)
+
+
+def _progress(total: int):
+    """Frames done -> the task's progress artifact (at most twice a second) and a log line every 10 %."""
+    import logging
+
+    from tasks.render import task_progress
+
+    hook, log, step = task_progress("enhancing"), logging.getLogger("dubflow.enhance"), max(1, total // 10)
+
+    def report(done: int) -> None:
+        if hook is not None:
+            hook("enhance", done, total)
+        if done % step == 0 or done == total:
+            log.info("enhance: %d/%d frames", done, total)
+
+    return report
 
 
 def _timing(options: EnhanceOptions, time_base) -> list[str]:

@@ -186,6 +186,13 @@ class RenderSettings(Strict):
         description="carry the engine's motion frames across consecutive segments of one shot (seamless joins);"
         " the segments of a shot then render one after another instead of side by side",
     )
+    overlap_frames: int = Field(
+        0,
+        ge=0,
+        le=50,
+        description="each segment but the last also renders this many frames past its end (driven by the next"
+        " segment's audio), crossfaded with the next segment's first frames at the stitch; 0: hard cuts",
+    )
     size: Literal[480, 720] = 480
     steps: int = Field(8, ge=1, le=200)
     seed: Seed = 7
@@ -241,10 +248,27 @@ class StitchSettings(Strict):
         description="match every segment's colour to the source plate (a video) or the first segment (a still);"
         " the seam CIEDE2000 before and after goes to qc.json",
     )
+    timestamps: Literal["constant", "keep"] = Field(
+        "constant",
+        description="constant: a variable-frame-rate video source is conformed to constant frame rate at its"
+        " nominal rate first, and QC checks the delivered timestamps are constant; keep: the picture keeps"
+        " the source's own frames and timestamps, VFR included",
+    )
 
 
 class EnhanceSettings(Strict):
-    backend: Literal["none", "ffmpeg"] = Field("none", description="ffmpeg: the filter chain below")
+    backend: Literal["none", "ffmpeg", "spandrel"] = Field(
+        "none",
+        description="ffmpeg: the filter chain below; spandrel: the upscaler / restorer weights in `model`"
+        " (over the speakers' regions with paste-back, else the whole frame)",
+    )
+    model: Path | None = Field(
+        None,
+        description="spandrel: a .pth / .safetensors upscaler or restorer (ESRGAN, Real-ESRGAN, SwinIR, HAT, ...)",
+    )
+    scale: int | None = Field(
+        None, ge=1, le=16, description="spandrel: the model's scale (4 for a 4x upscaler), checked against it"
+    )
     denoise: bool = Field(True, description="hqdn3d spatial and temporal denoise")
     sharpen: bool = Field(True, description="unsharp mask")
     deflicker: bool = Field(False, description="even out frame-to-frame brightness (5-frame mean)")
@@ -648,8 +672,15 @@ def _resolve_paths(m: Manifest, base: Path) -> Manifest:
     ]
     loras = [lora.model_copy(update={"file": fix(lora.file)}) for lora in m.render.loras]
     render = m.render.model_copy(update={"loras": loras})
+    enhance = m.enhance.model_copy(update={"model": fix(m.enhance.model)})
     return m.model_copy(
-        update={"source": fix(m.source), "audio": audio, "speakers": speakers, "render": render}
+        update={
+            "source": fix(m.source),
+            "audio": audio,
+            "speakers": speakers,
+            "render": render,
+            "enhance": enhance,
+        }
     )
 
 
@@ -673,6 +704,7 @@ def _cross_check(
         _check_render_geometry(m, add, source_info)
     _check_engine(m, add, source_info)
     _check_render_speed(m, add)
+    _check_enhance(m, add)
     _check_lines(m, add, source_info)
     _check_audio_plan(m, add)
     _check_limits(m, add, source_info, limits or Limits())
@@ -865,8 +897,40 @@ def _check_render_speed(m: Manifest, add) -> None:
             ("render", "attention"),
             f"{r.attention} is not installed here ({ATTENTION_INSTALL[r.attention]}); use auto",
         )
+    if r.overlap_frames and r.chain:
+        add(
+            ("render", "overlap_frames"),
+            "chain already continues each segment from the last (seamless joins); use one: overlap_frames: 0"
+            " or chain: false",
+        )
     if r.resident_blocks not in ("auto", 0) and r.offload == "none":
         add(("render", "resident_blocks"), "resident_blocks needs offload: blocks; set offload or remove it")
+
+
+def _check_enhance(m: Manifest, add) -> None:
+    """The spandrel backend's weights load, are an upscaler or restorer, and have the scale asked for."""
+    from tasks.enhance_model import ModelProblem, check_model
+
+    e = m.enhance
+    if e.backend != "spandrel":
+        for name in ("model", "scale"):
+            if getattr(e, name) is not None:
+                add(("enhance", name), f"used by backend: spandrel only; set it or remove {name}")
+        return
+    if e.fps != 25:
+        add(("enhance", "fps"), "interpolation is the ffmpeg backend's; use fps: 25 with spandrel")
+    if e.model is None:
+        add(("enhance", "backend"), "spandrel needs model: the weights file (.pth or .safetensors); add it")
+        return
+    try:
+        check_model(e.model)
+    except ModelProblem as exc:
+        add(("enhance", "model"), str(exc))
+        return
+    try:
+        check_model(e.model, e.scale)
+    except ModelProblem as exc:
+        add(("enhance", "scale"), str(exc))
 
 
 def _loc(field: str) -> tuple:

@@ -72,7 +72,7 @@ def _composited(
         while at < grid[i]:  # grid25 never goes back: frames are in presentation order
             at, current = next(frames25)
         if full_frame:
-            picture = _resize(current, (video.width, video.height))
+            picture = resize_frame(current, (video.width, video.height))
         else:
             picture = regions.blend(original, current, int(grid[i]))
         yield int(video.pts[i] - video.pts[0]), picture
@@ -137,22 +137,25 @@ class Regions:
 
     def outside(self, frame25: int) -> np.ndarray:
         """(H, W) bool: the pixels no animated person's feathered region touches at `frame25`."""
-        clip = self.clip_at(frame25)
-        boxes = tuple(b for p in clip.persons if (b := self.box_at(p, frame25)) is not None)
-        mask, (x0, y0, x1, y1) = _mask(boxes, clip.crop or (0, 0, *self.size), self.size, self.feather)
+        mask, (x0, y0, x1, y1) = self.mask_at(frame25, "box")
         out = np.ones((self.size[1], self.size[0]), bool)
         if mask is not None:
             out[y0:y1, x0:x1] = mask == 0
         return out
 
-    def blend(self, original: np.ndarray, rendered: np.ndarray, frame25: int) -> np.ndarray:
+    def mask_at(self, frame25: int, shape: str | None = None) -> tuple[np.ndarray | None, tuple]:
+        """The blend weights (h, w) of the animated persons at `frame25` over the rectangle (x0, y0, x1, y1)
+        that holds them (None: nobody animated in view); `shape` defaults to the paste-back's own."""
         clip = self.clip_at(frame25)
-        crop = clip.crop or (0, 0, *self.size)
         boxes = tuple(b for p in clip.persons if (b := self.box_at(p, frame25)) is not None)
-        mask, (x0, y0, x1, y1) = _mask(boxes, crop, self.size, self.feather, self.shape)
+        return _mask(boxes, clip.crop or (0, 0, *self.size), self.size, self.feather, shape or self.shape)
+
+    def blend(self, original: np.ndarray, rendered: np.ndarray, frame25: int) -> np.ndarray:
+        crop = self.clip_at(frame25).crop or (0, 0, *self.size)
+        mask, (x0, y0, x1, y1) = self.mask_at(frame25)
         if mask is None:
             return original
-        scaled = _resize(rendered, (crop[2] - crop[0], crop[3] - crop[1]))
+        scaled = resize_frame(rendered, (crop[2] - crop[0], crop[3] - crop[1]))
         ours = scaled[y0 - crop[1] : y1 - crop[1], x0 - crop[0] : x1 - crop[0]].astype(np.float32)
         theirs = original[y0:y1, x0:x1].astype(np.float32)
         out = original.copy()
@@ -209,7 +212,7 @@ def _ramp(coords: np.ndarray, lo: int, hi: int, feather: int) -> np.ndarray:
     return np.clip(1.0 - outside / (feather + 1), 0.0, 1.0) if feather else (outside == 0).astype(np.float32)
 
 
-def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 -> (size[1], size[0], 3): bilinear, as the engine scaled the source down."""
     if (frame.shape[1], frame.shape[0]) == size:
         return frame

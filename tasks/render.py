@@ -64,6 +64,7 @@ class Clip:
     state: Blob | None = (
         None  # the engine's stream state after the last frame (render.chain: the next continues)
     )
+    overlap: int = 0  # frames past the segment's end (num_frames includes them): the stitch crossfades them
 
 
 def cut_segment_audio(
@@ -76,7 +77,8 @@ def cut_segment_audio(
     for speaker, blob in tracks.items():
         track = load_track(ws, blob)
         for i, seg in enumerate(segments):
-            piece = track[seg.start_frame * SAMPLES_PER_FRAME : seg.end_frame * SAMPLES_PER_FRAME]
+            end = seg.end_frame + seg.overlap  # the overlap is driven by the next segment's audio
+            piece = track[seg.start_frame * SAMPLES_PER_FRAME : end * SAMPLES_PER_FRAME]
             audio16 = librosa.resample(piece, orig_sr=MIX_RATE, target_sr=AUDIO_RATE, res_type="soxr_hq")
             with ws.scratch() as tmp:
                 out[i][speaker] = ws.put_file(
@@ -95,7 +97,8 @@ def render_segment(
     options: RenderOptions,
     previous: Blob | None = None,
 ) -> Clip:
-    """Render one segment with the resolved engine; the clip has exactly segment.num_frames frames.
+    """Render one segment with the resolved engine; the clip has exactly segment.rendered_frames frames (its
+    own and `segment.overlap` past its end, which the stitch crossfades into the next segment).
 
     With `options.chain` the engine's stream state is kept, and `previous` (the state of the segment before
     this one in its shot) makes the engine continue from it: the join is seamless, and a re-render of the
@@ -118,7 +121,7 @@ def render_segment(
             persons=job_persons,
             mode=job_mode(options.engine, ws.path(picture)),
             prompt=options.prompt,
-            num_frames=segment.num_frames,
+            num_frames=segment.rendered_frames,
             source_start_frame=segment.start_frame,
             size=options.size,
             steps=options.steps,
@@ -148,6 +151,7 @@ def render_segment(
         crop,
         tuple(p.id for p in animated),
         state,
+        segment.overlap,
     )
 
 
@@ -162,6 +166,14 @@ def render_progress(clock=time.monotonic) -> ProgressHook | None:
     """A Prefect progress artifact for this segment's render (minutes on a GPU for a long segment), keyed
     after the task run (render[ep#03] -> render-ep-03) and updated at most twice a second from the engine's
     progress hook. None outside a task run: the engine then reports to nobody."""
+    return task_progress("rendering", PROGRESS_STAGES, clock)
+
+
+def task_progress(
+    doing: str, stages: tuple[str, ...] = ("enhance",), clock=time.monotonic
+) -> ProgressHook | None:
+    """A progress hook for the running task's progress artifact, fed by `progress(stage, completed, total)`
+    for the long `stages`; None outside a task run."""
     try:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
         from prefect.runtime import task_run
@@ -172,14 +184,14 @@ def render_progress(clock=time.monotonic) -> ProgressHook | None:
         artifact = create_progress_artifact(
             progress=0.0,
             key=artifact_key(name),
-            description=f"{name}: rendering",
+            description=f"{name}: {doing}",
         )
     except Exception:  # noqa: BLE001 - progress is a convenience; the render is the product
         return None
     last = [float("-inf")]  # the first update goes out at once
 
     def hook(stage: str, completed: int, total: int, **info: object) -> None:
-        if stage not in PROGRESS_STAGES or total <= 0:
+        if stage not in stages or total <= 0:
             return
         now = clock()
         if completed < total and now - last[0] < PROGRESS_INTERVAL_S:
@@ -245,8 +257,8 @@ def _job_captions(captions, segment: SegmentSpec) -> tuple[Caption, ...]:
             int(round(start_s * 25)) - segment.start_frame,
             int(round(end_s * 25)) - segment.start_frame,
         )
-        if end > 0 and start < segment.num_frames:
-            out.append(Caption(max(start, 0), min(end, segment.num_frames), text, person))
+        if end > 0 and start < segment.rendered_frames:
+            out.append(Caption(max(start, 0), min(end, segment.rendered_frames), text, person))
     return tuple(out)
 
 

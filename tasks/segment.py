@@ -553,10 +553,34 @@ class SegmentSpec:
     start_frame: int
     end_frame: int
     speakers: tuple[str, ...]
+    overlap: int = (
+        0  # render.overlap_frames: frames rendered past end_frame, crossfaded into the next segment
+    )
 
     @property
     def num_frames(self) -> int:
         return self.end_frame - self.start_frame
+
+    @property
+    def rendered_frames(self) -> int:
+        """Frames the engine renders: the segment's own and its overlap into the next."""
+        return self.num_frames + self.overlap
+
+
+def with_overlaps(specs, overlap_frames: int) -> tuple[SegmentSpec, ...]:
+    """Each segment that another follows directly renders `overlap_frames` past its end (at most the next
+    segment's length: the crossfade never reaches past it); the last one, none."""
+    ordered = sorted(specs, key=lambda s: s.start_frame)
+    following = {
+        a.index: b for a, b in zip(ordered, ordered[1:], strict=False) if a.end_frame == b.start_frame
+    }
+    return tuple(
+        replace(
+            s,
+            overlap=min(overlap_frames, following[s.index].num_frames) if s.index in following else 0,
+        )
+        for s in specs
+    )
 
 
 @dataclass(frozen=True)
@@ -574,6 +598,7 @@ class PlanSettings:
     host_bytes: int | None = None
     cost_model: str | None = None  # whose memory and time model sizes the segments; None: the engine's
     chain: bool = False  # render.chain: a shot's segments render in a row
+    overlap_frames: int = 0  # render.overlap_frames: each segment renders this many past its end
     # the engine's memory switches (render.quantize / offload / resident_blocks / compile / vae_tiling)
     quantize: str = "none"
     offload: str = "none"
@@ -607,7 +632,7 @@ def plan_episode(
     audio = {sid: load_track(ws, blob) for sid, blob in tracks.items()}
     activity = {sid: speech_activity(a, MIX_RATE) for sid, a in audio.items()}
     energy = {sid: frame_rms(a, MIX_RATE) for sid, a in audio.items()}
-    max_frames = max_segment_frames(settings)
+    max_frames = max(1, max_segment_frames(settings) - settings.overlap_frames)  # the overlap renders too
     plan = plan_segments(
         activity,
         timeline.total_frames,
@@ -619,11 +644,17 @@ def plan_episode(
         settings=_render_cost(settings),
         chained=settings.chain,
     )
-    specs = tuple(SegmentSpec(s.index, s.start_frame, s.end_frame, s.speakers) for s in plan.segments)
+    specs = segment_specs(plan, settings.overlap_frames)
     captions = caption_times(lines, [activity[sid] for sid in tracks], timeline.total_frames)
     return EpisodePlan(
         ws.put_bytes(plan.to_json().encode(), ".json"), specs, captions, plan.cut_counts().get("forced", 0)
     )
+
+
+def segment_specs(plan: SegmentPlan, overlap_frames: int = 0) -> tuple[SegmentSpec, ...]:
+    """The renders' view of a plan's segments, with their overlaps."""
+    specs = tuple(SegmentSpec(s.index, s.start_frame, s.end_frame, s.speakers) for s in plan.segments)
+    return with_overlaps(specs, overlap_frames)
 
 
 def caption_times(lines: tuple, activity: list[np.ndarray], total_frames: int) -> tuple:

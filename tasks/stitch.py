@@ -2,7 +2,11 @@
 colour-matched to the episode's reference.
 
 Joining is frame-exact: the clips are concatenated without re-encoding (the engines encode them alike)
-and the frame count is checked. Each segment is then colour-matched to the reference, one transfer per
+and the frame count is checked. Where a segment was rendered past its end (render.overlap_frames: those
+frames are driven by the next segment's audio, and show the same instants as the next segment's first
+frames), the two are crossfaded over those frames, the next segment's weight rising linearly from
+1 / (K + 1) to K / (K + 1), and every clip is cut back to its own frames: the picture still has exactly the
+planned frames. Each segment is then colour-matched to the reference, one transfer per
 segment (a CIE Lab mean / standard-deviation transfer, the engine's own conversion), so a segment that
 came out warmer or darker than its neighbours is brought back without flicker inside it:
 
@@ -18,12 +22,15 @@ timestamps, frame i at i / 25 s.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 from prefect import task
 
-from engine.media import MediaError, VideoFrames, count_video_frames, run_ffmpeg
+from engine.media import FPS, MediaError, VideoFrames, count_video_frames, run_ffmpeg, write_timed_video
 from tasks.render import Clip
 from tasks.seams import delta_e2000, mean_lab, rgb_to_lab
 from tasks.workspace import Blob, Workspace, stage_cache
@@ -48,7 +55,10 @@ def stitch_clips(
     source video; None: the first segment)."""
     clips = sorted(clips, key=lambda c: c.segment)
     with ws.scratch() as tmp:
-        joined = _checked(concat([ws.path(c.video) for c in clips], tmp / "joined.mp4"), total_frames)
+        videos = [ws.path(c.video) for c in clips]
+        if any(c.overlap for c in clips):
+            videos = crossfade(clips, videos, tmp)
+        joined = _checked(concat(videos, tmp / "joined.mp4"), total_frames)
         if not match or not clips:
             return Stitched(ws.put_file(joined), None)
         source = VideoFrames(ws.path(reference)) if reference is not None else None
@@ -57,8 +67,8 @@ def stitch_clips(
         transfers = [segment_transfer(picture, c, end, source) for c, end in zip(clips, ends, strict=True)]
         anchor = transfers[0].segment  # a still's reference: the first segment
         matched = [
-            apply_lut(ws.path(c.video), t.lut(anchor), tmp / f"matched{i}.mp4")
-            for i, (c, t) in enumerate(zip(clips, transfers, strict=True))
+            apply_lut(video, t.lut(anchor), tmp / f"matched{i}.mp4")
+            for i, (video, t) in enumerate(zip(videos, transfers, strict=True))
         ]
         out = _checked(concat(matched, tmp / "picture.mp4"), total_frames)
         seams = {b: _seam_delta_e(picture, VideoFrames(out), b) for b in ends[:-1]}
@@ -77,6 +87,45 @@ def _checked(picture, total_frames: int):
             f"stitched picture has {frames} frames, the plan has {total_frames}; a clip is wrong"
         )
     return picture
+
+
+def crossfade(clips: list[Clip], videos: list[Path], tmp: Path) -> list[Path]:
+    """Each clip re-encoded with its own frames only, the first of them blended with the previous clip's
+    overlap (the frames it rendered past its end). One clip's overlap is held at a time."""
+    out, tail = [], np.zeros((0, 1, 1, 3), np.uint8)  # tail: (K, H, W, 3), the previous clip's overlap
+    for i, (clip, path) in enumerate(zip(clips, videos, strict=True)):
+        frames = VideoFrames(path)
+        if frames.count != clip.num_frames:
+            raise MediaError(
+                f"segment {clip.segment}: its clip has {frames.count} frames, the render said {clip.num_frames}"
+            )
+        own, overlap = clip.num_frames - clip.overlap, []
+        faded = (
+            (j, _blend(tail[j], frame, (j + 1) / (len(tail) + 1)) if j < len(tail) else frame)
+            for j, frame in _own_frames(frames.iter_frames(), own, overlap)
+        )
+        out.append(tmp / f"faded{i}.mp4")
+        write_timed_video(out[-1], faded, Fraction(1, FPS), crf=CRF, preset="veryfast")
+        tail = np.stack(overlap) if overlap else tail[:0]
+    return out
+
+
+def _own_frames(frames, own: int, overlap: list) -> Iterator[tuple[int, np.ndarray]]:
+    """The first `own` frames; the rest are collected into `overlap`."""
+    for j, frame in frames:
+        if j < own:
+            yield j, frame
+        else:
+            overlap.append(frame)
+
+
+def _blend(previous: np.ndarray, frame: np.ndarray, weight: float) -> np.ndarray:
+    """`weight` of `frame` over `previous` (scaled to the frame's size if the clips differ)."""
+    from tasks.pasteback import resize_frame
+
+    previous = resize_frame(previous, (frame.shape[1], frame.shape[0]))
+    mixed = previous.astype(np.float32) * (1.0 - weight) + frame.astype(np.float32) * weight
+    return np.rint(mixed).astype(np.uint8)
 
 
 def concat(videos: list, out):

@@ -31,6 +31,7 @@ def test_doctor_reports_tools_and_auto_choices(capsys):
     assert report["stages"]["render"]["auto"] in {"preview", "multitalk"}
     assert report["stages"]["render"]["by_source"]["video"]["auto"] in {"preview", "infinitetalk"}
     assert report["gpus"] == []  # CI and development machines have none
+    assert report["stages"]["enhance"]["backends"]["spandrel"].startswith("installed, imports with")
 
 
 def test_status_record_marks_failed_and_pending_segments():

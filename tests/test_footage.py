@@ -13,6 +13,7 @@ import soundfile as sf
 
 from engine.media import VideoFrames
 from flows.cli import main
+from tasks.workspace import file_sha256
 from tests.footage_fixtures import cover_crop, psnr, write_moving_video
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]  # dubflow runs end to end
@@ -49,50 +50,72 @@ def _run(manifest: Path, ws: Path, capsys) -> dict:
     return record
 
 
-def _check_pasted_back(record: dict, source: Path, box: list[int], feather: int) -> tuple[VideoFrames, dict]:
-    """Same frames at the same times and size; the source outside the person's region; A/V in sync."""
+def _check_pasted_back(
+    record: dict, source: Path, box: list[int], feather: int, keep: bool = False
+) -> tuple[VideoFrames, dict]:
+    """Same frames at the same times and size (a VFR source's own with stitch.timestamps: keep, else those
+    of the source conformed to its nominal rate); the source outside the person's region; A/V in sync."""
+    from tasks.conform import constant_rate_frames
+
     out = Path(record["outputs"][f"{record['episode']}.mp4"])
     src, got = VideoFrames(source), VideoFrames(out)
-    assert (got.width, got.height, got.count) == (src.width, src.height, src.count)
-    np.testing.assert_allclose(got.times, src.times, atol=1e-3)  # VFR stays VFR, frame by frame
+    qc = json.loads(Path(record["outputs"]["qc.json"]).read_text())
+    if keep or src.is_constant_rate:
+        times, frames = src.times, src.iter_frames()  # VFR stays VFR, frame by frame
+    else:
+        rate = src.nominal_rate
+        times = np.arange(round(src.duration * rate)) / float(rate)
+        frames = constant_rate_frames(src, rate, len(times))
+        assert got.is_constant_rate and qc["checks"]["constant_timestamps"]["pass"]
+    assert (got.width, got.height, got.count) == (src.width, src.height, len(times))
+    np.testing.assert_allclose(got.times, times, atol=1e-3)
     x0, y0, x1, y1 = box[0] - feather, box[1] - feather, box[2] + feather, box[3] + feather
     outside = np.ones((src.height, src.width), bool)
     outside[max(0, y0) : y1, max(0, x0) : x1] = False
     worst = min(
-        psnr(a[outside], b[outside])
-        for (_, a), (_, b) in zip(src.iter_frames(), got.iter_frames(), strict=True)
+        psnr(a[outside], b[outside]) for (_, a), (_, b) in zip(frames, got.iter_frames(), strict=True)
     )
     assert worst >= 40, f"outside the person the picture is not the source: {worst:.1f} dB"
-    qc = json.loads(Path(record["outputs"]["qc.json"]).read_text())
-    frame = float(np.median(np.diff(src.times)))
-    assert qc["frames"] == qc["expected_frames"] == src.count
+    frame = float(np.median(np.diff(times)))
+    assert qc["frames"] == qc["expected_frames"] == len(times)
     assert qc["checks"]["outside_psnr"]["pass"] and qc["checks"]["av_offset"]["value"] == 0
-    assert abs(qc["av_difference_seconds"]) <= frame and abs(qc["video_seconds"] - src.duration) < 1e-3
+    assert abs(qc["av_difference_seconds"]) <= frame and abs(qc["video_seconds"] - src.duration) < frame
+    assert ("constant_timestamps" in qc["checks"]) != keep
     return got, qc
 
 
+VFR_TIMES = list(np.cumsum([0] + [0.02, 0.05, 0.03, 0.07, 0.04] * 12)[:60])  # variable rate, ~2.5 s
+
+
 @pytest.mark.parametrize(
-    "times",
+    ("times", "timestamps"),
     [
-        [i / 30 for i in range(75)],  # 30 fps, 2.5 s
-        list(np.cumsum([0] + [0.02, 0.05, 0.03, 0.07, 0.04] * 12)[:60]),  # variable rate, ~2.5 s
+        ([i / 30 for i in range(75)], "constant"),  # 30 fps, 2.5 s
+        (VFR_TIMES, "constant"),  # conformed first: 60 frames at 23.976 fps
+        (VFR_TIMES, "keep"),  # the source's own 60 timestamps
     ],
-    ids=["30fps", "vfr"],
+    ids=["30fps", "vfr-conformed", "vfr-kept"],
 )
-def test_a_video_is_dubbed_v2v_and_the_speaker_pasted_back(tmp_path, capsys, monkeypatch, times):
+def test_a_video_is_dubbed_v2v_and_the_speaker_pasted_back(tmp_path, capsys, monkeypatch, times, timestamps):
     """Stand-in V2V renderer (the engine's output contract: bucket frames covering a crop)."""
+    from tasks.conform import constant_rate_frames
+
     monkeypatch.setenv("DUBFLOW_ENGINE_OVERRIDES", "infinitetalk=tests.footage_fixtures:stand_in_v2v")
     source = write_moving_video(tmp_path / "clip.mp4", [float(t) for t in times])
     render = f"engine: infinitetalk, steps: 1, max_segment_s: 1, feather_px: {FEATHER}"
-    unmatched = "stitch: {colour_match: false}\n"  # the stand-in's render is the source inverted: keep it so
-    record = _run(_manifest(tmp_path, "clip.mp4", BOX, render, 2.0, unmatched), tmp_path / "work", capsys)
+    # the stand-in's render is the source inverted: keep it so
+    stitch = f"stitch: {{colour_match: false, timestamps: {timestamps}}}\n"
+    record = _run(_manifest(tmp_path, "clip.mp4", BOX, render, 2.0, stitch), tmp_path / "work", capsys)
     states = {s["stage"]: s["state"] for s in record["stages"]}
     assert states["paste-back"] == "executed" and sum(k.startswith("render[") for k in states) >= 2
-    got, _ = _check_pasted_back(record, source, BOX, FEATHER)
+    assert ("conform-picture" in states) == (timestamps == "constant")
+    keep = timestamps == "keep"
+    got, _ = _check_pasted_back(record, source, BOX, FEATHER, keep=keep)
     # inside the box: the render (the source inverted) of the same instant, scaled back from the bucket
     src = VideoFrames(source)
+    frames = src.iter_frames() if keep else constant_rate_frames(src, src.nominal_rate, got.count)
     inner = (slice(BOX[1] + 3, BOX[3] - 3), slice(BOX[0] + 3, BOX[2] - 3))
-    for (_, a), (_, b) in zip(src.iter_frames(), got.iter_frames(), strict=True):
+    for (_, a), (_, b) in zip(frames, got.iter_frames(), strict=True):
         assert psnr(255 - a[inner], b[inner]) >= 25
 
 
@@ -112,6 +135,31 @@ def test_the_person_mask_keeps_the_source_outside_the_silhouette(tmp_path, capsy
         assert psnr(255 - a[centre], b[centre]) >= 20 > psnr(a[centre], b[centre])  # the render
 
 
+def test_spandrel_upscaler_works_on_the_pasted_regions_only_through_dubflow_run(
+    tmp_path, capsys, monkeypatch
+):
+    """enhance.backend: spandrel with tiny random Real-ESRGAN weights: the speaker's region is the model's
+    picture, everything outside stays the source (QC's PSNR measured after enhancing), and provenance names
+    the weights' architecture, scale and hash."""
+    from tests.enhance_fixtures import write_tiny_realesrgan
+
+    monkeypatch.setenv("DUBFLOW_ENGINE_OVERRIDES", "infinitetalk=tests.footage_fixtures:stand_in_v2v")
+    weights = write_tiny_realesrgan(tmp_path / "weights" / "RealESRGAN_x4plus.pth")
+    source = write_moving_video(tmp_path / "clip.mp4", [i / 30 for i in range(36)])
+    render = f"engine: infinitetalk, steps: 1, feather_px: {FEATHER}"
+    post = "stitch: {colour_match: false}\nenhance: {backend: spandrel, model: weights/RealESRGAN_x4plus.pth, scale: 4}\n"
+    record = _run(_manifest(tmp_path, "clip.mp4", BOX, render, 1.2, post), tmp_path / "work", capsys)
+    got, qc = _check_pasted_back(record, source, BOX, FEATHER)
+    assert qc["paste_back"]["psnr_outside_db"] >= 40
+    inner = (slice(BOX[1] + 3, BOX[3] - 3), slice(BOX[0] + 3, BOX[2] - 3))
+    for (_, a), (_, b) in zip(VideoFrames(source).iter_frames(), got.iter_frames(), strict=True):
+        assert psnr(255 - a[inner], b[inner]) < 20  # not the render as pasted: the model's picture
+    prov = json.loads(Path(record["outputs"]["provenance.json"]).read_text())
+    card = prov["models"]["enhance"]
+    assert (card["architecture"], card["scale"], card["purpose"]) == ("ESRGAN", 4, "SR")
+    assert card["sha256"] == file_sha256(weights) and prov["backends"]["enhance"] == "spandrel"
+
+
 def test_full_frame_delivers_the_render_scaled_to_the_source(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DUBFLOW_ENGINE_OVERRIDES", "infinitetalk=tests.footage_fixtures:stand_in_v2v")
     source = write_moving_video(tmp_path / "clip.mp4", [i / 30 for i in range(45)])
@@ -128,21 +176,27 @@ def test_full_frame_delivers_the_render_scaled_to_the_source(tmp_path, capsys, m
 
 
 @pytest.mark.skipif(not FOOTAGE.is_dir(), reason="footage-dev data set not beside the checkout")
-def test_real_variable_rate_footage_keeps_its_135_frames_and_timestamps(tmp_path, capsys, monkeypatch):
-    """vrt_face1.mp4: 700x700, VFR (header 30 fps, 135 frames in 6.1 s), its head box from boxes.json."""
+@pytest.mark.parametrize(("timestamps", "frames"), [("constant", 183), ("keep", 135)])
+def test_real_variable_rate_footage_is_conformed_or_keeps_its_timestamps(
+    tmp_path, capsys, monkeypatch, timestamps, frames
+):
+    """vrt_face1.mp4: 700x700, VFR (header 30 fps, 135 frames in 6.1 s), its head box from boxes.json:
+    conformed to constant 30 fps (183 frames over the same 6.1 s), or, kept, its own 135 frames and times."""
     import shutil
 
     monkeypatch.setenv("DUBFLOW_ENGINE_OVERRIDES", "infinitetalk=tests.footage_fixtures:stand_in_v2v")
     shutil.copy(FOOTAGE / "vrt_face1.mp4", tmp_path / "face.mp4")
     box = next(b["box"] for b in json.loads((FOOTAGE / "boxes.json").read_text())["vrt_face1.mp4"])
     render = "engine: infinitetalk, steps: 1, max_segment_s: 3"
-    record = _run(_manifest(tmp_path, "face.mp4", box, render, 2.0), tmp_path / "work", capsys)
-    got, qc = _check_pasted_back(record, tmp_path / "face.mp4", box, 16)
-    assert got.count == 135 and qc["verdict"] in ("pass", "warn")
+    stitch = f"stitch: {{timestamps: {timestamps}}}\n"
+    record = _run(_manifest(tmp_path, "face.mp4", box, render, 2.0, stitch), tmp_path / "work", capsys)
+    got, qc = _check_pasted_back(record, tmp_path / "face.mp4", box, 16, keep=timestamps == "keep")
+    assert got.count == frames and qc["verdict"] in ("pass", "warn")
 
 
 def test_tiny_multitalk_dubs_a_still_through_dubflow_run(tmp_path, capsys, monkeypatch, demo_media):
-    """The tiny random-weight MultiTalk engine, several segments rendered on the flow's threads."""
+    """The tiny random-weight MultiTalk engine, several segments rendered on the flow's threads, each but
+    the last 3 frames longer (render.overlap_frames), crossfaded at the stitch: still the planned frames."""
     import shutil
 
     from tasks.demo import BOXES
@@ -154,7 +208,7 @@ def test_tiny_multitalk_dubs_a_still_through_dubflow_run(tmp_path, capsys, monke
     manifest = tmp_path / "still.yaml"
     manifest.write_text(
         f"episode: still\nsource: scene.png\nspeakers:\n{speakers}\n"
-        "render: {engine: multitalk, steps: 1, max_segment_s: 3.5}\noutputs: [mp4, qc]\n"
+        "render: {engine: multitalk, steps: 1, max_segment_s: 3.5, overlap_frames: 3}\noutputs: [mp4, qc]\n"
     )
     record = _run(manifest, tmp_path / "work", capsys)
     renders = [s for s in record["stages"] if s["stage"].startswith("render[")]

@@ -59,6 +59,39 @@ def test_render_stage_drives_the_multitalk_engine_with_a_tiny_model(tmp_path):
     assert clip.num_frames == 13 and count_video_frames(ws.path(clip.video)) == 13
 
 
+def test_a_segment_renders_its_overlap_driven_by_the_next_segments_audio(tmp_path, monkeypatch):
+    """overlap 4: the audio cut runs 4 frames past the segment's end, and the engine (the fake one, through
+    the shared render path) renders those frames too; the clip says how many of them are overlap."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.base import register_engine
+    from engine.media import count_video_frames, write_wav
+    from tasks.render import RenderOptions, cut_segment_audio, render_segment
+    from tasks.segment import with_overlaps
+    from tasks.speakers import MIX_RATE
+    from tasks.workspace import Workspace
+
+    monkeypatch.setenv("DUBFLOW_FAKE_LOAD_S", "0")
+    register_engine("fake-overlap", "engine.fake:SlowRenderer")
+    ws = Workspace(tmp_path / "ws")
+    Image.new("RGB", (64, 64), "gray").save(tmp_path / "p.png")
+    track = np.random.default_rng(0).standard_normal(MIX_RATE * 2).astype(np.float32) * 0.1  # 50 frames
+    tracks = {"ana": ws.put_file(write_wav(tmp_path / "ana.wav", track, MIX_RATE))}
+    segments = list(with_overlaps((SegmentSpec(0, 0, 20, ("ana",)), SegmentSpec(1, 20, 50, ("ana",))), 4))
+    slices = cut_segment_audio(ws, tracks, segments)
+    import soundfile as sf
+
+    lengths = [sf.info(str(ws.path(s["ana"]))).frames for s in slices]
+    assert lengths == [24 * 640, 30 * 640]  # 16 kHz: 640 samples a frame; the first runs 4 frames on
+    options = RenderOptions("fake-overlap", 480, 1, 7, "", 5.0, 4.0)
+    picture = ws.put_file(tmp_path / "p.png")
+    clip = render_segment(ws, segments[0], picture, slices[0], (ANA,), (), options)
+    assert (clip.num_frames, clip.overlap) == (24, 4) and count_video_frames(ws.path(clip.video)) == 24
+    last = render_segment(ws, segments[1], picture, slices[1], (ANA,), (), options)
+    assert (last.num_frames, last.overlap) == (30, 0)
+
+
 def _tiny_multitalk(**settings):
     from engine.multitalk.renderer import MultiTalkRenderer
 

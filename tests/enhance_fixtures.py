@@ -1,0 +1,34 @@
+"""Tiny random upscaler weights in real layouts, for the spandrel enhance backend (tasks/enhance_model.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+GROWTH = 32  # RRDBNet's growth channels: fixed in the architecture spandrel builds
+
+
+def write_tiny_realesrgan(path: Path, *, features: int = 8, blocks: int = 1, seed: int = 0) -> Path:
+    """A Real-ESRGAN x4plus-style RRDBNet checkpoint (basicsr's keys under "params_ema", as the release
+    files are), with `features` channels and `blocks` RRDB blocks instead of 64 and 23: a 4x upscaler of
+    random weights, small enough to run on CPU in milliseconds."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def conv(out: int, inp: int) -> dict:
+        return {"weight": torch.randn(out, inp, 3, 3, generator=gen) * 0.05, "bias": torch.zeros(out)}
+
+    layers = {"conv_first": conv(features, 3)}
+    for b in range(blocks):
+        for r in (1, 2, 3):
+            for c in range(1, 6):
+                inp, out = features + (c - 1) * GROWTH, GROWTH if c < 5 else features
+                layers[f"body.{b}.rdb{r}.conv{c}"] = conv(out, inp)
+    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+        layers[name] = conv(features, features)
+    layers["conv_last"] = conv(3, features)
+    layers["conv_last"]["bias"] += 0.5  # a near mid-grey picture: plainly not the input
+    state = {f"{name}.{kind}": t for name, params in layers.items() for kind, t in params.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params_ema": state}, path)
+    return path
