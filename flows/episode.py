@@ -23,6 +23,7 @@ from prefect.futures import as_completed
 from engine.base import FPS, engine_target, models_dir_from_env
 from engine.media import MediaError, probe
 from flows import heartbeats
+from flows.api import is_api_gone
 from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
 from flows.memory_split import SplitPlanner, is_out_of_memory
 from flows.placement import render_slot
@@ -97,6 +98,7 @@ class StageRunner:
         return tsk.with_options(**options)
 
     def run(self, tsk, label: str, *args: Any) -> Any:
+        self.progress.begin(label)
         state = self.bind(tsk, label)(self.ws, *args, return_state=True)
         return self.settle(tsk, label, args, state)
 
@@ -122,10 +124,10 @@ class StageRunner:
 
     def record(self, label: str, state: str, **info: Any) -> None:
         self.stages.append({"stage": label, "state": state, **info})
-        self.progress.step(label, state)
         if self.journal is not None:
             progress = {"stages": self.stages, "planned_segments": self.planned}
             self.ws.note_progress(self.episode, self.journal | progress)
+        self.progress.step(label, state)  # last: its artifact update fails when the Prefect API is gone
 
 
 @flow(name="dub-episode", log_prints=True)
@@ -574,6 +576,7 @@ def _render_round(
         tsk = runner.bind(render_task, label).with_options(retry_condition_fn=_retry_if_transient)
         if seg.index in runner.force_segments:
             tsk = tsk.with_options(refresh_cache=True)
+        runner.progress.begin(label)
         with render_slot(seg.num_frames):
             future = tsk.submit(ws, *args)
         calls[id(future)] = (future, label, args)
@@ -591,6 +594,8 @@ def _render_round(
             clip = runner.settle(render_task, label, args, future.state)
             clips[seg.start_frame] = clip
         except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others' results
+            if is_api_gone(exc):  # not the segment's fault: the run stops, `dubflow run` resumes it
+                raise
             if is_out_of_memory(exc):
                 out_of_memory.append((seg, exc))
             else:
