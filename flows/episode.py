@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 from engine.base import FPS, engine_target, models_dir_from_env
-from engine.media import MediaError, probe
+from engine.media import DISK_FULL, MediaError, probe
 from flows import heartbeats
 from flows.api import is_api_gone
 from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
@@ -42,7 +42,6 @@ from tasks.separate import resolve_separate_backend, separate_task, weights_revi
 from tasks.speakers import MIX_RATE, conform_task, timeline_task
 from tasks.stitch import stitch_task
 from tasks.workspace import (
-    DISK_FULL,
     Blob,
     DiskFull,
     Workspace,
@@ -90,6 +89,7 @@ class StageRunner:
     tts_backend: str | None = None  # lines mode: the backend that spoke the lines
     fitted: list = field(default_factory=list)  # lines mode: tasks.lines.FittedLine of every line
     journal: dict | None = None  # the run's record: rewritten after each stage, for `status` after a kill
+    disk_full: DiskFull | None = None  # a segment render found the disk full (raised once the round settled)
 
     def bind(self, tsk, name: str | None = None):
         options: dict[str, Any] = {"result_storage": self.ws.results_dir}
@@ -552,6 +552,8 @@ def _render_all(
         jobs = _split_round(runner, splitter, out_of_memory, tracks, failed) if out_of_memory else []
         links = {}
     publish_segment_table(m.episode, runner.stages)
+    if runner.disk_full is not None:  # not the segments' fault: free space and `dubflow run` again
+        raise runner.disk_full
     if failed:
         raise SegmentsFailed(m.episode, failed)
     ordered = [clips[start] for start in sorted(clips)]
@@ -596,6 +598,8 @@ def _render_round(
         except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others' results
             if is_api_gone(exc):  # not the segment's fault: the run stops, `dubflow run` resumes it
                 raise
+            if isinstance(exc, DiskFull):  # the others are settled first; then the run fails with it
+                runner.disk_full = runner.disk_full or exc
             if is_out_of_memory(exc):
                 out_of_memory.append((seg, exc))
             else:
