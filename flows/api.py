@@ -186,13 +186,16 @@ class _StderrTo:
 def quiet_api_noise(log_file: Path) -> None:
     """Prefect's "--- Error logging to API ---" lines and its internal services' errors (the events worker)
     go to `log_file` instead of the terminal. Idempotent; the file is opened when first written."""
+    import prefect.main  # noqa: F401 - Prefect configures its logging on import: after that, not before
     from prefect.logging import handlers
+    from prefect.logging.configuration import ensure_logging_setup
 
+    ensure_logging_setup()
     stream = _LazyFile(log_file)
     handlers.sys = _StderrTo(stream)  # type: ignore[assignment]  (the module reads sys.stderr when it fails)
     internal = logging.getLogger("prefect._internal")
-    for handler in list(internal.handlers):
-        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stderr:
+    for handler in list(internal.handlers):  # Prefect's "debug" handler: stderr
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is not stream:
             internal.removeHandler(handler)
     if not any(isinstance(h, logging.StreamHandler) and h.stream is stream for h in internal.handlers):
         file_handler = logging.StreamHandler(stream)
