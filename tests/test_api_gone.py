@@ -108,6 +108,8 @@ def external_api(monkeypatch):
     def use(url: str):
         monkeypatch.setattr(api, "configured_url", lambda: url)
 
+    monkeypatch.setattr(cli, "_debug", False)  # a test of `main(["--debug", ...])` may have left it on
+
     def no_api(**kwargs):  # outside a flow run an artifact would start a temporary API server
         raise RuntimeError("no flow run")
 
