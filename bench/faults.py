@@ -12,8 +12,8 @@ rejected (with the worst time and peak memory), faults survived, and secrets fou
             problem, no traceback, within 30 s.
   hostile   tests/hostile_corpus.py through `dubflow validate` in a fresh process each: wall time and
             peak RSS of the whole process; baseline: the same process validating a good manifest.
-  faults    a full disk (RLIMIT_FSIZE), the Prefect API going away mid-run, a render that fails, a render
-            out of memory, missing model weights, a missing ffmpeg: a typed one-line error naming stage or
+  faults    a full disk (RLIMIT_FSIZE), the Prefect API going away mid-run (for good, or back 45 s later),
+            a render that fails, a render out of memory, missing model weights, a missing ffmpeg: a typed one-line error naming stage or
             file (or a retry / split that completes), and a rerun that completes.
   secrets   HF_TOKEN is set for every run; every file written (workspaces, Prefect's home and database,
             captured output) is searched for it.
@@ -443,9 +443,10 @@ def faults(root: Path, env: dict[str, str], ref: Reference, *, quick: bool, only
         _missing_weights,
     ]
     if not quick:
-        cases.append(_api_gone)
+        cases += [_api_gone, _api_back]
     if only:
-        cases = [c for c in [*cases, _api_gone] if c.__name__.strip("_") in only.split(",")]
+        every = [*cases, *([] if not quick else [_api_gone, _api_back])]
+        cases = [c for c in every if c.__name__.strip("_") in only.split(",")]
     for case in cases:
         ok, what = case(root / case.__name__.strip("_"), env, ref)
         tally.add(ok, f"{case.__name__.strip('_').replace('_', ' ')}: {what}")
@@ -551,6 +552,19 @@ def _missing_weights(ws: Path, env: dict[str, str], ref: Reference):
 
 
 def _api_gone(ws: Path, env: dict[str, str], ref: Reference):
+    """The run's Prefect API is stopped once the renders began, for good: `dubflow run` waits for it (15 s
+    here), then ends with one line naming the API, the stage and the command that resumes; the rerun on
+    another server resumes: the reference bytes, and no stage the first run finished is executed again."""
+    return _api_outage(ws, env, ref, back_after_s=None)
+
+
+def _api_back(ws: Path, env: dict[str, str], ref: Reference):
+    """The API is stopped once the renders began and started again 45 s later on its port: the same command
+    delivers the reference bytes (bridged by the Prefect client's retries, or resumed by `dubflow run`)."""
+    return _api_outage(ws, env, ref, back_after_s=45.0)
+
+
+def _api_outage(ws: Path, env: dict[str, str], ref: Reference, back_after_s: float | None):
     from prefect.server.api.server import SubprocessASGIServer
 
     from tests.net import free_port
@@ -558,21 +572,62 @@ def _api_gone(ws: Path, env: dict[str, str], ref: Reference):
     second = SubprocessASGIServer(port=free_port())
     second.start(timeout=180)
     cmd = [*CLI, "run", str(ref.manifest), "--workspace", str(ws)]
-    proc = subprocess.Popen(cmd, env=env | {"PREFECT_API_URL": second.api_url}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    time.sleep(ref.seconds * 0.4)
-    second.stop()
+    main, env = (
+        env,
+        env
+        | {
+            "PREFECT_API_URL": second.api_url,
+            "DUBFLOW_API_WAIT_S": "15" if back_after_s is None else "120",
+        },
+    )
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = _stop_when_rendering(proc, ws, second)
+    if stopped and back_after_s is not None:
+        time.sleep(back_after_s)
+        second = SubprocessASGIServer(port=second.port)
+        second.start(timeout=180)
     try:
         out, err = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
         return False, "the run hung after the API went away"
+    finally:
+        second.stop()
     _outputs.extend([out, err])
-    first = proc.returncode == 0 or _one_line(proc.returncode, err)
-    code2, err2 = _run(["run", str(ref.manifest), "--workspace", str(ws)], env)
-    ok = first and code2 == 0 and _delivered(ws) == ref.sha
-    return ok, f"first exit {proc.returncode}: {err.strip()[-160:]!r}; rerun exit {code2}"
+    if not stopped:
+        return False, f"the run ended before its renders began (exit {proc.returncode})"
+    if back_after_s is None:
+        first = _one_line(
+            proc.returncode, err, "ApiUnreachable", env["PREFECT_API_URL"], "stage ", "dubflow run"
+        )
+        code2, err2 = _run(["run", str(ref.manifest), "--workspace", str(ws)], main)
+    else:
+        first, code2, err2 = proc.returncode == 0, 0, ""  # resumed, or bridged by the client's own retries
+    runs = _runs(ws)
+    done = {s["stage"] for r in runs[:-1] for s in r["stages"] if s["state"] in ("executed", "cached")}
+    redone = [s["stage"] for s in runs[-1]["stages"] if s["stage"] in done and s["state"] == "executed"]
+    ok = first and code2 == 0 and _delivered(ws) == ref.sha and not redone
+    return ok, (
+        f"first exit {proc.returncode}: {err.strip()[-200:]!r} {out.strip()[:120]!r}; resumed run exit {code2} "
+        f"{err2.strip()[-200:]!r}, "
+        f"{len(runs)} runs recorded, redone {redone[:3]}"
+    )
+
+
+def _stop_when_rendering(proc, ws: Path, server) -> bool:
+    """Stop `server` once the run's journal shows a finished render; False if the run ended first."""
+    running = ws / "episodes" / "k" / "running.json"
+    while proc.poll() is None:
+        try:
+            stages = json.loads(running.read_text())["stages"]
+        except (OSError, ValueError, KeyError):
+            stages = []
+        if any(s["stage"].startswith("render[") for s in stages):
+            server.stop()
+            return True
+        time.sleep(0.05)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------- secrets

@@ -70,6 +70,22 @@ def media_arg(path: Path | str) -> str:
     return os.path.abspath(path)
 
 
+# a full disk, a file-size limit (RLIMIT_FSIZE) or a quota: the same remedy (free space), whoever writes
+DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+@contextmanager
+def naming_full_disk(path: Path) -> Iterator[None]:
+    """A write that fails for a full disk names `path` (the output), not a temp file or nothing (PyAV's
+    errors name the temp file it was encoding into)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+
+
 def run_ffmpeg(args: list[str], *, what: str) -> bytes:
     """Run ffmpeg quietly; on failure raise MediaError with the last line ffmpeg printed."""
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args]
@@ -542,7 +558,7 @@ def write_timed_video(
     is the average frame rate, a hint for the encoder's rate control. Returns the number of frames written."""
     av = _import_av()
     count = 0
-    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
+    with naming_full_disk(path), atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
         stream = None
         for pts, picture in frames:
             decoded = not isinstance(picture, np.ndarray)

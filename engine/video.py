@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.base import FPS, EngineSetupError
-from engine.media import atomic_path
+from engine.media import _raise_if_disk_full, atomic_path
 
 
 class EncodeError(EngineSetupError):
@@ -56,6 +56,7 @@ class Mp4Writer:
         self.proc.stdin.close()
         error = self.proc.stderr.read().decode(errors="replace").strip()
         if self.proc.wait() != 0:
+            _raise_if_disk_full(self.proc.returncode, error, str(self.path))  # an OSError naming the file
             raise EncodeError(
                 f"ffmpeg failed to encode {self.path.name} ({self.proc.returncode}): {error[-500:]}"
             )

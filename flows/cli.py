@@ -89,6 +89,9 @@ def _quiet_defaults() -> None:
         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
         # Prefect waits 20 s for its temporary API server; a loaded host (a render on every core) needs more
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        # each API call retries a lost connection with pauses of 1, 2, 4, 8 s (Prefect's 5 retries spent up
+        # to 60 s on every call, 14 minutes for one run to fail); `dubflow run` resumes when the API is back
+        "PREFECT_CLIENT_MAX_RETRIES": "3",
     }.items():
         os.environ.setdefault(key, value)
 
@@ -161,7 +164,18 @@ def run_episode(manifest: Path, workspace: Path | None, *, wait_s: float = 0.0) 
         ws = str(workspace) if workspace else None
         return episode_flow(ws)(manifest=str(manifest), workspace=ws, wait_s=wait_s)
 
-    return _with_display(call)
+    return _with_display(call, f"dubflow run {manifest}", _api_log(manifest, workspace))
+
+
+def _api_log(manifest: Path, workspace: Path | None) -> Path | None:
+    """Where Prefect's complaints about an unreachable API go: beside the episode's runs."""
+    from tasks.workspace import Workspace, WorkspaceError
+
+    episode = _episode_name(manifest)
+    try:
+        return Workspace(workspace).root / "episodes" / episode / "prefect-api.log" if episode else None
+    except WorkspaceError:
+        return None
 
 
 def _quiet_console() -> None:
@@ -180,24 +194,47 @@ def _quiet_console() -> None:
     ephemeral.install()  # the temporary Prefect server dies with this command, even one killed with -9
 
 
-def _with_display(call) -> int:
+def _with_display(call, resume: str, api_log: Path | None = None) -> int:
+    """Run `call` (a flow) under the progress display. When the Prefect API goes away mid-run, the run is
+    resumed once the API is back (flows/api.py); `resume` is the command that resumes it by hand."""
+    from flows import api
     from flows.display import RunDisplay
     from flows.progress import add_listener, remove_listener
+    from tasks.workspace import EpisodeBusy
 
-    display = RunDisplay()
-    add_listener(display)
     _quiet_console()
-    try:
-        from tasks.workspace import EpisodeBusy
+    if api_log is not None and not _debug:
+        api.quiet_api_noise(api_log)
+    resumed: list[str] = []
 
-        with display:
-            result = call()
-    except EpisodeBusy as exc:
-        return _fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - the run record has the details; the user gets one line
-        return _fail_with(exc, "run failed")
-    finally:
-        remove_listener(display)
+    def note(text: str) -> None:
+        if sys.stderr.isatty():  # a log (not a terminal) gets the one line of the outcome only
+            print(f"dubflow: {text}", file=sys.stderr)
+
+    for attempt in range(api.RESUMES + 1):
+        display, tracker = RunDisplay(), api.StageTracker()
+        add_listener(display)
+        add_listener(tracker)
+        try:
+            with display:
+                result = call()
+            break
+        except EpisodeBusy as exc:
+            return _fail(str(exc))
+        except Exception as exc:  # noqa: BLE001 - the run record has the details; the user gets one line
+            if not api.is_api_gone(exc):
+                return _fail_with(exc, "run failed")
+            stages = tracker.describe()
+            back, url, waited = api.recover(note) if attempt < api.RESUMES else (False, api.current_url(), 0)
+            if not back:
+                return _fail_with(api.ApiUnreachable(url, stages, round(waited), resume), "run failed")
+            resumed.append(f"the Prefect API at {url} stopped answering during {stages}")
+            note(f"the Prefect API at {url} answers again; resuming (finished stages are reused)")
+        finally:
+            remove_listener(display)
+            remove_listener(tracker)
+    for what in resumed:
+        print(f"resumed: {what}; the run went on once it answered again")
     print(display.summary(result))
     return 0
 
@@ -232,7 +269,7 @@ def cmd_rerun(
         root = str(workspace) if workspace else None
         return rerun_failed(manifest=str(file.resolve()), workspace=root, segments=chosen)
 
-    code = _with_display(call)
+    code = _with_display(call, f"dubflow rerun {file}", _api_log(file, workspace))
     print(rerun_summary(ws.runs(episode)[-1]))
     return code
 

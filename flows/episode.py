@@ -21,8 +21,9 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 from engine.base import FPS, engine_target, models_dir_from_env
-from engine.media import MediaError, probe
+from engine.media import DISK_FULL, MediaError, probe
 from flows import heartbeats
+from flows.api import is_api_gone
 from flows.artifacts import publish_qc_table, publish_segment_table, segment_facts
 from flows.memory_split import SplitPlanner, is_out_of_memory
 from flows.placement import render_slot
@@ -42,7 +43,6 @@ from tasks.separate import resolve_separate_backend, separate_task, weights_revi
 from tasks.speakers import MIX_RATE, conform_task, timeline_task
 from tasks.stitch import stitch_task
 from tasks.workspace import (
-    DISK_FULL,
     Blob,
     DiskFull,
     Workspace,
@@ -90,6 +90,7 @@ class StageRunner:
     tts_backend: str | None = None  # lines mode: the backend that spoke the lines
     fitted: list = field(default_factory=list)  # lines mode: tasks.lines.FittedLine of every line
     journal: dict | None = None  # the run's record: rewritten after each stage, for `status` after a kill
+    disk_full: DiskFull | None = None  # a segment render found the disk full (raised once the round settled)
 
     def bind(self, tsk, name: str | None = None):
         options: dict[str, Any] = {"result_storage": self.ws.results_dir}
@@ -98,6 +99,7 @@ class StageRunner:
         return tsk.with_options(**options)
 
     def run(self, tsk, label: str, *args: Any) -> Any:
+        self.progress.begin(label)
         state = self.bind(tsk, label)(self.ws, *args, return_state=True)
         return self.settle(tsk, label, args, state)
 
@@ -123,10 +125,10 @@ class StageRunner:
 
     def record(self, label: str, state: str, **info: Any) -> None:
         self.stages.append({"stage": label, "state": state, **info})
-        self.progress.step(label, state)
         if self.journal is not None:
             progress = {"stages": self.stages, "planned_segments": self.planned}
             self.ws.note_progress(self.episode, self.journal | progress)
+        self.progress.step(label, state)  # last: its artifact update fails when the Prefect API is gone
 
 
 @flow(name="dub-episode", log_prints=True)
@@ -569,6 +571,8 @@ def _render_all(
         jobs = _split_round(runner, splitter, out_of_memory, tracks, failed) if out_of_memory else []
         links = {}
     publish_segment_table(m.episode, runner.stages)
+    if runner.disk_full is not None:  # not the segments' fault: free space and `dubflow run` again
+        raise runner.disk_full
     if failed:
         raise SegmentsFailed(m.episode, failed)
     ordered = [clips[start] for start in sorted(clips)]
@@ -593,6 +597,7 @@ def _render_round(
         tsk = runner.bind(render_task, label).with_options(retry_condition_fn=_retry_if_transient)
         if seg.index in runner.force_segments:
             tsk = tsk.with_options(refresh_cache=True)
+        runner.progress.begin(label)
         with render_slot(seg.rendered_frames):
             future = tsk.submit(ws, *args)
         calls[id(future)] = (future, label, args)
@@ -610,6 +615,10 @@ def _render_round(
             clip = runner.settle(render_task, label, args, future.state)
             clips[seg.start_frame] = clip
         except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others' results
+            if is_api_gone(exc):  # not the segment's fault: the run stops, `dubflow run` resumes it
+                raise
+            if isinstance(exc, DiskFull):  # the others are settled first; then the run fails with it
+                runner.disk_full = runner.disk_full or exc
             if is_out_of_memory(exc):
                 out_of_memory.append((seg, exc))
             else:

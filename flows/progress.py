@@ -54,12 +54,16 @@ class EpisodeProgress:
             self.total += n
         self._emit("total", total=self.total)
 
+    def begin(self, name: str) -> None:
+        """A stage starts (listeners learn what was running when a run fails)."""
+        self._emit("begin", name=name)
+
     def step(self, name: str, state: str) -> None:
         with self._lock:
             self.done += 1
             fraction = min(self.done / self.total, 1.0)
-        self._update_artifact(fraction)
         self._emit("step", name=name, state=state, done=self.done, total=self.total)
+        self._update_artifact(fraction)  # an API call (it fails when the API is gone): after the listeners
 
     def finish(self) -> None:
         self._update_artifact(1.0, force=True)

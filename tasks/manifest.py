@@ -859,7 +859,7 @@ def _check_speakers(m: Manifest, add, source: MediaInfo, require_boxes: bool = T
 def _check_render_geometry(m: Manifest, add, source: MediaInfo) -> None:
     """Boxes too small for the engine's token grid at the render size, or overlapping so much that the
     engine cannot tell the persons apart (tasks/bind.py owns these rules)."""
-    from tasks.bind import geometry_problems
+    from tasks.boxes import geometry_problems
 
     boxes = {s.id: s.box_spec() for s in m.speakers}
     for problem in geometry_problems(boxes, (source.width, source.height), m.render.size):

@@ -13,7 +13,6 @@ counts by content hash and settings by value). Never run ids, paths or mtimes.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import os
@@ -56,10 +55,6 @@ class EpisodeBusy(RuntimeError):
 
 class WorkspaceError(RuntimeError):
     """The workspace cannot be used: not writable, or its disk is full."""
-
-
-# a full disk, a file-size limit (RLIMIT_FSIZE) or a quota: the same remedy
-DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 
 class DiskFull(WorkspaceError):

@@ -137,6 +137,43 @@ def test_disk_full_names_the_stage_and_the_file():
     )
 
 
+def test_video_writers_past_the_file_size_limit_name_the_output_and_leave_no_temp(tmp_path):
+    """Both mp4 writers (PyAV's timed writer, the renderers' ffmpeg pipe) on a full disk: an OSError with
+    the disk-full errno naming the output (the flow turns it into DiskFull with the stage), no temp left."""
+    script = textwrap.dedent(
+        f"""
+        import resource, sys
+        from fractions import Fraction
+        import numpy as np
+        sys.path.insert(0, {str(ROOT)!r})
+        from engine.media import ffmpeg_exe, write_timed_video
+        from engine.video import Mp4Writer
+        out = __import__("pathlib").Path({str(tmp_path)!r})
+        rng = np.random.default_rng(0)
+        frames = [rng.integers(0, 255, (128, 128, 3), dtype=np.uint8) for _ in range(25)]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+        try:
+            write_timed_video(out / "timed.mp4", enumerate(frames), Fraction(1, 25))
+        except OSError as exc:
+            print(exc.errno, exc.filename)
+        try:
+            with Mp4Writer(out / "piped.mp4", ffmpeg_exe(), preset="ultrafast") as writer:
+                for frame in frames:
+                    writer.write(frame)
+        except OSError as exc:
+            print(exc.errno, exc.filename)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = [line.split() for line in done.stdout.splitlines()]
+    assert len(lines) == 2, done.stdout + done.stderr
+    assert [(int(code), Path(name).name) for code, name in lines] == [
+        (errno.EFBIG, "timed.mp4"),
+        (errno.EFBIG, "piped.mp4"),
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_ffmpeg_stopped_by_the_file_size_limit_is_a_disk_fault(tmp_path):
     from engine.media import _raise_if_disk_full
 
