@@ -31,7 +31,7 @@ from flows.resolve import detect_machine, resolve_run
 from tasks.bind import bind_task
 from tasks.conform import conform_picture_task
 from tasks.deliver import Expected, deliver_task, deliverables_listing
-from tasks.enhance import EnhanceOptions, PasteRegions, enhance_task, expected_frames
+from tasks.enhance import EnhanceOptions, PasteRegions, enhance_task, expected_frames, face_report
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
 from tasks.pasteback import outside_psnr_task, pasteback_task
 from tasks.remix import Ducking, MixTarget, remix_task
@@ -307,6 +307,8 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         "paste_back": paste_qc,
         "notes": runner.notes,
     }
+    if (faces := face_report(ws, enhanced)) is not None:  # a face restorer: faces restored, faces not found
+        qc_extra["face_restore"] = faces
     if runner.fitted:
         from tasks.lines import fit_report
 
@@ -333,7 +335,8 @@ def enhance_options(m: Manifest, loaded: LoadedManifest) -> EnhanceOptions:
     size = (info.width, info.height) if e.scale_to_source and info.width else None
     model = str(e.model) if e.backend == "spandrel" and e.model else None
     digest = file_sha256(Path(model)) if model else None
-    return EnhanceOptions(e.backend, e.denoise, e.sharpen, e.deflicker, e.fps, size, model, digest)
+    weight = 0.5 if e.weight is None else e.weight
+    return EnhanceOptions(e.backend, e.denoise, e.sharpen, e.deflicker, e.fps, size, model, digest, weight)
 
 
 def mix_target(m: Manifest) -> MixTarget:

@@ -32,3 +32,33 @@ def write_tiny_realesrgan(path: Path, *, features: int = 8, blocks: int = 1, see
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"params_ema": state}, path)
     return path
+
+
+def write_random_gfpgan(path: Path, *, seed: int = 0) -> Path:
+    """A GFPGAN v1.3/1.4 ("clean") checkpoint of random weights in the release layout (the state dict under
+    "params_ema"): spandrel's own GFPGANv1Clean at the hyper-parameters spandrel hard-codes (512 px, narrow
+    1: about 80M parameters), stored in fp16 to halve the file (~160 MB); spandrel reads it back as fp32."""
+    import torch
+
+    from tasks.enhance_model import import_spandrel
+
+    import_spandrel()  # through the torchvision stand-in where the real one does not import
+    from spandrel.architectures.GFPGAN import GFPGAN
+
+    torch.manual_seed(seed)
+    model = GFPGAN(
+        out_size=512,
+        num_style_feat=512,
+        channel_multiplier=2,
+        decoder_load_path=None,
+        fix_decoder=False,
+        num_mlp=8,
+        input_is_latent=True,
+        different_w=True,
+        narrow=1,
+        sft_half=True,
+    )
+    state = {name: t.half() for name, t in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params_ema": state}, path)
+    return path
