@@ -184,3 +184,39 @@ def test_manifest_refuses_a_face_restorer_without_mtcnn_and_weight_on_an_upscale
     assert "gfpgan.pth is a GFPGAN face restorer: it needs the MTCNN face detector" in str(err.value)
     assert "pip install -e '.[bind]'" in str(err.value)
     model_card.cache_clear()
+
+
+def test_without_paste_back_every_face_in_the_frame_is_restored_and_reported(
+    tmp_path, random_gfpgan, inverting_restorer
+):
+    """enhance_picture with a face restorer and no paste-back regions (a still's render, full_frame): the
+    faces MTCNN finds in the whole frame, through GFPGAN's loaded weights (the model call stood in for by
+    an inverter); the rest of the frame as it was; face_report counts them."""
+    from fractions import Fraction
+    from pathlib import Path
+
+    from engine.media import VideoFrames, write_timed_video
+    from tasks.enhance import EnhanceOptions, enhance_picture, face_report
+    from tasks.workspace import Workspace, file_sha256
+    from tests.footage_fixtures import psnr
+
+    footage = Path(__file__).resolve().parents[2] / "shared" / "data" / "footage-dev" / "it_ref_video.mp4"
+    if not footage.is_file():
+        pytest.skip("footage-dev data set not beside the checkout")
+    frames = [(i, f) for i, (_, f) in zip(range(2), VideoFrames(footage).iter_frames(), strict=False)]
+    write_timed_video(tmp_path / "face.mp4", frames, Fraction(1, 25), crf=12)
+    ws = Workspace(tmp_path / "ws")
+    blob = ws.put_file(tmp_path / "face.mp4", move=False)
+    options = EnhanceOptions(
+        "spandrel", model=str(random_gfpgan), model_sha256=file_sha256(random_gfpgan), weight=1
+    )
+    out = enhance_picture(ws, blob, options)
+    got = list(VideoFrames(ws.path(out)).iter_frames())
+    assert len(got) == 2
+    face, corner = (slice(190, 260), slice(180, 260)), (slice(400, None), slice(0, 30))  # below the crop
+    for (_, a), (_, b) in zip(frames, got, strict=True):
+        assert psnr(255 - a[face], b[face]) > 25  # the (inverted) restored face
+        assert psnr(a[corner], b[corner]) > 35  # away from the face: the picture as it was
+    report = face_report(ws, out)
+    assert report["frames"] == 2 and report["faces_restored"] == 2 and report["faces_missed"] == 0
+    assert face_report(ws, blob) is None  # no face restorer made the input
