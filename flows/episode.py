@@ -297,6 +297,11 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         max(probe(ws.path(b)).duration for b in [*raw.values(), *([dialogue] if dialogue else [])]),
         constant_rate=m.stitch.timestamps == "constant" or loaded.source_info.kind != "video",
     )
+    if (faces := face_report(ws, enhanced)) is not None and faces["faces_missed"]:
+        runner.notes.append(
+            f"face restorer: no face found in {faces['faces_missed']} of {faces['speaker_frames']} speaker"
+            " frames (left as they were; qc.json face_restore.missed_frames)"
+        )
     qc_extra = {
         "segments": len(plan.segments),
         "forced_cuts": plan.forced_cuts,
@@ -307,7 +312,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         "paste_back": paste_qc,
         "notes": runner.notes,
     }
-    if (faces := face_report(ws, enhanced)) is not None:  # a face restorer: faces restored, faces not found
+    if faces is not None:  # a face restorer: faces restored, faces not found
         qc_extra["face_restore"] = faces
     if runner.fitted:
         from tasks.lines import fit_report

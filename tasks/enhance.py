@@ -14,12 +14,21 @@ regions only when the picture was pasted back (`regions`), else over the whole f
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 
-from engine.media import MediaError, VideoFrames, count_video_frames, probe, run_ffmpeg, write_timed_video
+from engine.media import (
+    MediaError,
+    VideoFrames,
+    count_video_frames,
+    owner_tag,
+    probe,
+    run_ffmpeg,
+    write_timed_video,
+)
 from tasks.pasteback import CRF, Regions, resize_frame
 from tasks.render import Clip, PersonSpec
 from tasks.workspace import Blob, Workspace, file_sha256, stage_cache
@@ -158,8 +167,11 @@ def _enhance_with_model(
         if written != video.count:
             raise MediaError(f"enhance wrote {written} frames, the picture has {video.count}")
         blob = ws.put_file(out)
-    if counts is not None:
-        _face_report_path(ws, blob).write_text(json.dumps(counts.as_dict()))
+    if counts is not None:  # beside the picture, whole or not at all
+        report = _face_report_path(ws, blob)
+        partial = report.with_name(f".{report.name}.tmp{owner_tag()}")  # swept if we are killed
+        partial.write_text(json.dumps(counts.as_dict()))
+        os.replace(partial, report)
     return blob
 
 
