@@ -107,7 +107,7 @@ def run_face_model(model, face: np.ndarray) -> np.ndarray:
     same frame restores the same way every run (the stage cache relies on it)."""
     import torch
 
-    tensor = torch.from_numpy(np.ascontiguousarray(face)).to(model.device).permute(2, 0, 1)[None]
+    tensor = torch.from_numpy(np.array(face, np.uint8)).to(model.device).permute(2, 0, 1)[None]  # a copy
     tensor = tensor.to(model.dtype) / 255.0
     with torch.random.fork_rng(devices=[]), torch.inference_mode():
         torch.manual_seed(0)

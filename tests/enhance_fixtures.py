@@ -62,3 +62,29 @@ def write_random_gfpgan(path: Path, *, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"params_ema": state}, path)
     return path
+
+
+def write_tiny_restoreformer(path: Path, *, seed: int = 0) -> Path:
+    """RestoreFormer weights of random values in the release key layout, narrow (32 channels at every level,
+    one residual block, a 16-entry codebook): spandrel reads these sizes from the tensors, keeping what it
+    cannot (512 px, attention at 16 px, 8 heads)."""
+    import torch
+
+    from tasks.enhance_model import import_spandrel
+
+    import_spandrel()
+    from spandrel.architectures.RestoreFormer import RestoreFormer
+
+    torch.manual_seed(seed)
+    model = RestoreFormer(
+        n_embed=16,
+        embed_dim=32,
+        ch=32,
+        ch_mult=(1, 1, 1, 1, 1, 1),
+        num_res_blocks=1,
+        z_channels=32,
+        head_size=8,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params_ema": model.state_dict()}, path)
+    return path

@@ -149,6 +149,28 @@ def test_random_gfpgan_weights_load_as_a_face_restorer(random_gfpgan):
     assert (card.architecture, card.purpose, card.scale, card.tags) == ("GFPGAN", "FaceSR", 1, ())
 
 
+def test_restoreformer_runs_through_spandrels_own_call_with_the_torchvision_stand_in(tmp_path):
+    """RestoreFormer's spandrel wrapper needs only torchvision's `normalize`: with the stand-in (or the real
+    torchvision) our call gives the model's [-1, 1] output mapped to [0, 1], as the arithmetic says."""
+    import torch
+
+    from tasks.enhance_model import check_model, load_model
+    from tasks.face_restore import run_face_model
+    from tests.enhance_fixtures import write_tiny_restoreformer
+
+    weights = write_tiny_restoreformer(tmp_path / "RestoreFormer.pth")
+    card = check_model(weights)
+    assert (card.architecture, card.purpose, card.scale) == ("RestoreFormer", "FaceSR", 1)
+    model = load_model(weights, card.sha256)
+    face = _smooth_picture(FACE_SIZE, FACE_SIZE, seed=5)
+    out = run_face_model(model, face)
+    x = torch.from_numpy(face).permute(2, 0, 1)[None].float() / 255.0
+    with torch.inference_mode():
+        expected = ((model.model(x * 2 - 1)[0] + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255
+    assert np.abs(out.astype(float) - expected).max() <= 1.0
+    assert out.std() > 5  # a picture, not a clamped flat field
+
+
 def test_manifest_refuses_a_face_restorer_without_mtcnn_and_weight_on_an_upscaler(tmp_path, monkeypatch):
     import shutil
 
