@@ -164,7 +164,7 @@ def test_restoreformer_runs_through_spandrels_own_call_with_the_torchvision_stan
     model = load_model(weights, card.sha256)
     face = _smooth_picture(FACE_SIZE, FACE_SIZE, seed=5)
     out = run_face_model(model, face)
-    x = torch.from_numpy(face).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.tensor(face).permute(2, 0, 1)[None].float() / 255.0
     with torch.inference_mode():
         expected = ((model.model(x * 2 - 1)[0] + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255
     assert np.abs(out.astype(float) - expected).max() <= 1.0
