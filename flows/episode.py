@@ -297,7 +297,9 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         max(probe(ws.path(b)).duration for b in [*raw.values(), *([dialogue] if dialogue else [])]),
         constant_rate=m.stitch.timestamps == "constant" or loaded.source_info.kind != "video",
     )
-    if (faces := face_report(ws, enhanced)) is not None and faces["faces_missed"]:
+    if (faces := face_report(ws, enhanced)) is not None:  # what the face restorer did, beside its weights
+        provenance["models"]["enhance"]["faces"] = {k: v for k, v in faces.items() if k != "missed_frames"}
+    if faces is not None and faces["faces_missed"]:
         runner.notes.append(
             f"face restorer: no face found in {faces['faces_missed']} of {faces['speaker_frames']} speaker"
             " frames (left as they were; qc.json face_restore.missed_frames)"

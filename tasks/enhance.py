@@ -145,9 +145,12 @@ def _enhance_with_model(
         counts, speakers_at = FaceCounts(), None
         if regions is not None:
             speakers_at = lambda i: _speakers(paste, int(video.grid25(i)))  # noqa: E731
+        pictures, resized = video.iter_frames(), tuple(size) != (video.width, video.height)
+        if regions is None and resized:  # the faces are restored at the size delivered
+            pictures = ((i, resize_frame(frame, tuple(size))) for i, frame in pictures)
         frames = face_restored_frames(
             model,
-            video.iter_frames(),
+            pictures,
             mtcnn_face_detector(),
             counts,
             region_at,
@@ -156,8 +159,6 @@ def _enhance_with_model(
             options.weight,
             progress,
         )
-        if regions is None and tuple(size) != (video.width, video.height):
-            frames = ((i, resize_frame(frame, tuple(size))) for i, frame in frames)
     else:
         frames = enhanced_frames(model, video.iter_frames(), size, region_at, bases, progress)
     timed = ((int(video.pts[i] - video.pts[0]), frame) for i, frame in frames)

@@ -242,3 +242,8 @@ def test_without_paste_back_every_face_in_the_frame_is_restored_and_reported(
     report = face_report(ws, out)
     assert report["frames"] == 2 and report["faces_restored"] == 2 and report["faces_missed"] == 0
     assert face_report(ws, blob) is None  # no face restorer made the input
+    import dataclasses
+
+    small = enhance_picture(ws, blob, dataclasses.replace(options, size=(230, 230)))  # a still's own size
+    assert (VideoFrames(ws.path(small)).width, VideoFrames(ws.path(small)).height) == (230, 230)
+    assert face_report(ws, small)["faces_restored"] == 2  # found and restored at the size delivered

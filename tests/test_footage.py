@@ -354,3 +354,4 @@ def test_spandrel_face_restorer_restores_the_speakers_face_only_through_dubflow_
     card = prov["models"]["enhance"]
     assert (card["architecture"], card["purpose"], card["scale"]) == ("GFPGAN", "FaceSR", 1)
     assert card["sha256"] == file_sha256(random_gfpgan)
+    assert card["faces"]["faces_restored"] == 2 and card["faces"]["speaker_frames"] == 2
