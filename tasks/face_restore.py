@@ -38,6 +38,7 @@ TEMPLATE = np.array(
     np.float32,
 )
 SMOOTH_FRAMES = 5  # landmarks averaged over this many frames of the same speaker
+JUMP = 0.5  # ... unless they moved more than this many eye distances in one frame: a cut, start afresh
 MARGIN = 0.25  # the detector sees the speaker's region widened by this much of its size on each side
 SIGNED_RANGE = ("GFPGAN",)  # architectures whose spandrel wrapper passes [0, 1] straight to a [-1, 1] model
 WEIGHT = 0.5  # restored vs original inside the face mask (GFPGAN's --weight default)
@@ -120,8 +121,9 @@ def run_face_model(model, face: np.ndarray) -> np.ndarray:
 
 
 class LandmarkSmoother:
-    """Per track (a speaker's id), the mean of its last SMOOTH_FRAMES landmark sets; a track whose face was
-    not found starts afresh (after a cut or a turn the old place means nothing)."""
+    """Per track (a speaker's id), the mean of its last SMOOTH_FRAMES landmark sets. A track starts afresh
+    when its face was not found, or when the landmarks jump by more than JUMP eye distances from the last
+    frame's (a cut): averaging across the jump would align neither face."""
 
     def __init__(self, frames: int = SMOOTH_FRAMES):
         self.frames, self.history = frames, {}
@@ -130,8 +132,13 @@ class LandmarkSmoother:
         if points is None:
             self.history.pop(track, None)
             return None
+        points = np.asarray(points, np.float32)
         seen = self.history.setdefault(track, deque(maxlen=self.frames))
-        seen.append(np.asarray(points, np.float32))
+        if seen:
+            eyes = float(np.linalg.norm(points[1] - points[0])) or 1.0
+            if float(np.linalg.norm(points - seen[-1], axis=1).mean()) > JUMP * eyes:
+                seen.clear()
+        seen.append(points)
         return np.mean(seen, axis=0)
 
 

@@ -138,6 +138,8 @@ def test_landmarks_are_smoothed_per_speaker_and_restart_after_a_miss():
     np.testing.assert_allclose(other, TEMPLATE)
     assert smooth("ana", None) is None
     np.testing.assert_allclose(smooth("ana", TEMPLATE + 100), TEMPLATE + 100)  # after a miss: afresh
+    np.testing.assert_allclose(smooth("ana", TEMPLATE + 101), TEMPLATE + 100.5)  # a small move: averaged
+    np.testing.assert_allclose(smooth("ana", TEMPLATE + 180), TEMPLATE + 180)  # a cut (> half the eyes' gap)
 
 
 def test_random_gfpgan_weights_load_as_a_face_restorer(random_gfpgan):
