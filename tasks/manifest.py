@@ -269,6 +269,14 @@ class EnhanceSettings(Strict):
     scale: int | None = Field(
         None, ge=1, le=16, description="spandrel: the model's scale (4 for a 4x upscaler), checked against it"
     )
+    weight: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="spandrel face restorers (GFPGAN, RestoreFormer): how much of the restored face goes in"
+        " (0: none, 1: all of it; default 0.5)",
+    )
     denoise: bool = Field(True, description="hqdn3d spatial and temporal denoise")
     sharpen: bool = Field(True, description="unsharp mask")
     deflicker: bool = Field(False, description="even out frame-to-frame brightness (5-frame mean)")
@@ -913,7 +921,7 @@ def _check_enhance(m: Manifest, add) -> None:
 
     e = m.enhance
     if e.backend != "spandrel":
-        for name in ("model", "scale"):
+        for name in ("model", "scale", "weight"):
             if getattr(e, name) is not None:
                 add(("enhance", name), f"used by backend: spandrel only; set it or remove {name}")
         return
@@ -923,7 +931,7 @@ def _check_enhance(m: Manifest, add) -> None:
         add(("enhance", "backend"), "spandrel needs model: the weights file (.pth or .safetensors); add it")
         return
     try:
-        check_model(e.model)
+        card = check_model(e.model)
     except ModelProblem as exc:
         add(("enhance", "model"), str(exc))
         return
@@ -931,6 +939,12 @@ def _check_enhance(m: Manifest, add) -> None:
         check_model(e.model, e.scale)
     except ModelProblem as exc:
         add(("enhance", "scale"), str(exc))
+    if e.weight is not None and card.purpose != "FaceSR":
+        add(
+            ("enhance", "weight"),
+            f"weight blends a face restorer's faces; {Path(e.model).name} is a {card.architecture}"
+            f" {card.purpose} model: remove weight",
+        )
 
 
 def _loc(field: str) -> tuple:

@@ -54,3 +54,11 @@ def demo_media(tmp_path_factory) -> dict[str, Path]:
     from tasks.demo import make_demo_media
 
     return make_demo_media(tmp_path_factory.mktemp("demo media"))
+
+
+@pytest.fixture(scope="session")
+def random_gfpgan(tmp_path_factory) -> Path:
+    """GFPGAN v1.4-layout weights of random values (~174 MB, fp16), written once per session (~7 s)."""
+    from tests.enhance_fixtures import write_random_gfpgan
+
+    return write_random_gfpgan(tmp_path_factory.mktemp("gfpgan") / "GFPGANv1.4.pth")

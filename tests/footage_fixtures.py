@@ -49,26 +49,35 @@ def cover_crop(width: int, height: int, bucket: tuple[int, int] = BUCKET) -> tup
 class StandInV2V:
     name = "infinitetalk"
 
+    def __init__(self, invert: bool = True, bucket: tuple[int, int] = BUCKET):
+        self.invert, self.bucket = invert, bucket
+
     def render(self, job: RenderJob, *, progress=None) -> RenderResult:
         from PIL import Image
 
         if job.mode != "infinitetalk" or is_still(job.source):
             raise JobError(f"mode: {job.mode!r} with source {job.source}; rule: infinitetalk with a video")
         video = VideoFrames(job.source)
-        crop = cover_crop(video.width, video.height)
+        crop = cover_crop(video.width, video.height, self.bucket)
         n = job.resolved_num_frames()
         with Mp4Writer(Path(job.output), ffmpeg_exe(), crf=12, preset="veryfast") as out:
             for start in range(0, n, 25):  # a chunk at a time, like the engine
                 grid = np.arange(start, min(n, start + 25)) + job.source_start_frame
                 for frame in video.frames25(grid):
                     part = frame[crop[1] : crop[3], crop[0] : crop[2]]
-                    small = np.asarray(Image.fromarray(part).resize(BUCKET[::-1], Image.BILINEAR))
-                    out.write(255 - small)
-        return RenderResult(Path(job.output), n, FPS, BUCKET[0], BUCKET[1], job.seed, crop=crop)
+                    small = np.asarray(Image.fromarray(part).resize(self.bucket[::-1], Image.BILINEAR))
+                    out.write(255 - small if self.invert else small)
+        height, width = self.bucket
+        return RenderResult(Path(job.output), n, FPS, height, width, job.seed, crop=crop)
 
 
 def stand_in_v2v(**_: object) -> StandInV2V:
     return StandInV2V()
+
+
+def plain_v2v(**_: object) -> StandInV2V:
+    """The source's own picture at a 256 px bucket: faces stay faces (a face restorer finds them)."""
+    return StandInV2V(invert=False, bucket=(256, 256))
 
 
 def tiny_infinitetalk(**settings: object):

@@ -31,7 +31,9 @@ def test_doctor_reports_tools_and_auto_choices(capsys):
     assert report["stages"]["render"]["auto"] in {"preview", "multitalk"}
     assert report["stages"]["render"]["by_source"]["video"]["auto"] in {"preview", "infinitetalk"}
     assert report["gpus"] == []  # CI and development machines have none
-    assert report["stages"]["enhance"]["backends"]["spandrel"].startswith("installed, imports with")
+    spandrel = report["stages"]["enhance"]["backends"]["spandrel"]
+    assert spandrel.startswith("installed, imports with")
+    assert spandrel.endswith("face restorers (GFPGAN, RestoreFormer): MTCNN landmarks available")
 
 
 def test_status_record_marks_failed_and_pending_segments():

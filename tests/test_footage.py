@@ -314,3 +314,44 @@ def test_a_chain_breaks_at_shot_cuts_gaps_and_changes_of_persons():
     assert chain_successors(segments, (), three, "infinitetalk") == {2: 3}
     same_speaker = tuple(SegmentSpec(i, 30 * i, 30 * (i + 1), ("ana",)) for i in range(3))
     assert chain_successors(same_speaker, (), three, "infinitetalk") == {0: 1, 1: 2}
+
+
+@pytest.mark.skipif(not FOOTAGE.is_dir(), reason="footage-dev data set not beside the checkout")
+def test_spandrel_face_restorer_restores_the_speakers_face_only_through_dubflow_run(
+    tmp_path, capsys, monkeypatch, random_gfpgan
+):
+    """enhance.backend: spandrel with random GFPGAN v1.4-layout weights on 2 real frames (it_ref_video.mp4,
+    MTCNN finds the face): the face is the model's, everything outside the speaker's region stays the
+    source, qc.json counts the faces restored, provenance names GFPGAN / FaceSR and the weights' hash."""
+    import shutil
+    from fractions import Fraction
+
+    from engine.media import write_timed_video
+
+    monkeypatch.setenv("DUBFLOW_ENGINE_OVERRIDES", "infinitetalk=tests.footage_fixtures:plain_v2v")
+    (tmp_path / "weights").mkdir()
+    shutil.copy(random_gfpgan, tmp_path / "weights" / "GFPGANv1.4.pth")
+    video = VideoFrames(FOOTAGE / "it_ref_video.mp4")
+    frames = [(i, frame) for i, (_, frame) in zip(range(2), video.iter_frames(), strict=False)]
+    write_timed_video(tmp_path / "face.mp4", frames, Fraction(1, 25), crf=12)
+    box = next(b["box"] for b in json.loads((FOOTAGE / "boxes.json").read_text())["it_ref_video.mp4"])
+    render = "engine: infinitetalk, steps: 1"
+    post = (
+        "stitch: {colour_match: false}\n"
+        "enhance: {backend: spandrel, model: weights/GFPGANv1.4.pth, weight: 1.0}\n"
+    )
+    record = _run(_manifest(tmp_path, "face.mp4", box, render, 0.08, post), tmp_path / "work", capsys)
+    got, qc = _check_pasted_back(record, tmp_path / "face.mp4", box, 16)
+    assert qc["face_restore"]["frames"] == 2 and qc["face_restore"]["speaker_frames"] == 2
+    assert qc["face_restore"]["faces_restored"] == 2 and qc["face_restore"]["faces_missed"] == 0
+    assert qc["paste_back"]["psnr_outside_db"] >= 40
+    face = (slice(190, 260), slice(180, 260))  # between the eyes and the mouth (MTCNN's landmarks)
+    for (_, a), (_, b) in zip(
+        VideoFrames(tmp_path / "face.mp4").iter_frames(), got.iter_frames(), strict=True
+    ):
+        assert psnr(a[face], b[face]) < 20  # the random model's face, not the source's
+    prov = json.loads(Path(record["outputs"]["provenance.json"]).read_text())
+    card = prov["models"]["enhance"]
+    assert (card["architecture"], card["purpose"], card["scale"]) == ("GFPGAN", "FaceSR", 1)
+    assert card["sha256"] == file_sha256(random_gfpgan)
+    assert card["faces"]["faces_restored"] == 2 and card["faces"]["speaker_frames"] == 2
