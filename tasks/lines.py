@@ -24,6 +24,7 @@ from prefect import task
 from tasks.workspace import Blob, Workspace, stage_cache
 
 SPEED_STEP = 0.01  # speed factors are rounded up to this: stable cache keys, and the line still fits
+EPS_S = 1e-6  # one rule for "fits": the fit, the placement and the report (a 1 ms overrun is an overrun)
 REFINEMENTS = (
     4  # re-syntheses at a refined speed: a backend with random timing (Piper) may still overrun after two
 )
@@ -129,7 +130,7 @@ def refined_speed(
 ) -> float | None:
     """A voice sped up by s is not exactly 1/s as long (pauses, trimmed silence): when the line, spoken at
     `speed`, still overruns its slot and the bound allows more, the speed that the measured ratio says fits."""
-    if slot_end is None or speed >= max_speed or seconds <= slot_end - line.start + 1e-3:
+    if slot_end is None or speed >= max_speed or seconds <= slot_end - line.start + EPS_S:
         return None
     need = speed * seconds / max(slot_end - line.start, 1e-3)
     better = round(min(math.ceil(round(need / SPEED_STEP, 6)) * SPEED_STEP, max_speed), 2)
@@ -140,7 +141,7 @@ def best_take(tried: Sequence[tuple[float, Any]], room: float | None) -> tuple[f
     """Of the takes of one line (speed, audio), the slowest that fits its slot, else the shortest. A voice with
     random timing (Piper) may come out longer at a higher speed than at a lower one: the last take is not
     always the best."""
-    fitting = [t for t in tried if room is None or t[1].seconds <= room + 1e-3]
+    fitting = [t for t in tried if room is None or t[1].seconds <= room + EPS_S]
     if fitting:
         return min(fitting, key=lambda t: t[0])
     return min(tried, key=lambda t: (t[1].seconds, t[0]))
@@ -226,16 +227,18 @@ def fit_report(fitted: Sequence[FittedLine], max_speed: float) -> dict:
             "start": round(f.start, 3),
         }
         for f in fitted
-        if f.overrun_s > 1e-6
+        if f.overrun_s > EPS_S
     ]
     return {
         "lines": len(fitted),
         "max_speed": max_speed,
-        "natural": sum(1 for f in fitted if f.speed == 1.0 and f.borrowed_s <= 1e-6 and f.overrun_s <= 1e-6),
+        "natural": sum(
+            1 for f in fitted if f.speed == 1.0 and f.borrowed_s <= EPS_S and f.overrun_s <= EPS_S
+        ),
         "sped_up": sum(1 for f in fitted if f.speed > 1.0),
-        "borrowed": sum(1 for f in fitted if f.borrowed_s > 1e-6),
-        "moved": sum(1 for f in fitted if f.drift_s > 1e-6),
-        "fit_within_speed_bound": sum(1 for f in fitted if f.borrowed_s <= 1e-6 and f.overrun_s <= 1e-6),
+        "borrowed": sum(1 for f in fitted if f.borrowed_s > EPS_S),
+        "moved": sum(1 for f in fitted if f.drift_s > EPS_S),
+        "fit_within_speed_bound": sum(1 for f in fitted if f.borrowed_s <= EPS_S and f.overrun_s <= EPS_S),
         "max_drift_s": round(max((f.drift_s for f in fitted), default=0.0), 3),
         "overruns": overruns,
     }
