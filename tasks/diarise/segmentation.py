@@ -340,10 +340,10 @@ def binarize(
 
 @lru_cache(maxsize=4)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    import hashlib
+    """The store's file hash, remembered per (path, size, mtime): the 17.7 MB file is hashed once a process."""
+    from tasks.workspace import file_sha256
 
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return file_sha256(Path(path))
 
 
 def checkpoint_identity(models_dir: Path | None = None) -> str:
