@@ -137,8 +137,8 @@ def diarise(
 
 
 EMBEDDED_REVISION = (
-    "embedded/3: pyannote/segmentation speech + overlapped speech (silero-vad without it), "
-    "enrolment-guided k-means, music-boundary check"
+    "embedded/4: pyannote/segmentation speech + overlapped speech (silero-vad without it), "
+    "enrolment-guided k-means, blind spectral clustering + count-preserving split/merge, music-boundary check"
 )
 LOW_CONFIDENCE = 0.6  # cosine to the enrolment sample, or core share without one (speech-dev calibration)
 MIN_SPEECH_S = 2.0
