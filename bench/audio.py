@@ -151,7 +151,10 @@ def der_table(data: Path, names: tuple[str, ...], seg_step_s: float | None = Non
                 ("raw mix: count guessed", case["mix"], None),
             ):
                 t0 = time.perf_counter()
-                turns = EmbeddedDiariser(settings).run(audio, num_speakers=count, progress=None)
+                # the stage judges music on the dialogue before separation (`diarise(music_source=...)`)
+                turns = EmbeddedDiariser(settings).run(
+                    audio, num_speakers=count, progress=None, music=case["mix"]
+                )
                 row[label] = der_parts(case["ref"], turns) | {"seconds": time.perf_counter() - t0}
             with tempfile.TemporaryDirectory() as tmp:
                 path = write_wav(Path(tmp) / f"{name}.wav", vocals)
@@ -163,6 +166,7 @@ def der_table(data: Path, names: tuple[str, ...], seg_step_s: float | None = Non
                     backend="embedded",
                     num_speakers=len(refs),
                     settings=settings,
+                    music_source=write_wav(Path(tmp) / f"{name}_mix.wav", case["mix"]),
                 )
                 named = read_rttm(result.rttm)
                 record = json.loads((Path(tmp) / "out" / "mapping.json").read_text())

@@ -119,9 +119,11 @@ class EmbeddedDiariser:
         num_speakers: int | None,
         progress: ProgressHook | None,
         anchors: np.ndarray | None = None,
+        music: np.ndarray | None = None,
     ) -> list[Turn]:
         """`anchors` (k, 256): one enrolment d-vector per speaker; the clusters then start from them
-        (constrained to those k voices) instead of being found blind."""
+        (constrained to those k voices) instead of being found blind. `music`: the audio whose music
+        envelope the music-split repair reads (the dialogue before separation; default `wav16`)."""
         regions = self.speech_regions(wav16)
         _report(progress, 1, "vad")
         if not regions:
@@ -137,7 +139,9 @@ class EmbeddedDiariser:
         else:
             labels = cluster_windows(emb, spans, num_speakers, self.settings)
             if self.settings.music_repair:
-                labels = repair_music_split(emb, spans, labels, wav16, self.settings)
+                labels = repair_music_split(
+                    emb, spans, labels, wav16 if music is None else music, self.settings
+                )
         centroids = _centroids(emb, labels)
         frames, scores = self.assign_frames(len(wav16), regions, spans, emb, centroids)
         frames = bridge_pauses(frames, self.settings.bridge_s)
