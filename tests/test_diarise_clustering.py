@@ -53,6 +53,15 @@ def test_the_minor_voice_gets_the_count_not_a_music_half(music_split):
     assert len({int(labels[truth == t][0]) for t in range(3)}) == 3
 
 
+def test_long_inputs_split_and_merge_a_strided_subset(music_split):
+    """Over `max_cluster_windows` the repair runs on the same strided subset as the spectral step (bounded
+    cost whatever the duration), then every window goes to its nearest centroid."""
+    emb, truth, spans = music_split
+    labels = cluster_windows(emb, spans, 3, replace(EmbeddedSettings(), max_cluster_windows=60))
+    assert len(np.unique(labels)) == 3
+    assert all(len(np.unique(labels[truth == t])) == 1 for t in range(3))
+
+
 def test_a_clean_partition_is_left_as_it_is():
     rng = np.random.default_rng(1)
     centres = dict(zip("abc", unit(rng.normal(size=(3, 256))), strict=True))

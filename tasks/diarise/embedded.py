@@ -371,22 +371,32 @@ def cluster_windows(
     """Cluster labels (0..k-1) per window; small clusters are absorbed, near-identical voices merged.
 
     Long inputs cluster an evenly strided subset (at most `max_cluster_windows`), then every window
-    goes to its nearest centroid: the eigen-decomposition stays bounded whatever the duration."""
+    goes to its nearest centroid: the eigen-decomposition and the split + merge stay bounded whatever the
+    duration."""
     if len(emb) < 3:
         return np.zeros(len(emb), dtype=int)
     stride = int(np.ceil(len(emb) / s.max_cluster_windows))
     labels = spectral_labels(emb[::stride], num_speakers, s, spans[::stride])
     if stride > 1:
-        cent = _centroids(emb[::stride], labels)
-        keys = sorted(cent)
-        labels = np.asarray(keys)[np.argmax(emb @ np.stack([cent[k] for k in keys]).T, axis=1)]
+        labels = _nearest(emb, emb[::stride], labels)
     labels = _absorb_small_clusters(emb, labels, s)
     if s.split_merge:
-        labels = split_merge(emb, labels, s)
+        min_windows = int(np.ceil(s.min_cluster_s / (s.hop_s * stride)))  # one subset window: `stride`
+        sub = split_merge(emb[::stride], labels[::stride], s, min_windows)
+        labels = _nearest(emb, emb[::stride], sub) if stride > 1 else sub
     return _merge_same_voices(emb, labels, s.same_voice_similarity)
 
 
-def split_merge(emb: np.ndarray, labels: np.ndarray, s: EmbeddedSettings) -> np.ndarray:
+def _nearest(emb: np.ndarray, sample: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Every window's nearest centroid of the clusters `labels` gives `sample`."""
+    cent = _centroids(sample, labels)
+    keys = sorted(cent)
+    return np.asarray(keys)[np.argmax(emb @ np.stack([cent[k] for k in keys]).T, axis=1)]
+
+
+def split_merge(
+    emb: np.ndarray, labels: np.ndarray, s: EmbeddedSettings, min_windows: int | None = None
+) -> np.ndarray:
     """Count-preserving repair of the partition: split a cluster in two and merge another pair when the
     merged pair is more alike than the two halves the split separates (centroid cosines; no threshold).
 
@@ -396,7 +406,8 @@ def split_merge(emb: np.ndarray, labels: np.ndarray, s: EmbeddedSettings) -> np.
     axb + ls3331 under music against ls3331 without; halves 0.69 alike, ls3331's two parts 0.91). A clean
     partition has every pair of clusters less alike than any cluster's halves, so it is left unchanged."""
     labels = labels.copy()
-    min_windows = int(np.ceil(s.min_cluster_s / s.hop_s))
+    if min_windows is None:  # each half must hold a cluster's minimum of speech
+        min_windows = int(np.ceil(s.min_cluster_s / s.hop_s))
     seen = {labels.tobytes()}
     for _ in range(s.max_speakers):
         move = _best_split_merge(emb, labels, min_windows)
