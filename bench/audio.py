@@ -5,15 +5,17 @@
 Data: ../shared/data/speech-dev (real LibriSpeech / CMU ARCTIC voices, real music, exact stems, reference
 RTTMs, out-of-sample enrolment clips; its README says how they were built). DER is scored the way the
 field scores it, by pyannote.metrics: collar 0.25 s each side (pyannote's collar=0.5), overlaps scored,
-split into missed detection, false alarm and confusion. Three diarisation runs per mix and per
-speech-activity model (silero-vad, the baseline, and pyannote/segmentation when its checkpoint is found):
-the count given and the count guessed (blind clustering, optimal label mapping), and the pipeline's path (dsp separation,
-then `diarise` with every enrolment clip plus the distractor `aew`, scored by identity: names must be
-right). SI-SDR improvement over the mix of the dsp and dfn (DeepFilterNet3) vocals and of the oracle ideal
-ratio mask (upper bound of any mask on the dsp STFT, from the true stems), on the whole file, inside the
-music cues and outside them, and the speech left in the M&E bed outside music (goal < -30 dB). Baselines
-are measured in the same run: the mix itself for SI-SDR. Speed is x real time on this machine's cores, in a
-fresh process per backend (peak RSS includes the interpreter).
+split into missed detection, false alarm and confusion. Diarisation runs per mix and per speech-activity
+model (silero-vad, the baseline, and pyannote/segmentation when its checkpoint is found), each on what the
+diarise stage of `dubflow run` receives, the dialogue separated by the backend that `separate.backend: auto`
+picks (dfn here): the count given and the count guessed (blind clustering, optimal label mapping), and
+`diarise` with every enrolment clip plus the distractor `aew`, scored by identity (names must be right);
+then the raw mix, count given and guessed, as a secondary reference. SI-SDR improvement over the mix of the
+dsp and dfn (DeepFilterNet3) vocals and of the oracle ideal ratio mask (upper bound of any mask on the dsp
+STFT, from the true stems), on the whole file, inside the music cues and outside them, and the speech left
+in the M&E bed outside music (goal < -30 dB). Baselines are measured in the same run: the mix itself for
+SI-SDR. Speed is x real time on this machine's cores, in a fresh process per backend (peak RSS includes the
+interpreter).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from engine.base import models_dir_from_env  # noqa: E402
 from engine.media import read_channels  # noqa: E402
 from tasks.diarise import EmbeddedDiariser, EmbeddedSettings, SpeakerRef, Turn, diarise, read_rttm  # noqa: E402
 from tasks.diarise.segmentation import find_checkpoint  # noqa: E402
-from tasks.separate import _stft_size, separate_dsp, separate_in_memory  # noqa: E402
+from tasks.separate import _stft_size, separate_in_memory  # noqa: E402
 from tests.audio_fixtures import RATE, si_sdr, write_wav  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech-dev"
@@ -92,9 +94,29 @@ def load(name: str, data: Path) -> dict:
     return out
 
 
-def der_table(data: Path, names: tuple[str, ...]) -> list[dict]:
+def pipeline_vocals(mix: np.ndarray) -> tuple[np.ndarray, str]:
+    """What `dubflow run`'s diarise stage receives: the dialogue separated by the backend that
+    `separate.backend: auto` resolves to on this machine (flows/episode.py separates, then diarises the
+    vocals; tasks.diarise.stage downmixes them to 16 kHz mono)."""
+    from tasks.separate import resolve_separate_backend, separate
+
+    backend = resolve_separate_backend("auto", "htdemucs", models_dir_from_env())[0]
+    if backend in ("dsp", "dfn"):
+        return separate_in_memory(mix[None], RATE, backend=backend)[0], backend
+    with tempfile.TemporaryDirectory() as tmp:  # demucs: the file path, as the stage runs it
+        sep = separate(write_wav(Path(tmp) / "mix.wav", mix), Path(tmp) / "sep", backend=backend)
+        return read_channels(sep.vocals)[0].mean(axis=0), backend
+
+
+DER_ROWS = ("count given", "count guessed", "enrolment", "raw mix: count given", "raw mix: count guessed")
+
+
+def der_table(data: Path, names: tuple[str, ...], seg_step_s: float | None = None) -> list[dict]:
     """Per mix and per speech-activity model (silero-vad, the baseline; pyannote/segmentation when its
-    checkpoint is found): count given, count guessed, and the pipeline path with enrolment samples."""
+    checkpoint is found). Main rows on the pipeline's own input (the separated dialogue, `pipeline_vocals`):
+    count given (what the stage does without voice samples), count guessed, and `diarise` with every
+    enrolment clip plus the distractor `aew` (names must be right). Secondary rows: the raw mix, count given
+    and guessed (the reference of earlier rounds)."""
     rows = []
     enrol = data / "mixes" / "enrol"
     vads = ["silero"] + (["segmentation"] if find_checkpoint(models_dir_from_env()) else [])
@@ -102,52 +124,73 @@ def der_table(data: Path, names: tuple[str, ...]) -> list[dict]:
         print(
             "DER  pyannote/segmentation: not measured (no checkpoint; pip install --no-deps whisperx==3.8.6)"
         )
+    base_settings = EmbeddedSettings()
+    if seg_step_s is not None:
+        base_settings = replace(base_settings, seg_step_s=seg_step_s)
     for name in names:
         case = load(name, data)
         ids = sorted({t.label for t in case["ref"]})
+        t0 = time.perf_counter()
+        vocals, separator = pipeline_vocals(case["mix"])
+        print(
+            f"DER  {name}: the stage's input is the {separator}-separated dialogue ({time.perf_counter() - t0:.1f} s)"
+        )
         for vad in vads:
-            settings = replace(EmbeddedSettings(), segmentation="silero" if vad == "silero" else "auto")
-            row: dict = {"mix": name, "vad": vad, "speakers": ids, "goal": DER_GOAL[name]}
-            for label, count in (("count given", len(ids)), ("count guessed", None)):
+            settings = replace(base_settings, segmentation="silero" if vad == "silero" else "auto")
+            row: dict = {
+                "mix": name,
+                "vad": vad,
+                "speakers": ids,
+                "goal": DER_GOAL[name],
+                "separator": separator,
+            }
+            for label, audio, count in (
+                ("count given", vocals, len(ids)),
+                ("count guessed", vocals, None),
+                ("raw mix: count given", case["mix"], len(ids)),
+                ("raw mix: count guessed", case["mix"], None),
+            ):
                 t0 = time.perf_counter()
-                turns = EmbeddedDiariser(settings).run(case["mix"], num_speakers=count, progress=None)
+                # the stage judges music on the dialogue before separation (`diarise(music_source=...)`)
+                turns = EmbeddedDiariser(settings).run(
+                    audio, num_speakers=count, progress=None, music=case["mix"]
+                )
                 row[label] = der_parts(case["ref"], turns) | {"seconds": time.perf_counter() - t0}
             with tempfile.TemporaryDirectory() as tmp:
-                vocals = write_wav(Path(tmp) / f"{name}.wav", separate_dsp(case["mix"][None], RATE)[0])
+                path = write_wav(Path(tmp) / f"{name}.wav", vocals)
                 refs = [SpeakerRef(s, enrol / f"{s}.wav") for s in [*ids, DISTRACTOR]]
                 result = diarise(
-                    vocals,
+                    path,
                     refs,
                     Path(tmp) / "out",
                     backend="embedded",
                     num_speakers=len(refs),
                     settings=settings,
+                    music_source=write_wav(Path(tmp) / f"{name}_mix.wav", case["mix"]),
                 )
                 named = read_rttm(result.rttm)
                 record = json.loads((Path(tmp) / "out" / "mapping.json").read_text())
-            row["enrolment, after dsp"] = der_parts(case["ref"], named, named=True) | {
+            row["enrolment"] = der_parts(case["ref"], named, named=True) | {
                 "aew_assigned": any(t.label == DISTRACTOR for t in named),
                 "warnings": record["warnings"],
                 "confidence": {s: record["confidence"][s]["confidence"] for s in ids},
             }
             rows.append(row)
             base = next((r for r in rows if r["mix"] == name and r["vad"] == "silero"), row)
-            for label in ("count given", "count guessed", "enrolment, after dsp"):
+            for label in DER_ROWS:
                 r = row[label]
                 extra = f"  aew assigned: {r['aew_assigned']}" if "aew_assigned" in r else ""
                 vs = (
                     f"  x{r['der'] / max(base[label]['der'], 1e-9):4.2f} of silero" if base is not row else ""
                 )
+                shown = label if label.startswith("raw") else f"{separator}: {label}"
                 print(
-                    f"DER  {name:16s} {vad:12s} {label:21s} {r['der']:6.1%} (missed {r['missed']:5.1%}, false "
+                    f"DER  {name:16s} {vad:12s} {shown:23s} {r['der']:6.1%} (missed {r['missed']:5.1%}, false "
                     f"alarm {r['false_alarm']:5.1%}, confusion {r['confusion']:5.1%})  goal <= {row['goal']:.0%}  "
                     f"ratio to goal {r['der'] / row['goal']:5.2f}{vs}{extra}",
                     flush=True,
                 )
-            print(
-                f"     {name:16s} {vad:12s} qc warnings: {row['enrolment, after dsp']['warnings']}",
-                flush=True,
-            )
+            print(f"     {name:16s} {vad:12s} qc warnings: {row['enrolment']['warnings']}", flush=True)
     return rows
 
 
@@ -339,6 +382,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="the speech-dev corpus")
     parser.add_argument("--mixes", default=",".join(MIXES), help="comma-separated subset of the mixes")
     parser.add_argument("--quick", action="store_true", help="1-minute speed input instead of dev_long's 4.3")
+    parser.add_argument(
+        "--seg-step", type=float, help="segmentation window hop (EmbeddedSettings.seg_step_s)"
+    )
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--parts", default="der,separation,speed", help="comma-separated subset to run")
     parser.add_argument("--one", nargs=3, metavar=("BACKEND", "AUDIO", "SECONDS"), help=argparse.SUPPRESS)
@@ -350,7 +396,7 @@ def main() -> None:
         sys.exit(f"{args.data}/mixes/mixes.json not found: point --data at the speech-dev corpus")
     names = tuple(args.mixes.split(","))
     tables = {
-        "der": lambda: der_table(args.data, names),
+        "der": lambda: der_table(args.data, names, args.seg_step),
         "separation": lambda: separation_table(args.data, names),
         "speed": lambda: speed_table(args.data, args.quick),
     }

@@ -219,7 +219,7 @@ def _stages(loaded: LoadedManifest, ws: Workspace, runner: StageRunner, log, unt
         vocals, dub_instrumental = sep.vocals, sep.instrumental
     bed = _bed(m, loaded, ws, runner, backend, dub_instrumental)
     # 3. speakers: one raw track per speaker (given, synthesised, or the single voice)
-    raw = _raw_tracks(m, loaded, ws, runner, vocals)
+    raw = _raw_tracks(m, loaded, ws, runner, vocals, dialogue)
     timeline = runner.run(timeline_task, "timeline", source, loaded.source_info.kind, [*raw.values()])
     tracks = {sid: runner.run(conform_task, f"conform[{sid}]", blob, timeline) for sid, blob in raw.items()}
     # 4. bind: boxes checked against picture and voices, shot cuts, the contact sheet
@@ -429,7 +429,12 @@ def _bed(m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner
 
 
 def _raw_tracks(
-    m: Manifest, loaded: LoadedManifest, ws: Workspace, runner: StageRunner, vocals: Blob | None
+    m: Manifest,
+    loaded: LoadedManifest,
+    ws: Workspace,
+    runner: StageRunner,
+    vocals: Blob | None,
+    dialogue: Blob | None = None,
 ) -> dict[str, Blob]:
     if all(s.track for s in m.speakers):
         return {s.id: ws.put_file(s.track, move=False) for s in m.speakers}
@@ -437,10 +442,14 @@ def _raw_tracks(
         return _spoken_lines(m, loaded, ws, runner)
     if len(m.speakers) == 1:
         return {m.speakers[0].id: vocals}
-    return _diarised(m, ws, runner, vocals)
+    return _diarised(m, ws, runner, vocals, dialogue)
 
 
-def _diarised(m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob) -> dict[str, Blob]:
+def _diarised(
+    m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob, dialogue: Blob | None = None
+) -> dict[str, Blob]:
+    """Diarise the separated vocals; music is judged on the dialogue before separation (the vocals have
+    too little of it left for the music-split repair and warning to see)."""
     from engine.base import models_dir_from_env
     from tasks.diarise import diarise_task, resolve_diarise_backend
     from tasks.diarise.segmentation import checkpoint_identity
@@ -450,7 +459,8 @@ def _diarised(m: Manifest, ws: Workspace, runner: StageRunner, vocals: Blob) -> 
     settings = m.diarise.model_dump() | {"backend": backend, "episode": m.episode}
     settings["segmentation"] = checkpoint_identity(models_dir_from_env())  # a new checkpoint re-runs it
     with _named_as(ws, vocals, m.audio.dialogue):
-        result = runner.run(diarise_task, "diarise", vocals, _speaker_refs(m, ws), settings)
+        unseparated = dialogue if dialogue is not None and dialogue != vocals else None
+        result = runner.run(diarise_task, "diarise", vocals, _speaker_refs(m, ws), settings, unseparated)
     runner.extra_outputs |= {"diarisation.rttm": result.rttm, "speaker-mapping.json": result.mapping}
     runner.notes += list(result.warnings)
     return result.tracks

@@ -366,3 +366,22 @@ def test_the_pkg_resources_warning_never_reaches_the_terminal(tmp_path):
         [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert "pkg_resources" not in done.stderr + done.stdout
+
+
+def test_music_is_judged_on_the_dialogue_before_separation(tmp_path):
+    """The stage diarises separated vocals, which carry too little music to detect: the music-split check
+    reads the dialogue before separation (music_source), and only then can warn."""
+    speech, turns = conversation([("ana", 0), ("ana", 1), ("ben", 0), ("ben", 1)])
+    envelope = np.zeros(len(speech), dtype=np.float32)
+    envelope[int((turns[2].start - 0.3) * RATE) :] = 1.0  # a music cue under ben's scene, none under ana's
+    bed = music(len(speech) / RATE, seed=5)[: len(speech)] * envelope
+    vocals = write_wav(tmp_path / "vocals.wav", speech)
+    original = write_wav(tmp_path / "dialogue.wav", mix_at(speech, bed, -8.0))
+    refs = [SpeakerRef("ana"), SpeakerRef("ben")]
+    blind = diarise(vocals, refs, tmp_path / "a", backend="embedded", num_speakers=2)
+    judged = diarise(vocals, refs, tmp_path / "b", backend="embedded", num_speakers=2, music_source=original)
+    assert read_rttm(blind.rttm) == read_rttm(judged.rttm)  # the voices decide, music only checks
+    assert not [w for w in blind.warnings if "music" in w]
+    assert [w for w in judged.warnings if "the split may follow the music" in w]
+    record = json.loads((tmp_path / "b" / "mapping.json").read_text())
+    assert record["settings"]["music_judged_on"] == "the dialogue before separation"

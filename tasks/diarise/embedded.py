@@ -1,8 +1,10 @@
 """The embedded diariser: speech regions from pyannote/segmentation (`segmentation.py`; silero-vad when its
 file is absent), resemblyzer d-vectors on 1.6 s sliding windows, enrolment-guided k-means or spectral
-clustering of a pruned cosine affinity (a voice split by music on/off merged back), frame-level re-assignment
-to the cluster centroids, pauses under 0.5 s bridged, and a second speaker wherever the segmentation model
-hears overlapped speech. The models ship inside PyPI wheels (the `vad` extra; whisperx's for segmentation)."""
+clustering of a pruned cosine affinity (then a count-preserving split + merge: a minor voice tied into a big
+cluster takes the slot of one voice split in two; a voice split by music on/off merged back), frame-level
+re-assignment to the cluster centroids, pauses under 0.5 s bridged, and a second speaker wherever the
+segmentation model hears overlapped speech. The models ship inside PyPI wheels (the `vad` extra; whisperx's
+for segmentation)."""
 
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class EmbeddedSettings:
     min_overlap_s: float = 0.1
     overlap_context_s: float = 2.0  # the second voice must speak within this distance of the overlap
     bridge_s: float = 0.5  # pauses shorter than this inside one speaker's speech stay in the turn
+    split_merge: bool = True  # blind clusters: split + merge when that puts more alike voices together
     music_repair: bool = True  # merge a 'same voice with / without music' pair of blind clusters
     music_share: float = 0.7
     music_pair_similarity: float = 0.7  # one voice split by music: 0.80-0.82; two voices: 0.49-0.66
@@ -116,9 +119,11 @@ class EmbeddedDiariser:
         num_speakers: int | None,
         progress: ProgressHook | None,
         anchors: np.ndarray | None = None,
+        music: np.ndarray | None = None,
     ) -> list[Turn]:
         """`anchors` (k, 256): one enrolment d-vector per speaker; the clusters then start from them
-        (constrained to those k voices) instead of being found blind."""
+        (constrained to those k voices) instead of being found blind. `music`: the audio whose music
+        envelope the music-split repair reads (the dialogue before separation; default `wav16`)."""
         regions = self.speech_regions(wav16)
         _report(progress, 1, "vad")
         if not regions:
@@ -134,7 +139,9 @@ class EmbeddedDiariser:
         else:
             labels = cluster_windows(emb, spans, num_speakers, self.settings)
             if self.settings.music_repair:
-                labels = repair_music_split(emb, spans, labels, wav16, self.settings)
+                labels = repair_music_split(
+                    emb, spans, labels, wav16 if music is None else music, self.settings
+                )
         centroids = _centroids(emb, labels)
         frames, scores = self.assign_frames(len(wav16), regions, spans, emb, centroids)
         frames = bridge_pauses(frames, self.settings.bridge_s)
@@ -364,17 +371,110 @@ def cluster_windows(
     """Cluster labels (0..k-1) per window; small clusters are absorbed, near-identical voices merged.
 
     Long inputs cluster an evenly strided subset (at most `max_cluster_windows`), then every window
-    goes to its nearest centroid: the eigen-decomposition stays bounded whatever the duration."""
+    goes to its nearest centroid: the eigen-decomposition and the split + merge stay bounded whatever the
+    duration."""
     if len(emb) < 3:
         return np.zeros(len(emb), dtype=int)
     stride = int(np.ceil(len(emb) / s.max_cluster_windows))
     labels = spectral_labels(emb[::stride], num_speakers, s, spans[::stride])
     if stride > 1:
-        cent = _centroids(emb[::stride], labels)
-        keys = sorted(cent)
-        labels = np.asarray(keys)[np.argmax(emb @ np.stack([cent[k] for k in keys]).T, axis=1)]
+        labels = _nearest(emb, emb[::stride], labels)
     labels = _absorb_small_clusters(emb, labels, s)
+    if s.split_merge:
+        min_windows = int(np.ceil(s.min_cluster_s / (s.hop_s * stride)))  # one subset window: `stride`
+        sub = split_merge(emb[::stride], labels[::stride], s, min_windows)
+        labels = _nearest(emb, emb[::stride], sub) if stride > 1 else sub
     return _merge_same_voices(emb, labels, s.same_voice_similarity)
+
+
+def _nearest(emb: np.ndarray, sample: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Every window's nearest centroid of the clusters `labels` gives `sample`."""
+    cent = _centroids(sample, labels)
+    keys = sorted(cent)
+    return np.asarray(keys)[np.argmax(emb @ np.stack([cent[k] for k in keys]).T, axis=1)]
+
+
+def split_merge(
+    emb: np.ndarray, labels: np.ndarray, s: EmbeddedSettings, min_windows: int | None = None
+) -> np.ndarray:
+    """Count-preserving repair of the partition: split a cluster in two and merge another pair when the
+    merged pair is more alike than the two halves the split separates (centroid cosines; no threshold).
+
+    Spectral clustering on a pruned graph favours cuts of large clusters: a minor voice (a 3 s turn, fewer
+    windows than a row keeps neighbours) is tied into the nearest big one, and the count it should have
+    gets spent on one voice split by a condition (music residue after separation: speech-dev dev_three,
+    axb + ls3331 under music against ls3331 without; halves 0.69 alike, ls3331's two parts 0.91). A clean
+    partition has every pair of clusters less alike than any cluster's halves, so it is left unchanged."""
+    labels = labels.copy()
+    if min_windows is None:  # each half must hold a cluster's minimum of speech
+        min_windows = int(np.ceil(s.min_cluster_s / s.hop_s))
+    seen = {labels.tobytes()}
+    for _ in range(s.max_speakers):
+        move = _best_split_merge(emb, labels, min_windows)
+        if move is None:
+            break
+        labels = move
+        if labels.tobytes() in seen:  # a cycle: keep what we have
+            break
+        seen.add(labels.tobytes())
+    return _relabel(labels)
+
+
+def _best_split_merge(emb: np.ndarray, labels: np.ndarray, min_windows: int) -> np.ndarray | None:
+    """The split + merge with the largest gain (merged pair's cosine minus the halves' cosine), or None."""
+    best, best_gain = None, 0.0
+    top = int(labels.max()) + 1
+    for r in np.unique(labels):
+        members = np.flatnonzero(labels == r)
+        if len(members) < 2 * min_windows:
+            continue
+        half = bisect(emb[members], min_windows)
+        if not half.any():
+            continue
+        trial = labels.copy()
+        trial[members[half]] = top
+        cent = _centroids(emb, trial)
+        halves = float(cent[r] @ cent[top])
+        keys = sorted(cent)
+        pairs = [
+            (float(cent[a] @ cent[b]), a, b)
+            for i, a in enumerate(keys)
+            for b in keys[i + 1 :]
+            if {a, b} != {int(r), top}
+        ]
+        sim, a, b = max(pairs, key=lambda p: (p[0], -p[1], -p[2]))
+        if sim - halves > best_gain:
+            best_gain = sim - halves
+            best = np.where(trial == b, a, trial)
+    return best
+
+
+def bisect(emb: np.ndarray, min_windows: int = 1, seeds: int = 64, iterations: int = 20) -> np.ndarray:
+    """The split of unit vectors into two groups of >= `min_windows` whose centroids are least alike:
+    spherical 2-means seeded at one window against the mean of the rest, for up to `seeds` windows evenly
+    spread (deterministic). A minor voice inside a big cluster is such a group; a seed at the vector least
+    like the mean alone finds balanced cuts instead. Returns a bool mask of the split-off group (all False
+    when no split has both groups large enough)."""
+    best, best_sim = np.zeros(len(emb), dtype=bool), np.inf
+    for i in np.unique(np.linspace(0, len(emb) - 1, min(seeds, len(emb))).astype(int)):
+        half = (emb @ emb[i]) > (emb @ _unit(emb.sum(axis=0) - emb[i]))
+        for _ in range(iterations):
+            if half.all() or not half.any():
+                break
+            new = (emb @ _unit(emb[half].sum(axis=0))) > (emb @ _unit(emb[~half].sum(axis=0)))
+            if np.array_equal(new, half):
+                break
+            half = new
+        if min(half.sum(), (~half).sum()) < max(1, min_windows):
+            continue
+        sim = float(_unit(emb[half].sum(axis=0)) @ _unit(emb[~half].sum(axis=0)))
+        if sim < best_sim:
+            best, best_sim = half, sim
+    return best
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / (np.linalg.norm(v) + 1e-9)
 
 
 def anchored_labels(

@@ -76,11 +76,14 @@ def diarise(
     device: str = "cpu",
     uri: str | None = None,
     source_name: str | None = None,
+    music_source: Path | None = None,
 ) -> Diarisation:
     """Diarise `vocals`, name the clusters after `speakers`, write RTTM, mapping.json and one track each.
 
     `uri` is the RTTM recording name (the episode id; default the file's stem); `source_name` is what
-    errors call the input (the user's dialogue file, not a blob in the workspace store)."""
+    errors call the input (the user's dialogue file, not a blob in the workspace store). `music_source` is
+    the dialogue before separation, on the same timeline: where music plays is judged on it (separated
+    vocals carry too little music to detect), for the music-split repair and the qc warning."""
     shown = Path(source_name or vocals)
     speakers = check_speakers(speakers, order, pinned, num_speakers)
     chosen, why = resolve_diarise_backend(backend)
@@ -92,6 +95,7 @@ def diarise(
         notes.append(f"{shown.name}: {audio.shape[0]} channels downmixed to mono")
     mono = audio.mean(axis=0)
     wav16 = to_16k(mono, rate)
+    music16 = music_audio(music_source, len(wav16)) if music_source is not None else wav16
     samples = {s.id: embed_clip(Path(s.voice_sample)) for s in speakers if s.voice_sample is not None}
     guided = not pinned and len(samples) == len(speakers)  # a partial set would force strangers onto them
     if chosen == "pyannote":
@@ -100,7 +104,7 @@ def diarise(
     else:
         voice = EmbeddedDiariser(settings or EmbeddedSettings(), models_dir=models_dir)
         anchors = np.stack([samples[s.id] for s in speakers]) if guided else None
-        turns = voice.run(wav16, num_speakers=num_speakers, progress=progress, anchors=anchors)
+        turns = voice.run(wav16, num_speakers=num_speakers, progress=progress, anchors=anchors, music=music16)
     if not turns:
         raise MediaError(f"{shown}: no speech found; check that this is the dialogue track")
     mapping, naming_notes = name_clusters(
@@ -111,7 +115,7 @@ def diarise(
         (Turn(t.start, t.end, mapping[t.label]) for t in turns), key=lambda t: (t.start, t.end, t.label)
     )
     confidence = speaker_confidence(named, mapping, voice, speakers, samples, wav16)
-    notes += reliability_warnings(named, confidence, speakers, None if voice and voice.guided else wav16)
+    notes += reliability_warnings(named, confidence, speakers, None if voice and voice.guided else music16)
     for note in notes:
         log.warning("diarise: %s", note)
     record = {
@@ -127,6 +131,7 @@ def diarise(
             "pinned": dict(pinned or {}),
             "enrolment_guided": voice is not None and voice.guided,
             "segmentation": segmentation_record(voice),
+            "music_judged_on": "the dialogue before separation" if music_source is not None else "the input",
         },
         "mapping": mapping,
         "speakers": [s.id for s in speakers],
@@ -136,9 +141,16 @@ def diarise(
     return write_outputs(named, mono, rate, Path(out_dir), uri or Path(vocals).stem, record)
 
 
+def music_audio(path: Path, length: int) -> np.ndarray:
+    """`path` as 16 kHz mono of `length` samples (the vocals' timeline), for the music envelope."""
+    audio, rate = read_channels(Path(path))
+    wav16 = to_16k(audio.mean(axis=0), rate)[:length]
+    return np.pad(wav16, (0, length - len(wav16)))
+
+
 EMBEDDED_REVISION = (
-    "embedded/3: pyannote/segmentation speech + overlapped speech (silero-vad without it), "
-    "enrolment-guided k-means, music-boundary check"
+    "embedded/4: pyannote/segmentation speech + overlapped speech (silero-vad without it), "
+    "enrolment-guided k-means, blind spectral clustering + count-preserving split/merge, music-boundary check"
 )
 LOW_CONFIDENCE = 0.6  # cosine to the enrolment sample, or core share without one (speech-dev calibration)
 MIN_SPEECH_S = 2.0
@@ -343,9 +355,14 @@ class DiarisedTracks:
 
 
 def diarise_stage(
-    ws: Workspace, vocals: Blob, speakers: list[tuple[str, Blob | None]], settings: dict
+    ws: Workspace,
+    vocals: Blob,
+    speakers: list[tuple[str, Blob | None]],
+    settings: dict,
+    unseparated: Blob | None = None,
 ) -> DiarisedTracks:
-    """Workspace form of `diarise`; `settings` holds the resolved backend, order rule and pinned mapping."""
+    """Workspace form of `diarise`; `settings` holds the resolved backend, order rule and pinned mapping;
+    `unseparated` is the dialogue before separation (music is judged on it)."""
     refs = [SpeakerRef(sid, ws.path(sample) if sample else None) for sid, sample in speakers]
     with ws.scratch() as tmp:
         result = diarise(
@@ -358,6 +375,7 @@ def diarise_stage(
             pinned=settings.get("mapping") or None,
             uri=settings.get("episode"),
             source_name=settings.get("source_name"),
+            music_source=ws.path(unseparated) if unseparated is not None else None,
         )
         mapping = ws.put_file(tmp / "mapping.json")
         tracks = {sid: ws.put_file(path) for sid, path in result.tracks.items()}
