@@ -34,7 +34,8 @@ from prefect import task
 
 from engine.base import EngineSetupError, MissingWeightsError, ProgressHook, models_dir_from_env
 from engine.media import FloatWavWriter, MediaError, open_audio, read_block
-from tasks.separate_dfn import DFN_EXTRA, dfn_available, dfn_bed, dfn_model_path
+from tasks import separate_dfn
+from tasks.separate_dfn import DFN_EXTRA, dfn_available, dfn_model_path
 from tasks.workspace import Blob, Workspace, file_sha256, stage_cache
 
 log = logging.getLogger(__name__)
@@ -284,18 +285,47 @@ def separate_dsp(mix: np.ndarray, rate: int, *, block_s: float = 30.0) -> np.nda
     return separate_in_memory(mix, rate, backend="dsp", block_s=block_s)
 
 
-def gate_of_input(read: Callable[[int, int], np.ndarray], n: int, rate: int) -> np.ndarray:
-    """The music gate of a whole input (one value per STFT hop), from a first streaming pass: deciding
-    over the whole programme, not per block, keeps the gate's edges where the music is whatever the
-    block layout (and equal to what `music_presence` reports)."""
-    return music_gate(band_energy_db(read, n, rate), rate)
+def gate_of_input(read: Callable[[int, int], np.ndarray], n: int, rate: int) -> ProgrammeGate:
+    """The music gate of a whole input from a first streaming pass: deciding over the whole programme, not
+    per block, keeps the gate's edges where the music is whatever the block layout (and equal to what
+    `music_presence` reports)."""
+    energy = band_energy_db(read, n, rate)
+    return ProgrammeGate(music_gate(energy, rate), energy, programme_peak_db(energy), rate)
 
 
-def embedded_vocals(backend: str, rate: int, gate: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
-    """The per-block vocals function of an embedded backend: its bed estimate inside the music `gate`
-    (one value per hop of the whole input, from `gate_of_input`)."""
-    beds = {"dsp": dsp_bed, "dfn": dfn_bed}
-    return functools.partial(gated_vocals, rate=rate, gate=gate, bed_of=beds[backend])
+@dataclass(frozen=True)
+class ProgrammeGate:
+    """The music gate (one value per STFT hop of the whole input), the band energy it was decided on, and
+    the programme's peak level (the 95th percentile of the frames outside gaps)."""
+
+    music: np.ndarray
+    energy_db: np.ndarray
+    peak_db: float
+    rate: int
+
+    @property
+    def hop(self) -> int:
+        return _stft_size(self.rate) // 4
+
+    def frames_of(self, start: int, n: int) -> np.ndarray:
+        """The frames centred inside samples [start, start + n)."""
+        return np.arange(-(-start // self.hop), (start + n - 1) // self.hop + 1)
+
+    def samples(self, values: np.ndarray, frames: np.ndarray, start: int, n: int) -> np.ndarray:
+        """Per-frame `values` at `frames`, interpolated onto samples [start, start + n)."""
+        return np.interp(np.arange(start, start + n), frames * self.hop, values).astype(np.float32)
+
+
+def programme_peak_db(energy_db: np.ndarray) -> float:
+    audible = energy_db[energy_db > -100.0]
+    return float(np.percentile(audible, 95)) if audible.size else -120.0
+
+
+def embedded_vocals(backend: str, rate: int, gate: ProgrammeGate) -> Callable[[np.ndarray, int], np.ndarray]:
+    """The per-block vocals function of an embedded backend, from `gate_of_input`'s gate."""
+    if backend == "dfn":
+        return functools.partial(dfn_gated_vocals, rate=rate, gate=gate)
+    return functools.partial(gated_vocals, rate=rate, gate=gate, bed_of=dsp_bed)
 
 
 def gated_vocals(
@@ -303,20 +333,55 @@ def gated_vocals(
     start: int,
     *,
     rate: int,
-    gate: np.ndarray,
+    gate: ProgrammeGate,
     bed_of: Callable[[np.ndarray, int, np.ndarray], np.ndarray],
 ) -> np.ndarray:
     """Vocals of the block (channels, n) starting at sample `start`: `bed_of(mix, rate, gate)` estimates
     the bed of every channel, and only the gated share of it is removed. Where the music gate is shut the
     input passes through untouched (vocals == mix, an empty bed), so the separator never takes speech out
     of a scene without music."""
-    hop = _stft_size(rate) // 4
-    # frame t is centred on sample t * hop; exactly 0 wherever the gate is shut
-    samples = np.arange(start, start + mix.shape[1])
-    here = np.interp(samples, np.arange(len(gate)) * hop, gate).astype(np.float32)
+    frames = gate.frames_of(start, mix.shape[1])
+    here = gate.samples(gate.music[frames], frames, start, mix.shape[1])  # exactly 0 where shut
     if not here.any():
         return mix.astype(np.float32, copy=True)
     bed = bed_of(mix, rate, here)
+    return (mix - here[None] * bed).astype(np.float32)
+
+
+NO_SPEECH_DB = -20.0  # the model keeps less than this of the input over `NO_SPEECH_WINDOW_S`: no speech
+NO_SPEECH_LEVEL_DB = -35.0  # ... and the input is within this of the programme's peaks (not room tone)
+NO_SPEECH_WINDOW_S = 1.0
+NO_SPEECH_MIN_S = 1.0
+
+
+def dfn_gated_vocals(mix: np.ndarray, start: int, *, rate: int, gate: ProgrammeGate) -> np.ndarray:
+    """Vocals of one block by DeepFilterNet3 where the music gate is open, or where the model finds no
+    speech at all in an audible stretch: a music-only passage (a cue before the first line, a solo, a
+    fade-out) has dynamics of its own, so the floor rule cannot see it, but the model keeps less than
+    `NO_SPEECH_DB` of it, where it keeps -0 to -12 dB of any second of real dialogue (speech-dev's
+    clean stems, footage-dev's speech clips, the generated fixtures; music-only passages: -33 to -57 dB).
+    Elsewhere the input passes through untouched, exactly."""
+    from scipy.ndimage import maximum_filter1d, minimum_filter1d, uniform_filter1d
+
+    n = mix.shape[1]
+    speech = np.stack([separate_dfn.dfn_speech(channel, rate) for channel in mix])
+    frames = gate.frames_of(start, n)
+    centres = frames * gate.hop - start
+    window = max(1, int(NO_SPEECH_WINDOW_S * rate))
+    kept = uniform_filter1d((speech.astype(np.float64) ** 2).sum(axis=0), window)[centres]
+    given = uniform_filter1d((mix.astype(np.float64) ** 2).sum(axis=0), window)[centres]
+    per_s = rate / gate.hop
+    level = uniform_filter1d(gate.energy_db[frames], max(1, int(NO_SPEECH_WINDOW_S * per_s)))
+    quiet = 10 * np.log10((np.maximum(kept, 0.0) + 1e-20) / (np.maximum(given, 0.0) + 1e-20)) < NO_SPEECH_DB
+    no_speech = (quiet & (level > gate.peak_db + NO_SPEECH_LEVEL_DB)).astype(np.float32)
+    lasting = max(1, int(NO_SPEECH_MIN_S * per_s)) | 1
+    no_speech = maximum_filter1d(minimum_filter1d(no_speech, lasting), lasting)
+    ramp = max(1, int(GATE_RAMP_S * per_s)) | 1
+    no_speech = np.clip(uniform_filter1d(maximum_filter1d(no_speech, ramp), ramp), 0.0, 1.0)
+    here = gate.samples(np.maximum(gate.music[frames], no_speech), frames, start, n)
+    if not here.any():
+        return mix.astype(np.float32, copy=True)
+    bed = (1.0 - separate_dfn.MIX_KEEP) * (mix - speech)
     return (mix - here[None] * bed).astype(np.float32)
 
 
@@ -392,7 +457,8 @@ def music_gate(energy_db: np.ndarray, rate: int, threshold_db: float = MUSIC_GAT
     fill = max(1, int(GATE_FILL_S * rate / hop)) | 1
     music = minimum_filter1d(maximum_filter1d(music, fill), fill)
     ramp = max(1, int(GATE_RAMP_S * rate / hop)) | 1
-    return np.clip(uniform_filter1d(maximum_filter1d(music, ramp), ramp), 0.0, 1.0).astype(np.float32)
+    music = np.clip(uniform_filter1d(maximum_filter1d(music, ramp), ramp), 0.0, 1.0)
+    return np.where(gap, 0.0, music).astype(np.float32)  # a gap has nothing to separate: left exact
 
 
 def _one_sided_percentiles(
@@ -425,9 +491,10 @@ def _one_sided_percentiles(
 
 def separation_settings(backend: str) -> dict[str, object]:
     """What changes an embedded backend's output beyond its weights: the gate, and the dfn feed level and
-    mix-back share. In the Separation record, provenance.json and (through the revision) the cache key."""
-    from tasks import separate_dfn
-
+    mix-back share. In the Separation record, provenance.json and (through the revision) the cache key.
+    Empty for demucs (its weights' hash is its revision)."""
+    if backend not in ("dsp", "dfn"):
+        return {}
     gate = {
         "version": GATE_VERSION,
         "threshold_db": MUSIC_GATE_DB,
@@ -443,7 +510,10 @@ def separation_settings(backend: str) -> dict[str, object]:
         "level_dbfs": separate_dfn.LEVEL_DBFS,
         "max_gain_db": separate_dfn.MAX_GAIN_DB,
         "mix_keep": separate_dfn.MIX_KEEP,
-        "warmup_s": separate_dfn.WARMUP_S,
+        "no_speech_db": NO_SPEECH_DB,
+        "no_speech_level_db": NO_SPEECH_LEVEL_DB,
+        "no_speech_window_s": NO_SPEECH_WINDOW_S,
+        "no_speech_min_s": NO_SPEECH_MIN_S,
     }
     return {"gate": gate, "dfn": dfn}
 
