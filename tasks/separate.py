@@ -6,9 +6,10 @@ Backends:
 - ``dsp`` (no weights, no extra package): REPET-SIM style repeating-pattern filter plus a
   sustained-tone (horizontal median) filter give a music estimate; a soft Wiener mask with a
   speech-band prior keeps the voice.
-- dfn and dsp act only where a music gate finds a bed holding the noise floor up between words;
-  elsewhere the dialogue passes through untouched and the bed is silent. Processed in overlapping
-  blocks, so memory is bounded.
+- dfn and dsp act only where a music gate finds a bed holding the noise floor up between words (decided
+  over the whole input in a first streaming pass, `music_gate`), and dfn also where the model finds no
+  speech in an audible stretch (a music-only passage, `dfn_gated_vocals`); elsewhere the dialogue passes
+  through untouched and the bed is silent. Processed in overlapping blocks, so memory is bounded.
 - ``demucs``: the demucs package's own loaders and windowed ``apply_model``, strictly offline: weights
   from a ``models_dir`` repo folder or the torch hub cache, never downloaded.
 - ``auto``: demucs when the package and the weights are present, else dfn when its wheel is installed,
@@ -226,7 +227,8 @@ def blockwise(
         vocals = vocals_of(mix, start)
         if tail is not None:
             fade = np.linspace(0.0, 1.0, overlap, dtype=np.float32)
-            vocals[:, :overlap] = tail * (1.0 - fade) + vocals[:, :overlap] * fade
+            head = vocals[:, :overlap]
+            vocals[:, :overlap] = head + (tail - head) * (1.0 - fade)  # exact where the two agree
         last = i == len(spans) - 1
         keep = end - start if last else end - start - overlap
         tail = None if last else vocals[:, keep:]
