@@ -441,7 +441,13 @@ def music_gate(energy_db: np.ndarray, rate: int, threshold_db: float = MUSIC_GAT
     than `GATE_FILL_S` between music stretches (a quiet bar, a rest) are music too. Speech-dev: -38 to -58 dB
     in clean dialogue, -16 to -34 under a -10/-12 LU bed. Exact zeros count as a floor (TTS and gated studio
     stems pause on them), but not a run of `GAP_S` or more: that is a gap in the programme (a scene cut),
-    and windows do not reach across it. Ramps of `GATE_RAMP_S` keep the switch inaudible."""
+    and windows do not reach across it; the gate is 0 inside one. Ramps of `GATE_RAMP_S` keep the switch
+    inaudible. Coverage of speech-dev's cues (was, centred windows per 30 s block): dev_two 89 % (82),
+    dev_three 98 % (84), dev_long 89 % (84); open on 0.7 s of sound outside them (the ramp after dev_three's
+    cue), shut on dev_three_clean and footage-dev's speech clips. What it misses: a cue's stretch where a
+    rest and the programme's final fade leave no 5 s window without a dip (dev_two, 34.5-39 s), pizzicato
+    notes that decay between plucks (dev_long 111.9-119 s), and music alone with phrasing of its own (the
+    trumpet solo): dfn's no-speech rule takes the last."""
     from scipy.ndimage import maximum_filter1d, minimum_filter1d, uniform_filter1d
 
     hop = _stft_size(rate) // 4
