@@ -61,6 +61,10 @@ def test_embedded_backends_keep_rate_channels_and_length(tmp_path, rate, channel
     info = sf.info(result.vocals)
     assert (info.samplerate, info.channels, info.frames) == (rate, channels, audio.shape[1])
     assert (result.sample_rate, result.channels, result.backend) == (rate, channels, backend)
+    from tasks.separate import separation_settings
+
+    assert result.settings == {"block_s": 30.0, **separation_settings(backend)}  # gate (and dfn) settings
+    assert ("dfn" in result.settings) == (backend == "dfn")
     bed = sf.read(result.instrumental, dtype="float32", always_2d=True)[0].T
     assert np.abs(bed).max() > 1e-3  # the gate opened on this sustained tone: something was separated
 
