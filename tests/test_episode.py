@@ -294,6 +294,11 @@ def test_provenance_is_complete(first_run):
     assert prov["backends"]["separate"] == "dsp" and prov["backends"]["render"] == "preview"
     assert prov["resolved"]["engine"] == "preview" and prov["seeds"]["render"] == 7
     assert prov["models"]["render"] == "preview: no weights"
+    from tasks.separate import DSP_VERSION, GATE_VERSION, MUSIC_GATE_DB
+
+    assert prov["models"]["separate"].startswith(DSP_VERSION)  # the settings' hash follows: the cache key
+    gate = prov["models"]["separate_settings"]["gate"]
+    assert (gate["version"], gate["threshold_db"]) == (GATE_VERSION, MUSIC_GATE_DB)
     assert prov["software"]["ffmpeg"].startswith("ffmpeg version") and prov["software"]["numpy"]
     assert prov["manifest"]["path"] == str(manifest.resolve())
 

@@ -7,6 +7,7 @@ tests/audio_fixtures.py, and espeak dialogue. bench/audio.py measures the real r
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,12 +50,24 @@ def test_dfn_improves_espeak_dialogue_under_music():
     assert si_sdr(speech, vocals) > si_sdr(speech, mix) + 2.0
 
 
-def test_dfn_revision_is_the_bundled_models_hash():
-    from tasks.separate_dfn import dfn_model_path
+def test_dfn_revision_is_the_bundled_models_hash_and_the_settings(monkeypatch):
+    """The cache key holds the weights' hash and the settings that change the output: a new mix-back
+    share (or gate threshold) is never served an old cached stem."""
+    from tasks import separate as sep
+    from tasks import separate_dfn
     from tasks.workspace import file_sha256
 
     revision = weights_revision("dfn", "htdemucs", None)
-    assert revision.startswith("deepfilternet3") and revision.endswith(file_sha256(dfn_model_path())[:16])
+    version, weights, settings = revision.split(":")
+    assert version == sep.DFN_VERSION and weights == file_sha256(separate_dfn.dfn_model_path())[:16]
+    monkeypatch.setattr(separate_dfn, "MIX_KEEP", 0.3)
+    assert weights_revision("dfn", "htdemucs", None) not in (revision, "")
+    assert sep.separation_settings("dfn")["dfn"]["mix_keep"] == 0.3
+    monkeypatch.undo()
+    dsp = weights_revision("dsp", "htdemucs", None)
+    monkeypatch.setattr(sep, "MUSIC_GATE_DB", -30.0)
+    assert weights_revision("dsp", "htdemucs", None) != dsp
+    assert weights_revision("dfn", "htdemucs", None) != revision
 
 
 def test_dfn_without_its_wheel_names_the_extra_in_one_line(tmp_path, monkeypatch):
@@ -65,22 +78,29 @@ def test_dfn_without_its_wheel_names_the_extra_in_one_line(tmp_path, monkeypatch
     assert "\n" not in str(err.value)
 
 
-def test_dfn_runs_only_over_the_gated_span():
-    """A bed that starts at 8 s: the model is never run on the first seconds (minus its warm-up)."""
-    from tasks import separate_dfn
-
-    calls = []
-    real = separate_dfn.dfn_speech
-
-    def spy(mono, rate):
-        calls.append(len(mono))
-        return real(mono, rate)
-
-    voice = harmonic_voice(16.0)
+def test_dfn_opens_on_a_music_only_passage_and_leaves_the_voice_around_it_exact():
+    """Voice alone, 4 s of music alone (a cue between scenes: its own dynamics, so the floor rule cannot
+    see it), voice alone again. The model finds no speech in the music and it goes to the bed; the voice
+    on both sides, more than the rule's window and ramp away, is untouched."""
+    voice = harmonic_voice(16.0, seed=2)
     mix = voice.copy()
-    mix[8 * RATE :] = mix_at(voice[8 * RATE :], music(8.0, seed=1), -12.0)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(separate_dfn, "dfn_speech", spy)
-        vocals = separate_in_memory(mix[None], RATE, backend="dfn")[0]
-    assert len(calls) == 1 and calls[0] < 12 * RATE
+    mix[6 * RATE : 10 * RATE] = 0.5 * music(4.0, seed=3) / np.abs(music(4.0, seed=3)).max()
+    vocals = separate_in_memory(mix[None], RATE, backend="dfn")[0]
+    bed = mix - vocals
+    inner = slice(7 * RATE, 9 * RATE)
+    assert np.sum(bed[inner] ** 2) > 0.5 * np.sum(mix[inner] ** 2)  # most of the music left the dialogue
     np.testing.assert_array_equal(vocals[: 4 * RATE], mix[: 4 * RATE])
+    np.testing.assert_array_equal(vocals[12 * RATE :], mix[12 * RATE :])
+
+
+SPEECH_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech-dev"
+
+
+@pytest.mark.skipif(not (SPEECH_DEV / "audio").is_dir(), reason="no speech-dev")
+def test_dfn_leaves_a_real_clean_recording_exactly_as_it_is():
+    """A real LibriSpeech reader (6.2 s, pauses between phrases): no music, and the model keeps the voice,
+    so nothing is separated."""
+    from engine.media import read_channels
+
+    clip = read_channels(SPEECH_DEV / "audio" / "ls_3331-159605-0002.wav")[0]
+    np.testing.assert_array_equal(separate_in_memory(clip, RATE, backend="dfn"), clip)
