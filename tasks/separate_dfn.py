@@ -13,7 +13,8 @@ flat from -18 to -10 dBFS on all three mixes), and mixing `MIX_KEEP` of the inpu
 another 0.3-0.5 dB because the model's own speech distortion and the music it leaves are nearly
 independent errors. Ungated, inside the cues: +5.7 / +6.3 / +5.6 dB on dev_two / dev_three / dev_long
 (dsp: about +1); what `separate` gets is less where the music gate stays shut (bench/audio.py: +3.8 / +6.3
-/ +5.4 dB with the one-sided gate and the no-speech rule).
+/ +5.4 dB with the one-sided gate and the no-speech rule; +5.7 / +6.3 / +5.4 dB once the gate also follows
+a bed past a rest by the level of what the model removes, `bed_extension`).
 Measured and not kept: a Wiener mask built from the model's estimate (+0.1 to +0.3 dB over its direct
 output, less than the mix-back), a second pass (-0.1 to -1.0 dB), the model's post-filter (-0.1 dB),
 its attenuation limit at 30 dB (no gain once the input is mixed back). On the generated fixtures the

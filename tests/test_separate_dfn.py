@@ -104,3 +104,61 @@ def test_dfn_leaves_a_real_clean_recording_exactly_as_it_is():
 
     clip = read_channels(SPEECH_DEV / "audio" / "ls_3331-159605-0002.wav")[0]
     np.testing.assert_array_equal(separate_in_memory(clip, RATE, backend="dfn"), clip)
+
+
+def _bed_fading_after_a_rest() -> tuple[np.ndarray, np.ndarray]:
+    """dev_two's ending, generated: a voice under a -12 LU bed for 24 s; at 17.5-18.1 s the voice pauses
+    while the music rests (both near silence), then the bed fades out over the last 4 s under the voice.
+    No 5 s window after the rest is free of a dip, so the floor rule shuts at 18 s."""
+    voice = harmonic_voice(24.0, seed=5)
+    rest = slice(int(17.5 * RATE), int(18.1 * RATE))
+    voice[rest] = 0.0
+    bed = mix_at(voice, music(24.0, seed=6), -12.0) - voice
+    bed[20 * RATE :] *= np.linspace(1.0, 0.05, 4 * RATE, dtype=np.float32)
+    bed[rest] *= 0.005
+    return voice, voice + bed
+
+
+@pytest.mark.parametrize("block_s", [30.0, 19.5])  # 19.5: the next block starts where the floor gate is shut
+def test_dfn_follows_a_bed_past_a_rest_to_its_final_fade(block_s):
+    """Where the floor gate shut early, the level of what the model removes says the bed goes on, right
+    after an open stretch: the dialogue is separated there too (across a block join as well), and is
+    better than the mix."""
+    from tasks.separate import music_presence
+
+    voice, mix = _bed_fading_after_a_rest()
+    floor = music_presence(mix, RATE)  # one value per 10 ms
+    assert floor[1850:].max() == 0.0  # the floor rule alone leaves 18.5-24 s untouched
+    vocals = separate_in_memory(mix[None], RATE, backend="dfn", block_s=block_s)[0]
+    tail = slice(int(18.5 * RATE), 21 * RATE)
+    assert np.all(vocals[tail] != mix[tail])
+    assert si_sdr(voice[tail], vocals[tail]) > si_sdr(voice[tail], mix[tail]) + 3.0
+
+
+def test_dfn_leaves_clean_dialogue_next_to_a_cue_exact():
+    """A bed under the first 10 s, the voice alone after it: the extension needs the bed's level in what the
+    model removes on every frame from the gate's edge, so the dialogue after the cue stays exact."""
+    voice = harmonic_voice(24.0, seed=7)
+    mix = voice.copy()
+    mix[: 10 * RATE] = mix_at(voice[: 10 * RATE], music(10.0, seed=8), -12.0)
+    vocals = separate_in_memory(mix[None], RATE, backend="dfn")[0]
+    assert np.all(vocals[2 * RATE : 9 * RATE] != mix[2 * RATE : 9 * RATE])
+    np.testing.assert_array_equal(vocals[12 * RATE :], mix[12 * RATE :])
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed (apt-get install espeak-ng)")
+def test_dfn_leaves_espeak_dialogue_after_a_cue_where_the_floor_gate_leaves_it():
+    """The model takes -16 to -25 dB (re the peaks) out of espeak's voice, as loud as a bed's residue, but
+    it follows the voice's envelope: after a cue the dialogue is changed no further than the floor gate
+    (its edge and ramp) reaches, and is exact after it (without the envelope test: 3 s more)."""
+    from tasks.separate import music_presence
+
+    speech, _ = conversation([("ana", 0), ("cal", 0), ("ana", 1), ("cal", 1)])
+    half = len(speech) // 2
+    mix = speech.copy()
+    mix[:half] = mix_at(speech[:half], music(half / RATE, seed=6), -12.0)
+    vocals = separate_in_memory(mix[None], RATE, backend="dfn")[0]
+    floor = np.flatnonzero(music_presence(mix, RATE) > 0)[-1] / 100.0  # where the floor gate's ramp ends
+    assert floor < len(mix) / RATE - 2.0  # 3 s of dialogue after the floor gate's reach
+    changed = np.flatnonzero(vocals != mix)[-1] / RATE
+    assert changed <= floor + 0.05, (changed, floor)
