@@ -77,3 +77,12 @@ def test_bisect_splits_off_a_minor_group_not_a_balanced_cut():
     assert np.array_equal(half, truth == 1) or np.array_equal(~half, truth == 1)
     too_small = bisect(emb, min_windows=9)  # the group of 8 may not be split off alone
     assert not np.array_equal(too_small, truth == 1) and not np.array_equal(~too_small, truth == 1)
+
+
+def test_one_cluster_is_left_as_it_is():
+    """A one-voice input (or a two-voice count where one voice was absorbed) has no pair to merge: the
+    repair returns it unchanged instead of failing."""
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(40, 256))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    assert np.array_equal(split_merge(emb, np.zeros(40, dtype=int), EmbeddedSettings()), np.zeros(40))

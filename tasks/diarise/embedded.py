@@ -421,7 +421,10 @@ def split_merge(
 
 
 def _best_split_merge(emb: np.ndarray, labels: np.ndarray, min_windows: int) -> np.ndarray | None:
-    """The split + merge with the largest gain (merged pair's cosine minus the halves' cosine), or None."""
+    """The split + merge with the largest gain (merged pair's cosine minus the halves' cosine), or None.
+    One cluster has no other pair to merge: nothing to trade (a one-voice input, or all but one absorbed)."""
+    if len(np.unique(labels)) < 2:
+        return None
     best, best_gain = None, 0.0
     top = int(labels.max()) + 1
     for r in np.unique(labels):
