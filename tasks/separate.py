@@ -373,7 +373,7 @@ def dfn_gated_vocals(
     clean stems, footage-dev's speech clips, the generated fixtures; music-only passages: -33 to -57 dB).
     The gate's edges also move (`bed_extension`) where the level of what the model removes says the bed
     goes on. Elsewhere the input passes through untouched, exactly."""
-    from scipy.ndimage import maximum_filter1d, minimum_filter1d, uniform_filter1d
+    from scipy.ndimage import uniform_filter1d
 
     n = mix.shape[1]
     speech = np.stack([separate_dfn.dfn_speech(channel, rate) for channel in mix])
@@ -386,14 +386,11 @@ def dfn_gated_vocals(
     level = uniform_filter1d(gate.energy_db[frames], max(1, int(NO_SPEECH_WINDOW_S * per_s)))
     quiet = 10 * np.log10((np.maximum(kept, 0.0) + 1e-20) / (np.maximum(given, 0.0) + 1e-20)) < NO_SPEECH_DB
     no_speech = (quiet & (level > gate.peak_db + NO_SPEECH_LEVEL_DB)).astype(np.float32)
-    lasting = max(1, int(NO_SPEECH_MIN_S * per_s)) | 1
-    no_speech = maximum_filter1d(minimum_filter1d(no_speech, lasting), lasting)
-    ramp = max(1, int(GATE_RAMP_S * per_s)) | 1
-    no_speech = np.clip(uniform_filter1d(maximum_filter1d(no_speech, ramp), ramp), 0.0, 1.0)
+    no_speech = _ramped(_lasting(no_speech, NO_SPEECH_MIN_S, per_s), per_s)
     residue = mix - speech
     carry = {} if carry is None else carry
     extended = bed_extension(residue, speech, frames, start, gate=gate, carry=carry)
-    extended = np.clip(uniform_filter1d(maximum_filter1d(extended, ramp), ramp), 0.0, 1.0)
+    extended = _ramped(extended, per_s)
     here = gate.samples(np.maximum(gate.music[frames], np.maximum(no_speech, extended)), frames, start, n)
     if not here.any():
         return mix.astype(np.float32, copy=True)
@@ -523,7 +520,7 @@ def music_gate(energy_db: np.ndarray, rate: int, threshold_db: float = MUSIC_GAT
     rest and the programme's final fade leave no 5 s window without a dip (dev_two, 34.5-39 s), pizzicato
     notes that decay between plucks (dev_long 111.9-119 s), and music alone with phrasing of its own (the
     trumpet solo): dfn's no-speech rule takes the last, dfn's `bed_extension` the first."""
-    from scipy.ndimage import maximum_filter1d, minimum_filter1d, uniform_filter1d
+    from scipy.ndimage import maximum_filter1d, minimum_filter1d
 
     hop = _stft_size(rate) // 4
     gap = _long_runs(energy_db < -100.0, max(1, int(GAP_S * rate / hop)))  # neither floor nor peak
@@ -535,13 +532,31 @@ def music_gate(energy_db: np.ndarray, rate: int, threshold_db: float = MUSIC_GAT
         with np.errstate(invalid="ignore"):  # NaN: a window that mostly lies outside the programme
             music |= (floor - peaks > threshold_db) & (peaks > SILENCE_FLOOR_DB)
     music = music.astype(np.float32)
-    lasting = max(1, int(GATE_MIN_S * rate / hop)) | 1
-    music = maximum_filter1d(minimum_filter1d(music, lasting), lasting)
-    fill = max(1, int(GATE_FILL_S * rate / hop)) | 1
-    music = minimum_filter1d(maximum_filter1d(music, fill), fill)
-    ramp = max(1, int(GATE_RAMP_S * rate / hop)) | 1
-    music = np.clip(uniform_filter1d(maximum_filter1d(music, ramp), ramp), 0.0, 1.0)
+    per_s = rate / hop
+    music = _lasting(music, GATE_MIN_S, per_s)
+    fill = _odd_frames(GATE_FILL_S, per_s)
+    music = _ramped(minimum_filter1d(maximum_filter1d(music, fill), fill), per_s)
     return np.where(gap, 0.0, music).astype(np.float32)  # a gap has nothing to separate: left exact
+
+
+def _odd_frames(seconds: float, per_s: float) -> int:
+    return max(1, int(seconds * per_s)) | 1
+
+
+def _lasting(flags: np.ndarray, seconds: float, per_s: float) -> np.ndarray:
+    """0/1 `flags` (one per frame, `per_s` frames a second) without their stretches shorter than `seconds`."""
+    from scipy.ndimage import maximum_filter1d, minimum_filter1d
+
+    width = _odd_frames(seconds, per_s)
+    return maximum_filter1d(minimum_filter1d(flags, width), width)
+
+
+def _ramped(flags: np.ndarray, per_s: float) -> np.ndarray:
+    """0/1 `flags` with `GATE_RAMP_S` ramps, each open stretch kept whole: the switch is inaudible."""
+    from scipy.ndimage import maximum_filter1d, uniform_filter1d
+
+    width = _odd_frames(GATE_RAMP_S, per_s)
+    return np.clip(uniform_filter1d(maximum_filter1d(flags, width), width), 0.0, 1.0)
 
 
 def _one_sided_percentiles(
